@@ -1,0 +1,563 @@
+"""The training loop: `python train.py <preset> [--overrides]`, unchanged under `torchrun --nproc_per_node=N`.
+
+Reads as the story of a run: parse config → set up processes and seeds → build data, model, optimizer,
+loss scaler → loop (batch, forward, backward, unscale/clip/step, log, eval, checkpoint) → clean exit.
+Not in here: the model (model.py), tokens and batch order (data.py), checkpoint files (checkpoint.py).
+"""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import checkpoint
+from configs import PRESETS, TrainConfig
+from data import TokenSplit, rank_rows
+from model import GPT
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
+"""Dense bf16/fp16 tensor-core FLOP/s by device-name fragment, for MFU (--peak-flops overrides)."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- processes, seeds
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_processes(cfg: TrainConfig) -> Dist:
+    """One process per device; torchrun sets RANK/WORLD_SIZE. NCCL on GPU, gloo on CPU."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs this to be deterministic
+        torch.use_deterministic_algorithms(True)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank, local_rank, world_size, device)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def rng_state() -> dict:
+    """This rank's RNG states as plain lists and tensors (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {"python": _to_lists(random.getstate()), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _to_lists(obj):
+    return [_to_lists(x) for x in obj] if isinstance(obj, (tuple, list)) else obj
+
+
+# ----------------------------------------------------------------------------- schedule, optimizer
+
+def lr_at(opt_step: int, optim) -> float:
+    """Warmup then decay to min_lr, as a function of the number of optimizer steps taken."""
+    if opt_step < optim.warmup_steps:
+        return optim.lr * (opt_step + 1) / optim.warmup_steps
+    if optim.decay == "constant" or opt_step >= optim.decay_steps:
+        return optim.lr if optim.decay == "constant" else optim.min_lr
+    progress = (opt_step - optim.warmup_steps) / max(1, optim.decay_steps - optim.warmup_steps)
+    shape = 1.0 - progress if optim.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return optim.min_lr + shape * (optim.lr - optim.min_lr)
+
+
+def build_optimizer(model: torch.nn.Module, optim, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on ≥2-D weights only: biases and LayerNorm gains are not shrunk."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = optim.fused and device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused)
+
+
+# ----------------------------------------------------------------------------- loss scaler
+
+class DynamicLossScaler:
+    """fp16's dynamic loss scale, by hand: multiply the loss up so small gradients survive 16 bits,
+    divide the gradients back down, and skip any step whose gradients overflowed.
+
+    Overflow: if `hysteresis` overflows have been used up, scale *= backoff (not below min_scale);
+    otherwise one unit of hysteresis is spent. Either way the step is skipped. Hysteresis refills when
+    the scale grows (DeepSpeed's default; with hysteresis 1 this is torch's GradScaler).
+    Clean step: after growth_interval clean steps in a row, scale *= growth.
+    Disabled (bf16/fp32): scale stays 1 and steps are never skipped.
+    """
+
+    def __init__(self, cfg, enabled: bool):
+        self.cfg, self.enabled = cfg, enabled
+        self.scale = cfg.init_scale if enabled else 1.0
+        self.clean_steps = 0  # clean steps since the last overflow or growth
+        self.hysteresis_left = cfg.hysteresis
+        self.consecutive_skips = 0
+        self.skipped_steps = 0
+
+    def update(self, overflow: bool) -> bool:
+        """Record this step's overflow flag (the same on every rank); returns True if the step must be skipped."""
+        if not self.enabled:
+            return False
+        if not overflow:
+            self.consecutive_skips, self.clean_steps = 0, self.clean_steps + 1
+            if self.clean_steps == self.cfg.growth_interval:
+                self.scale *= self.cfg.growth_factor
+                self.clean_steps, self.hysteresis_left = 0, self.cfg.hysteresis
+            return False
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        self.clean_steps = 0
+        if self.consecutive_skips >= self.cfg.max_consecutive_skips:
+            raise FloatingPointError(f"{self.consecutive_skips} overflowing steps in a row (loss scale {self.scale:g}); "
+                                     "the run is diverging — see the attention diagnostics, or raise "
+                                     "--loss-scale.max-consecutive-skips")
+        if self.hysteresis_left > 1:
+            self.hysteresis_left -= 1
+        elif self.scale <= self.cfg.min_scale:
+            raise FloatingPointError(f"gradient overflow at the minimum loss scale {self.scale:g} "
+                                     "(--loss-scale.min-scale); the fp16 run cannot continue")
+        else:
+            self.scale = max(self.scale * self.cfg.backoff_factor, self.cfg.min_scale)
+        return True
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("scale", "clean_steps", "hysteresis_left", "consecutive_skips",
+                                              "skipped_steps")}
+
+    def load_state_dict(self, state: dict):
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def unscale_and_clip(params: list, scaler: DynamicLossScaler, max_norm: float) -> torch.Tensor:
+    """Divide gradients by the loss scale (once), then clip; returns the true global norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if scaler.scale != 1.0:
+        torch._foreach_mul_(grads, 1.0 / scaler.scale)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+
+
+# ----------------------------------------------------------------------------- metrics, eval
+
+class MetricsLog:
+    """metrics.jsonl (one object per logged step), a console line, and wandb when enabled — rank 0 only."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, is_main: bool, resume_step: int | None, run_id: str):
+        self.is_main, self.path, self.wandb = is_main, run_dir / "metrics.jsonl", None
+        if not is_main:
+            return
+        if resume_step is not None and self.path.exists():  # drop rows of the interval about to be replayed
+            rows = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            _write_atomic(self.path, "".join(row + "\n" for row in rows))
+        elif resume_step is None:
+            self.path.write_text("")
+        if cfg.wandb_mode != "disabled":
+            self.wandb = _start_wandb(cfg, run_dir, run_id)
+
+    def log(self, row: dict, console: str | None = None):
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if console:
+            print(console, flush=True)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if not isinstance(v, list)}, step=row["step"])
+
+
+def _start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str):
+    try:
+        import wandb  # imported lazily: optional, and slow to import
+    except ImportError:
+        print("wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
+        return None
+    return wandb.init(project=cfg.wandb_project, name=cfg.preset, id=run_id, resume="allow", mode=cfg.wandb_mode,
+                      dir=str(run_dir), config=to_json(cfg))
+
+
+@torch.no_grad()
+def evaluate(model, split: TokenSplit, cfg: TrainConfig, ctx, rt: Dist, max_batches: int) -> dict:
+    """Mean loss (nats/token) over consecutive val windows, split across ranks and summed exactly; and bits/byte."""
+    model.eval()
+    starts = split.eval_starts(max_batches * cfg.micro_batch_size)
+    loss_sum, token_count = torch.zeros((), dtype=torch.float64, device=rt.device), 0
+    for first in range(rt.rank * cfg.micro_batch_size, len(starts), rt.world_size * cfg.micro_batch_size):
+        x, y = split.windows(starts[first:first + cfg.micro_batch_size])
+        with ctx:
+            _, loss = model(x.to(rt.device), y.to(rt.device))
+        loss_sum += loss.double() * y.numel()
+        token_count += y.numel()
+    totals = torch.stack([loss_sum, torch.tensor(float(token_count), dtype=torch.float64, device=rt.device)])
+    if rt.world_size > 1:
+        dist.all_reduce(totals)
+    model.train()
+    val_loss = (totals[0] / totals[1]).item()
+    tokens_per_byte = len(split.tokens) / split.bytes  # the split's own ratio: tokenizer-independent bpb
+    return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) * tokens_per_byte, "val_tokens": int(totals[1])}
+
+
+def flops_per_token(model: GPT) -> float:
+    """6N for the weights (forward + backward) plus 12·L·C·T for attention scores (C = n_head × head size)."""
+    c = model.config
+    weights = model.num_params() - model.transformer.wpe.weight.numel()  # lookups, not matmuls
+    return 6 * weights + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
+    if cfg.peak_flops > 0 or device.type != "cuda":
+        return cfg.peak_flops
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), 0.0)
+
+
+# ----------------------------------------------------------------------------- config, provenance
+
+def to_json(obj):
+    """A config (nested dataclasses, Paths, tuples) as plain JSON values."""
+    if is_dataclass(obj):
+        return {f.name: to_json(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(x) for x in obj]
+    return str(obj) if isinstance(obj, Path) else obj
+
+
+def from_json(cls, values: dict):
+    """The inverse of to_json for TrainConfig: rebuild nested dataclasses, Paths and tuples from the field types."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        value, hint = values[f.name], hints[f.name]
+        if is_dataclass(hint):
+            value = from_json(hint, value)
+        elif value is not None and Path in (typing.get_args(hint) or (hint,)):
+            value = Path(value)
+        elif isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def provenance(rt: Dist) -> dict:
+    """Where and with what this run was made, for config.json and every checkpoint."""
+    import tokenizers
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                  cwd=Path(__file__).parent).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+            "torch": torch.__version__, "numpy": np.__version__, "tokenizers": tokenizers.__version__,
+            "python": sys.version.split()[0], "device": device_name, "world_size": rt.world_size}
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_batch_sizes(cfg: TrainConfig, world_size: int) -> int:
+    """Gradient-accumulation steps per optimizer step, or a one-line error naming the flags."""
+    per_step = cfg.micro_batch_size * world_size
+    if cfg.global_batch_size % per_step != 0:
+        raise ValueError(f"--global-batch-size {cfg.global_batch_size} is not divisible by --micro-batch-size "
+                         f"{cfg.micro_batch_size} × world size {world_size}")
+    return cfg.global_batch_size // per_step
+
+
+# ----------------------------------------------------------------------------- the run
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop checks it at the next step boundary (all ranks agree)."""
+
+    def __init__(self):
+        self.signal = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signal = signum
+
+
+def train(cfg: TrainConfig) -> dict:
+    rt = setup_processes(cfg)
+    run_dir = cfg.run_dir()
+    accum_steps = check_batch_sizes(cfg, rt.world_size)
+    train_split = TokenSplit(cfg.data.dir, "train", cfg.model.block_size, cfg.model.vocab_size, cfg.data.verify_sha256)
+    val_split = TokenSplit(cfg.data.dir, "val", cfg.model.block_size, cfg.model.vocab_size, cfg.data.verify_sha256)
+
+    seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
+    model = GPT(cfg.model).to(rt.device)
+    attn_impl = model.set_attn_impl(rt.device)
+    optimizer = build_optimizer(model, cfg.optim, rt.device)
+    scaler = DynamicLossScaler(cfg.loss_scale, enabled=cfg.precision == "fp16")
+    step, opt_step, run_id = 0, 0, f"{cfg.preset}-{cfg.seed}-{int(time.time())}"
+
+    ckpt = resume_point(cfg, run_dir)
+    if ckpt is not None:
+        step, opt_step, run_id = restore(ckpt, cfg, model, optimizer, scaler, rt)
+    else:
+        seed_everything(cfg.seed + rt.rank)  # dropout differs per rank, repeatably
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(run_dir / "config.json", json.dumps(to_json(cfg), indent=2))
+    log = MetricsLog(run_dir, cfg, rt.is_main, step if ckpt is not None else None, run_id)
+    if rt.is_main:
+        print(f"gust: {cfg.preset} | {model.num_params() / 1e6:.2f}M params | attention {attn_impl} | "
+              f"{cfg.precision} | {rt.world_size} × {rt.device.type} | accumulation {accum_steps} | from step {step}")
+
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if rt.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    ctx = torch.autocast(rt.device.type, dtype=DTYPES[cfg.precision]) if cfg.precision != "fp32" else nullcontext()
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    keep_steps = checkpoint.scheduled_steps(cfg.checkpoint.schedule, cfg.checkpoint.intervals, cfg.max_steps)
+    tokens_per_step = cfg.global_batch_size * cfg.model.block_size
+    flops_token, device_flops = flops_per_token(raw_model), peak_flops(cfg, rt.device)
+    stop = StopRequest()
+
+    def save(at_step: int):
+        state = checkpoint_state(raw_model, optimizer, scaler, at_step, opt_step, cfg, train_split, val_split, run_id, rt)
+        if rt.is_main:
+            checkpoint.save(run_dir, at_step, state, keep=at_step in keep_steps, keep_last=cfg.checkpoint.keep_last)
+        if rt.world_size > 1:
+            dist.barrier()  # nobody races ahead (or exits) while rank 0 is still writing
+
+    if step == 0 and 0 in keep_steps and ckpt is None:
+        save(0)
+    last_log_time, last_log_step, result = time.perf_counter(), step, None
+    model.train()
+    while step < cfg.max_steps:
+        timed = (step + 1) % cfg.log_interval == 0  # synchronise the device only on steps that are logged
+        diagnose = cfg.diag_interval > 0 and (step + 1) % cfg.diag_interval == 0
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=rt.device)
+        data_time = compute_time = 0.0
+        for micro_step in range(accum_steps):
+            t_data = time.perf_counter()
+            rows = rank_rows(cfg.global_batch_size, rt.world_size, rt.rank, cfg.micro_batch_size, micro_step)
+            starts = train_split.sample_starts(cfg.seed, step * cfg.global_batch_size + rows.start, cfg.micro_batch_size)
+            x, y = (t.to(rt.device, non_blocking=True) for t in train_split.windows(starts))
+            t_compute = time.perf_counter()
+            data_time += t_compute - t_data
+            raw_model.record_stats(diagnose and micro_step == 0)
+            last_micro = micro_step == accum_steps - 1
+            # DDP: all-reduce gradients only on the last micro-step; before it, accumulate locally
+            with model.no_sync() if rt.world_size > 1 and not last_micro else nullcontext():
+                with ctx:
+                    _, loss = model(x, y)
+                (loss * (scaler.scale / accum_steps)).backward()  # scaled: fp16 gradients stay above underflow
+            loss_sum += loss.detach()
+            compute_time += time.perf_counter() - t_compute
+        stats = raw_model.collect_stats() if diagnose else None
+
+        t_opt = _sync(rt.device, timed)
+        grad_norm = unscale_and_clip(params, scaler, cfg.optim.grad_clip)
+        # one all-reduce carries three things: any rank overflowed, any rank was signalled, the mean loss
+        flags = torch.stack([(~torch.isfinite(grad_norm)).float(), torch.tensor(float(stop.signal > 0), device=rt.device),
+                             loss_sum.float() / accum_steps])
+        if rt.world_size > 1:
+            dist.all_reduce(flags)  # the same decision on every rank, also when optimizer state is sharded
+        overflow, stop_requested = bool(flags[0] > 0), bool(flags[1] > 0)
+        loss_value = flags[2].item() / rt.world_size
+        if not scaler.enabled and (overflow or not math.isfinite(loss_value)):
+            save(step)  # the state before this step: the last good one
+            raise FloatingPointError(f"step {step + 1}: non-finite loss {loss_value} / grad norm {float(grad_norm)} "
+                                     f"under {cfg.precision}; last good state saved at step {step}. "
+                                     f"Last diagnostics: {stats}")
+        if not scaler.update(overflow):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(opt_step, cfg.optim)
+            optimizer.step()
+            opt_step += 1
+        optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped, AdamW never saw them
+        step += 1
+        optimizer_time = _sync(rt.device, timed) - t_opt
+
+        if step % cfg.log_interval == 0:
+            now = time.perf_counter()
+            tokens_per_sec = tokens_per_step * (step - last_log_step) / (now - last_log_time)
+            last_log_time, last_log_step = now, step
+            row = train_row(step, loss_value, opt_step, cfg, grad_norm, scaler, tokens_per_sec, flops_token,
+                            device_flops, (data_time, compute_time, optimizer_time, now - t0), raw_model, rt, stats)
+            log.log(row, console_line(row, cfg.max_steps))
+        result = None
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            result = evaluate(model, val_split, cfg, ctx, rt, 0 if step == cfg.max_steps else cfg.eval_batches)
+            log.log({"step": step, **result}, f"step {step:>7} | val loss {result['val_loss']:.4f} | "
+                                              f"val bits/byte {result['val_bpb']:.4f}")
+        rolling = cfg.checkpoint.schedule == "every" and step % cfg.checkpoint.every == 0
+        if step in keep_steps or rolling or stop_requested:
+            save(step)
+        if stop_requested:
+            signum = stop.signal or signal.SIGTERM  # a rank that was not signalled itself exits as if it had been
+            if rt.is_main:
+                print(f"gust: {signal.Signals(signum).name} received; checkpoint at step {step} written, exiting",
+                      flush=True)
+            finish(log, rt)
+            sys.exit(128 + signum)  # the shell's convention for "ended by this signal"
+    if result is None:  # resumed at the end: report the final numbers again, without a duplicate row
+        result = evaluate(model, val_split, cfg, ctx, rt, 0)
+    finish(log, rt)
+    if rt.is_main:
+        print(f"gust: done at step {step} | val loss {result['val_loss']:.4f} | val bits/byte {result['val_bpb']:.4f}")
+    return {"step": step, **result}
+
+
+def _sync(device: torch.device, really: bool) -> float:
+    if really and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def train_row(step, loss, opt_step, cfg, grad_norm, scaler, tokens_per_sec, flops_token, device_flops,
+              times, raw_model, rt, stats) -> dict:
+    """One metrics.jsonl row: the numbers that tell a healthy run from one about to blow up."""
+    norm = float(grad_norm)
+    clipped = min(norm, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else norm
+    with torch.no_grad():
+        param_norm = float(torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in raw_model.parameters()])))
+    data_time, compute_time, optimizer_time, step_time = times
+    row = {"step": step, "loss": loss, "lr": lr_at(max(opt_step - 1, 0), cfg.optim), "grad_norm": norm,
+           "grad_norm_clipped": clipped, "loss_scale": scaler.scale, "skipped_steps": scaler.skipped_steps,
+           "tokens_per_sec": tokens_per_sec, "param_norm": param_norm,
+           "mfu": tokens_per_sec * rt.world_size * flops_token / device_flops if device_flops else None,
+           "time_data": data_time, "time_fwd_bwd": compute_time, "time_optimizer": optimizer_time, "time_step": step_time,
+           "peak_memory_gb": torch.cuda.max_memory_allocated(rt.device) / 1e9 if rt.device.type == "cuda" else None}
+    if stats is not None:
+        row.update(act_norm=stats["act_norm"], attn_max_score=stats["attn_max_score"])
+    return row
+
+
+def console_line(row: dict, max_steps: int) -> str:
+    line = (f"step {row['step']:>7}/{max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+            f"grad {row['grad_norm']:.3f} | scale {row['loss_scale']:g} | skipped {row['skipped_steps']} | "
+            f"{row['tokens_per_sec']:,.0f} tok/s")
+    if row["mfu"] is not None:
+        line += f" | mfu {100 * row['mfu']:.1f}%"
+    if "attn_max_score" in row:
+        line += f" | max|score| {max(row['attn_max_score']):.1f}"
+    return line
+
+
+def finish(log: MetricsLog, rt: Dist):
+    if log.wandb is not None:
+        log.wandb.finish()
+    if rt.world_size > 1:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- checkpoints in and out
+
+def checkpoint_state(raw_model, optimizer, scaler, step, opt_step, cfg, train_split, val_split, run_id, rt) -> dict:
+    """Everything needed to continue bitwise: weights, AdamW moments, scaler, counters, every rank's RNG."""
+    rng = [rng_state()]
+    if rt.world_size > 1:
+        rng = [None] * rt.world_size
+        dist.all_gather_object(rng, rng_state())
+    return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "step": step, "opt_step": opt_step, "rng": rng, "config": to_json(cfg),
+            "data_sha256": {"train": train_split.meta["splits"]["train"]["sha256"],
+                            "val": val_split.meta["splits"]["val"]["sha256"]},
+            "wandb_run_id": run_id, "provenance": provenance(rt)}
+
+
+def resume_point(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    if cfg.resume == "none":
+        if checkpoint.all_checkpoints(run_dir):  # never overwrite a run by accident
+            raise ValueError(f"{run_dir}: already holds checkpoints — pass --resume auto to continue it, "
+                             "or choose a new --out-dir")
+        return None
+    if cfg.resume == "auto":
+        return checkpoint.latest_complete(run_dir)
+    path = Path(cfg.resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {path}: no such checkpoint directory")
+    return path
+
+
+def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, rt: Dist) -> tuple[int, int, str]:
+    state = checkpoint.load(ckpt)
+    saved_model = state["config"]["model"]
+    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias"):
+        if saved_model[name] != getattr(cfg.model, name):
+            raise ValueError(f"{ckpt}: checkpoint has model.{name} = {saved_model[name]}, but --model.{name.replace('_', '-')} "
+                             f"is {getattr(cfg.model, name)}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if len(state["rng"]) == rt.world_size:
+        set_rng_state(state["rng"][rt.rank])
+    else:  # a new world size cannot continue the old per-rank streams; derive fresh ones from the step
+        seed_everything(cfg.seed + rt.rank + 1_000_003 * state["step"])
+    if rt.is_main:
+        print(f"gust: resumed from {ckpt} (step {state['step']})", flush=True)
+    return state["step"], state["opt_step"], state["wandb_run_id"]
+
+
+def parse_config(argv: list[str]) -> TrainConfig:
+    """`train.py <preset> [--overrides]`, or `train.py path/to/config.json [--overrides]` to re-run a run."""
+    import tyro
+
+    if argv and argv[0].endswith(".json"):
+        base = from_json(TrainConfig, json.loads(Path(argv[0]).read_text()))
+        return tyro.cli(TrainConfig, default=base, args=argv[1:], prog="train.py CONFIG.json")
+    return tyro.extras.overridable_config_cli(PRESETS, args=argv, prog="train.py")
+
+
+if __name__ == "__main__":
+    try:
+        train(parse_config(sys.argv[1:]))
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError, RuntimeError) as err:
+        print(f"gust: error: {err}", file=sys.stderr)
+        sys.exit(1)
