@@ -294,7 +294,7 @@ def provenance(rt: Dist) -> dict:
 
     device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
     return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
-            "torch": torch.__version__, "numpy": np.__version__, "tokenizers": tokenizers.__version__,
+            "torch": str(torch.__version__), "numpy": np.__version__, "tokenizers": tokenizers.__version__,
             "python": sys.version.split()[0], "device": device_name, "world_size": rt.world_size}
 
 
@@ -382,7 +382,7 @@ def train(cfg: TrainConfig) -> dict:
         diagnose = cfg.diag_interval > 0 and (step + 1) % cfg.diag_interval == 0
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=rt.device)
-        data_time = compute_time = 0.0
+        data_time, compute_time, stats = 0.0, 0.0, None
         for micro_step in range(accum_steps):
             t_data = time.perf_counter()
             rows = rank_rows(cfg.global_batch_size, rt.world_size, rt.rank, cfg.micro_batch_size, micro_step)
@@ -390,7 +390,7 @@ def train(cfg: TrainConfig) -> dict:
             x, y = (t.to(rt.device, non_blocking=True) for t in train_split.windows(starts))
             t_compute = time.perf_counter()
             data_time += t_compute - t_data
-            raw_model.record_stats(diagnose and micro_step == 0)
+            raw_model.record_stats(diagnose and micro_step == 0)  # the first micro-batch speaks for the step
             last_micro = micro_step == accum_steps - 1
             # DDP: all-reduce gradients only on the last micro-step; before it, accumulate locally
             with model.no_sync() if rt.world_size > 1 and not last_micro else nullcontext():
@@ -399,7 +399,8 @@ def train(cfg: TrainConfig) -> dict:
                 (loss * (scaler.scale / accum_steps)).backward()  # scaled: fp16 gradients stay above underflow
             loss_sum += loss.detach()
             compute_time += time.perf_counter() - t_compute
-        stats = raw_model.collect_stats() if diagnose else None
+            if diagnose and micro_step == 0:
+                stats = raw_model.collect_stats()
 
         t_opt = _sync(rt.device, timed)
         grad_norm = unscale_and_clip(params, scaler, cfg.optim.grad_clip)
@@ -501,12 +502,13 @@ def finish(log: MetricsLog, rt: Dist):
 
 def checkpoint_state(raw_model, optimizer, scaler, step, opt_step, cfg, train_split, val_split, run_id, rt) -> dict:
     """Everything needed to continue bitwise: weights, AdamW moments, scaler, counters, every rank's RNG."""
-    rng = [rng_state()]
+    mine = {"rng": rng_state(), "scaler": scaler.state_dict()}  # the scaler too: proof every rank agreed
+    per_rank = [mine]
     if rt.world_size > 1:
-        rng = [None] * rt.world_size
-        dist.all_gather_object(rng, rng_state())
+        per_rank = [None] * rt.world_size
+        dist.all_gather_object(per_rank, mine)
     return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "step": step, "opt_step": opt_step, "rng": rng, "config": to_json(cfg),
+            "step": step, "opt_step": opt_step, "per_rank": per_rank, "config": to_json(cfg),
             "data_sha256": {"train": train_split.meta["splits"]["train"]["sha256"],
                             "val": val_split.meta["splits"]["val"]["sha256"]},
             "wandb_run_id": run_id, "provenance": provenance(rt)}
@@ -536,8 +538,8 @@ def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, rt: Dist) ->
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    if len(state["rng"]) == rt.world_size:
-        set_rng_state(state["rng"][rt.rank])
+    if len(state["per_rank"]) == rt.world_size:
+        set_rng_state(state["per_rank"][rt.rank]["rng"])
     else:  # a new world size cannot continue the old per-rank streams; derive fresh ones from the step
         seed_everything(cfg.seed + rt.rank + 1_000_003 * state["step"])
     if rt.is_main:

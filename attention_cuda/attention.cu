@@ -82,7 +82,7 @@ struct BackwardSmem {
     static constexpr int v_tile = k_tile + tile_bytes(BLOCK_K, ld16(D), 2);         // (BLOCK_K, D) 16-bit
     static constexpr int s_tile = v_tile + tile_bytes(BLOCK_K, ld16(D), 2);         // (64, 64) fp32 scores
     static constexpr int dp_tile = s_tile + tile_bytes(BLOCK_Q, ld32(BLOCK_K), 4);  // (64, 64) fp32 dL/dP
-    static constexpr int p_tile = dp_tile + tile_bytes(BLOCK_Q, ld32(BLOCK_K), 4);  // (64, 64) 16-bit P
+    static constexpr int p_tile = dp_tile + tile_bytes(BLOCK_Q, ld32(BLOCK_K), 4);  // (64, 64) 16-bit P; dQ: ds_lo
     static constexpr int ds_tile = p_tile + tile_bytes(BLOCK_Q, ld16(BLOCK_K), 2);  // (64, 64) 16-bit dS
     static constexpr int lse_tile = ds_tile + tile_bytes(BLOCK_Q, ld16(BLOCK_K), 2);  // (BLOCK_Q,) fp32
     static constexpr int delta_tile = lse_tile + tile_bytes(BLOCK_Q, 1, 4);         // (BLOCK_Q,) fp32
@@ -348,15 +348,16 @@ attention_backward_delta_kernel(const scalar_t* __restrict__ o, const scalar_t* 
     if (lane == 0) delta[row] = acc;
 }
 
-// From this warp's 16 rows of s_tile (raw scores) and dp_tile (dL/dP), both fp32, writes
-// p = exp(scale * s - lse) and ds = p * (dp - delta) to the 16-bit p_tile and ds_tile
-// (p_tile may be null: the dQ kernel needs only ds). reference._recompute_tile.
-// ROWS_ARE_KEYS: the dK/dV kernel holds transposed tiles (rows are keys, columns queries),
-// so lse and delta are indexed by column there and by row in the dQ kernel.
+// From this warp's 16 rows of s_tile (raw scores) and dp_tile (dL/dP), both fp32, recomputes
+// p = exp(scale * s - lse) and ds = p * (dp - delta), and writes them as 16-bit tiles.
+// reference._recompute_tile. ROWS_ARE_KEYS: the dK/dV kernel holds transposed tiles (rows are
+// keys, columns queries), so lse and delta are indexed by column there and by row in the dQ kernel.
+// The dK/dV kernel asks for p (p_tile) and ds (ds_tile). The dQ kernel asks for ds as hi + lo:
+// ds_tile = 16-bit(ds) and ds_lo_tile = 16-bit(ds - ds_tile), with p_tile null; see the dQ kernel.
 template <bool ROWS_ARE_KEYS, typename scalar_t>
 __device__ void recompute_p_and_ds(const float* s_tile, const float* dp_tile, const float* lse_tile,
-                                   const float* delta_tile, scalar_t* p_tile, scalar_t* ds_tile, int row_start,
-                                   int col_start, int seq_len, float scale) {
+                                   const float* delta_tile, scalar_t* p_tile, scalar_t* ds_tile,
+                                   scalar_t* ds_lo_tile, int row_start, int col_start, int seq_len, float scale) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int r = 0; r < STRIPE; ++r) {
         const int row = warp * STRIPE + r;
@@ -370,8 +371,10 @@ __device__ void recompute_p_and_ds(const float* s_tile, const float* dp_tile, co
             // upcast: scale and exp in fp32; lse already holds the row's max and sum
             const float p = is_masked(i, j, seq_len) ? 0.0f : expf(s_tile[at] * scale - lse_tile[q_local]);
             const float ds = p * (dp_tile[at] - delta_tile[q_local]);  // dL/d(scaled score), fp32
+            const scalar_t ds_hi = from_float<scalar_t>(ds);  // 16-bit: next it feeds a matmul
+            ds_tile[row * ld16(BLOCK_K) + col] = ds_hi;
             if (p_tile != nullptr) p_tile[row * ld16(BLOCK_K) + col] = from_float<scalar_t>(p);
-            ds_tile[row * ld16(BLOCK_K) + col] = from_float<scalar_t>(ds);  // 16-bit: next it feeds a matmul
+            if (ds_lo_tile != nullptr) ds_lo_tile[row * ld16(BLOCK_K) + col] = from_float<scalar_t>(ds - to_float(ds_hi));
         }
     }
 }
@@ -442,8 +445,8 @@ attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* _
         warp_matmul_abt<D, BLOCK_Q>(k_tile, q_tile, s_tile);    // sᵀ = k_tile @ q_tileᵀ
         warp_matmul_abt<D, BLOCK_Q>(v_tile, do_tile, dp_tile);  // dpᵀ = v_tile @ do_tileᵀ
         __syncwarp();  // fragment stores land before lanes read whole rows
-        recompute_p_and_ds<true>(s_tile, dp_tile, lse_tile, delta_tile, p_tile, ds_tile, k_start, q_start,
-                                 seq_len, scale);
+        recompute_p_and_ds<true>(s_tile, dp_tile, lse_tile, delta_tile, p_tile, ds_tile, static_cast<scalar_t*>(nullptr),
+                                 k_start, q_start, seq_len, scale);
         __syncwarp();  // p_tile, ds_tile rows are written before the fragments load them
         warp_matmul_ab<D, BLOCK_Q>(p_tile, do_tile, dv_acc);  // dv += pᵀ @ do_tile
         warp_matmul_ab<D, BLOCK_Q>(ds_tile, q_tile, dk_acc);  // dk += dsᵀ @ q_tile
@@ -460,6 +463,12 @@ attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* _
 // dQ for one Q tile: one block per (Q tile, batch*head), looping over the K tiles it can see.
 // reference.flash_backward's second loop. Warp w owns query rows [16 w, 16 w + 16) and their
 // dQ rows, accumulated in registers.
+//
+// dS enters the dQ matmul as two 16-bit tiles, hi + lo, i.e. twice the matmul for ~2x the
+// mantissa bits. Each row of dS sums to 0, so a component that all keys share (the large ones
+// that overflow fp16 scores in deep layers) cancels out of dQ exactly, but a 16-bit dS breaks
+// that: measured on a shared component of 260, bf16 dQ was off by 11% with one tile, 0.1% with
+// two. dK (dSᵀ Q) has no such cancellation, so the dK/dV kernel uses one tile.
 template <int D, typename scalar_t>
 __global__ void __launch_bounds__(THREADS)
 attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
@@ -474,7 +483,8 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
     scalar_t* v_tile = reinterpret_cast<scalar_t*>(smem + Smem::v_tile);
     float* s_tile = reinterpret_cast<float*>(smem + Smem::s_tile);    // (queries, keys)
     float* dp_tile = reinterpret_cast<float*>(smem + Smem::dp_tile);  // (queries, keys)
-    scalar_t* ds_tile = reinterpret_cast<scalar_t*>(smem + Smem::ds_tile);
+    scalar_t* ds_tile = reinterpret_cast<scalar_t*>(smem + Smem::ds_tile);    // 16-bit(ds)
+    scalar_t* ds_lo_tile = reinterpret_cast<scalar_t*>(smem + Smem::p_tile);  // 16-bit(ds - ds_tile)
     float* lse_tile = reinterpret_cast<float*>(smem + Smem::lse_tile);
     float* delta_tile = reinterpret_cast<float*>(smem + Smem::delta_tile);
     float* stage = reinterpret_cast<float*>(smem + Smem::stage);
@@ -499,9 +509,10 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
         warp_matmul_abt<D, BLOCK_K>(do_tile, v_tile, dp_tile);  // dp = do_tile @ v_tileᵀ
         __syncwarp();  // fragment stores land before lanes read whole rows
         recompute_p_and_ds<false>(s_tile, dp_tile, lse_tile, delta_tile, static_cast<scalar_t*>(nullptr), ds_tile,
-                                  q_start, k_start, seq_len, scale);
-        __syncwarp();  // ds_tile rows are written before the fragments load them
-        warp_matmul_ab<D, BLOCK_K>(ds_tile, k_tile, dq_acc);  // dq += ds @ k_tile
+                                  ds_lo_tile, q_start, k_start, seq_len, scale);
+        __syncwarp();  // ds_tile, ds_lo_tile rows are written before the fragments load them
+        warp_matmul_ab<D, BLOCK_K>(ds_tile, k_tile, dq_acc);     // dq += ds_hi @ k_tile
+        warp_matmul_ab<D, BLOCK_K>(ds_lo_tile, k_tile, dq_acc);  // dq += ds_lo @ k_tile
         __syncthreads();  // every warp is done with k_tile/v_tile before the next pass overwrites them
     }
 
@@ -537,12 +548,12 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
 template <int D, typename scalar_t>
 int launch_forward(const void* q, const void* k, const void* v, void* o, float* lse, float* row_max,
                    int batch_heads, int seq_len, float scale, cudaStream_t stream) {
-    constexpr int smem = ForwardSmem<D>::bytes;
+    constexpr int smem_bytes = ForwardSmem<D>::bytes;
     auto kernel = attention_forward_kernel<D, scalar_t>;
-    cudaError_t err = allow_smem(kernel, smem);
+    cudaError_t err = allow_smem(kernel, smem_bytes);
     if (err != cudaSuccess) return err;
     const dim3 grid(batch_heads, ceil_div(seq_len, BLOCK_Q));  // x: (batch, head); y: Q tile
-    kernel<<<grid, THREADS, smem, stream>>>(static_cast<const scalar_t*>(q), static_cast<const scalar_t*>(k),
+    kernel<<<grid, THREADS, smem_bytes, stream>>>(static_cast<const scalar_t*>(q), static_cast<const scalar_t*>(k),
                                             static_cast<const scalar_t*>(v), static_cast<scalar_t*>(o), lse,
                                             row_max, seq_len, scale);
     return cudaGetLastError();
@@ -557,22 +568,23 @@ int launch_backward(const void* q, const void* k, const void* v, const void* o, 
     const scalar_t* v_ = static_cast<const scalar_t*>(v);
     const scalar_t* do_ = static_cast<const scalar_t*>(d_o);
     const long long total_rows = (long long)batch_heads * seq_len;
-    attention_backward_delta_kernel<D, scalar_t><<<(unsigned)((total_rows + WARPS - 1) / WARPS), THREADS, 0, stream>>>(
-        static_cast<const scalar_t*>(o), do_, delta, total_rows);
+    auto delta_kernel = attention_backward_delta_kernel<D, scalar_t>;
+    const unsigned delta_blocks = (unsigned)((total_rows + WARPS - 1) / WARPS);  // a warp per row
+    delta_kernel<<<delta_blocks, THREADS, 0, stream>>>(static_cast<const scalar_t*>(o), do_, delta, total_rows);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
 
-    constexpr int smem = BackwardSmem<D>::bytes;
+    constexpr int smem_bytes = BackwardSmem<D>::bytes;
     const dim3 grid(batch_heads, ceil_div(seq_len, BLOCK_Q));  // x: (batch, head); y: K tile, then Q tile
     auto dkdv_kernel = attention_backward_dkdv_kernel<D, scalar_t>;
-    if ((err = allow_smem(dkdv_kernel, smem)) != cudaSuccess) return err;
-    dkdv_kernel<<<grid, THREADS, smem, stream>>>(q_, k_, v_, do_, lse, delta, static_cast<scalar_t*>(dk),
+    if ((err = allow_smem(dkdv_kernel, smem_bytes)) != cudaSuccess) return err;
+    dkdv_kernel<<<grid, THREADS, smem_bytes, stream>>>(q_, k_, v_, do_, lse, delta, static_cast<scalar_t*>(dk),
                                                  static_cast<scalar_t*>(dv), seq_len, scale);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
     auto dq_kernel = attention_backward_dq_kernel<D, scalar_t>;
-    if ((err = allow_smem(dq_kernel, smem)) != cudaSuccess) return err;
-    dq_kernel<<<grid, THREADS, smem, stream>>>(q_, k_, v_, do_, lse, delta, static_cast<scalar_t*>(dq), seq_len,
+    if ((err = allow_smem(dq_kernel, smem_bytes)) != cudaSuccess) return err;
+    dq_kernel<<<grid, THREADS, smem_bytes, stream>>>(q_, k_, v_, do_, lse, delta, static_cast<scalar_t*>(dq), seq_len,
                                                scale);
     return cudaGetLastError();
 }

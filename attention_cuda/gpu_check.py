@@ -1,0 +1,461 @@
+"""The one script to run on a GPU machine: build the kernel, check it against fp64 math, and time
+it against the naive upcast path and PyTorch's SDPA backends at GPT-2 shapes.
+
+    python -m attention_cuda.gpu_check --out DIR [--quick] [--no-bench]
+    python -m attention_cuda.gpu_check --out DIR --cpu-dry-run   # no GPU: checks this script itself
+
+Run from the repo root (so `from model import naive_attention` resolves). Needs torch only.
+Each section runs in its own try/except and prints PASS/FAIL lines as it goes; everything also
+goes to DIR/gpu_check.txt and DIR/gpu_check.json, and the summary table prints last.
+Finishes in well under 3 minutes on an H100/H200 (most of it the one-time nvcc build).
+Not for: CI (no GPU there; see tests/test_attention_cuda.py) or training-loop benchmarks.
+"""
+
+import argparse
+import faulthandler
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import attention_cuda
+from attention_cuda import launch
+from attention_cuda.build import find_nvcc
+
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative L2 error vs fp64 math
+LSE_TOLERANCE = 1e-4  # lse is fp32 end to end: only accumulation-order error
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+DRY_RUN = False  # --cpu-dry-run: CPU tensors, the emulated kernel (emulate.py), tiny shapes, wall-clock timing
+
+
+def device() -> str:
+    return "cpu" if DRY_RUN else "cuda"
+
+
+def kernel_library():
+    """The CUDA library (built on first use), or in a dry run the CPU emulation of the same code."""
+    if DRY_RUN:
+        from attention_cuda import emulate  # noqa: PLC0415
+
+        return emulate.library()
+    return attention_cuda._load_library()
+
+
+def synchronize() -> None:
+    if not DRY_RUN:
+        torch.cuda.synchronize()
+
+
+def current_stream() -> int:
+    return 0 if DRY_RUN else torch.cuda.current_stream().cuda_stream
+
+
+class Report:
+    """Prints each line at once (flushed), keeps it for gpu_check.txt, and collects JSON results."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.lines, self.results, self.summary = [], {}, []
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def say(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+        self.save()  # written as we go: a hang or a crash still leaves the log behind
+
+    def save(self) -> None:
+        (self.out_dir / "gpu_check.txt").write_text("\n".join(self.lines) + "\n")
+        (self.out_dir / "gpu_check.json").write_text(json.dumps(self.results, indent=1, default=str))
+
+
+def run_section(report: Report, name: str, section, *args) -> None:
+    """Runs one section; an exception becomes a FAIL line instead of ending the script."""
+    report.say(f"\n=== {name} ===")
+    try:
+        section(report, *args)
+    except Exception as error:  # keep going: one broken section must not hide the others
+        report.say(f"FAIL {name}: {type(error).__name__}: {error}")
+        report.say(traceback.format_exc().rstrip())
+        report.summary.append((name, "FAIL", f"{type(error).__name__}: {str(error)[:80]}"))
+
+
+# ---- a. build ----
+
+def section_build(report: Report) -> None:
+    report.say(f"torch {torch.__version__}, CUDA {torch.version.cuda}, python {sys.version.split()[0]}")
+    name = "CPU dry run (emulated kernel)" if DRY_RUN else torch.cuda.get_device_name()
+    report.say(f"device {name}, capability sm_{'--' if DRY_RUN else attention_cuda._current_arch()}")
+    nvcc = find_nvcc()
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    report.say(f"nvcc {nvcc}: {version}")
+    start = time.perf_counter()
+    library = kernel_library()  # nvcc on first use, then ctypes load and device check
+    seconds = time.perf_counter() - start
+    smem = {d: [library.gust_attention_smem_bytes(d, which) for which in (0, 1)] for d in launch.HEAD_DIMS}
+    report.say(f"PASS build+load in {seconds:.1f} s; shared memory per block (fwd, bwd): {smem}")
+    report.results["build"] = {"seconds": seconds, "smem_bytes": smem, "torch": torch.__version__,
+                               "device": name, "nvcc": version}
+    report.summary.append(("build", "PASS", f"{seconds:.1f} s"))
+
+
+# ---- b. correctness ----
+
+def exact_attention(q, k, v, do, scale):
+    """fp64 math on the upcast inputs, on the GPU: (o, lse, max_score, dq, dk, dv)."""
+    T = q.shape[-2]
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    scores = (leaves[0] @ leaves[1].transpose(-2, -1)) * scale  # (B, H, T, T)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), -math.inf)
+    o = torch.softmax(scores, dim=-1) @ leaves[2]
+    o.backward(do.double())
+    return (o.detach(), torch.logsumexp(scores, dim=-1).detach(), scores.detach().amax(dim=(-2, -1)),
+            *(t.grad for t in leaves))
+
+
+def upcast_fp32_attention(q, k, v, do, scale):
+    """The naive upcast path in fp32 (no TF32): how close fp32 scores can get, for context."""
+    T = q.shape[-2]
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    scores = (leaves[0] @ leaves[1].transpose(-2, -1)) * scale
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), -math.inf)
+    o = torch.softmax(scores, dim=-1) @ leaves[2]
+    o.backward(do.float())
+    return (o.detach(), *(t.grad for t in leaves))
+
+
+def make_inputs(B, H, T, D, dtype, kind, seed):
+    """q, k, v, do on the GPU. kind "overflow": a shared component of 260 in dimension 0 makes
+    every q·k about 67,600 > 65,504, so fp16 q kᵀ overflows, while the rest of each score
+    varies as usual (the deep-GPT-2 failure); random N(0, 1)·40 entries would overflow too, but
+    make softmax one-hot and the gradients ~0, which cannot be checked by relative error."""
+    generator = torch.Generator(device=device()).manual_seed(seed)
+    q, k, v, do = (torch.randn(B, H, T, D, device=device(), generator=generator) for _ in range(4))
+    if kind == "overflow":
+        q[..., 0], k[..., 0] = 260.0, 260.0
+    return [t.to(dtype) for t in (q, k, v, do)]
+
+
+def kernel_outputs(library, q, k, v, do, scale):
+    """Forward and backward through the raw launchers into NaN-filled outputs (unwritten shows)."""
+    B, H, T, D = q.shape
+    nan = lambda shape, dtype: torch.full(shape, math.nan, dtype=dtype, device=q.device)  # noqa: E731
+    o, lse, row_max = nan(q.shape, q.dtype), nan((B, H, T), torch.float32), nan((B, H, T), torch.float32)
+    stream = current_stream()
+    launch.forward_into(library, q, k, v, scale, o, lse, row_max, stream=stream)
+    grads = []
+    for _ in range(2):  # twice: the backward must be bitwise deterministic
+        dq, dk, dv = (nan(q.shape, q.dtype) for _ in range(3))
+        launch.backward_into(library, q, k, v, o, lse, do, scale, dq, dk, dv, nan((B, H, T), torch.float32),
+                             stream=stream)
+        grads.append((dq, dk, dv))
+    synchronize()
+    deterministic = all(torch.equal(a, b) for a, b in zip(*grads))
+    return o, lse, row_max, grads[0], deterministic
+
+
+def relative_error(out, ref) -> float:
+    ref_norm = ref.double().norm().item()
+    return (out.double() - ref.double()).norm().item() / (ref_norm if ref_norm > 0 else 1.0)
+
+
+def check_case(report, library, B, H, T, D, dtype, layer_idx, kind, seed) -> bool:
+    q, k, v, do = make_inputs(B, H, T, D, dtype, kind, seed)
+    scale = 1 / math.sqrt(D) / layer_idx
+    o, lse, row_max, (dq, dk, dv), deterministic = kernel_outputs(library, q, k, v, do, scale)
+    o_ref, lse_ref, max_ref, dq_ref, dk_ref, dv_ref = exact_attention(q, k, v, do, scale)
+    fp32 = upcast_fp32_attention(q, k, v, do, scale)
+    names = ["o", "dq", "dk", "dv"]
+    errors = {n: relative_error(x, r) for n, x, r in zip(names, (o, dq, dk, dv), (o_ref, dq_ref, dk_ref, dv_ref))}
+    fp32_errors = {n: relative_error(x, r) for n, x, r in zip(names, fp32, (o_ref, dq_ref, dk_ref, dv_ref))}
+    errors["lse"] = relative_error(lse, lse_ref)
+    max_error = abs(row_max.amax(dim=-1).double() - max_ref).max().item() / max(1.0, max_ref.abs().max().item())
+    finite = all(torch.isfinite(t).all().item() for t in (o, lse, row_max, dq, dk, dv))
+    # a case passes at the dtype's tolerance, or at twice what the fp32 upcast path itself gets
+    # (scores near 67,600 carry fp32 rounding of ~0.01 that no fp32 method avoids)
+    within = all(errors[n] <= max(TOLERANCE[dtype], 2 * fp32_errors[n]) for n in names)
+    passed = finite and deterministic and within and errors["lse"] <= LSE_TOLERANCE and max_error <= 1e-5
+    label = f"{DTYPE_NAMES[dtype]} B={B} H={H} T={T} D={D} layer={layer_idx} {kind}"
+    detail = " ".join(f"{n} {errors[n]:.1e}" for n in names + ["lse"])
+    fp32_detail = " ".join(f"{n} {fp32_errors[n]:.1e}" for n in names)
+    report.say(f"{'PASS' if passed else 'FAIL'} {label}: {detail} max_score {max_error:.1e} "
+               f"finite={finite} bitwise_repeat={deterministic} | fp32 naive: {fp32_detail}")
+    report.results.setdefault("correctness", []).append(
+        {"case": label, "passed": passed, "errors": errors, "fp32_naive_errors": fp32_errors,
+         "max_score_error": max_error, "finite": finite, "deterministic": deterministic})
+    return passed
+
+
+def correctness_cases(quick: bool):
+    """(B, H, T, D, dtype, layer_idx, kind): tails, T=1, odd B*H, both dtypes, layer scaling."""
+    lengths = [1, 100, 257] if quick else [1, 17, 100, 257, 1024]
+    batch_heads = [(1, 3)] if quick else [(1, 3), (3, 5)]
+    head_dims = [64, 128]
+    cases = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for D in head_dims:
+            for T in lengths if D == 64 else lengths[-2:]:
+                for B, H in batch_heads:
+                    for layer_idx in (1, 12):
+                        cases.append((B, H, T, D, dtype, layer_idx, "random"))
+        for T in ([257] if quick else [257, 1024]):
+            for layer_idx in (1, 12):
+                cases.append((1, 3, T, 64, dtype, layer_idx, "overflow"))
+    return cases
+
+
+def section_correctness(report: Report, quick: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be real fp32
+    library = kernel_library()
+    cases = [(1, 3, 70, 64, torch.float16, 12, "random"), (1, 1, 130, 64, torch.bfloat16, 1, "overflow")] \
+        if DRY_RUN else correctness_cases(quick)
+    passed = sum(check_case(report, library, *case, seed=i) for i, case in enumerate(cases))
+    q, k, _, _ = make_inputs(1, 3, 257, 64, torch.float16, "overflow", seed=0)
+    fp16_max = (q[0, 0] @ k[0, 0].T).float().abs().max().item()
+    report.say(f"note: in the overflow cases plain fp16 q@kᵀ reaches {fp16_max} (inf = overflowed)")
+    report.summary.append(("correctness", "PASS" if passed == len(cases) else "FAIL", f"{passed}/{len(cases)} cases"))
+
+
+def section_api(report: Report) -> None:
+    """The public op on CUDA: same bits as the raw launchers, autograd, errors, torch.compile."""
+    q, k, v, do = make_inputs(2, 3, 200, 64, torch.bfloat16, "random", seed=7)
+    if DRY_RUN:  # attention() on CPU tensors runs the twin, not the kernel: bits would differ
+        q, k, v, do = (t[:1, :1, :70] for t in (q, k, v, do))
+    scale = 1 / 8 / 2
+    o, _, _, (dq, dk, dv), _ = kernel_outputs(kernel_library(), q, k, v, do, scale)
+    if DRY_RUN:
+        o, dq, dk, dv = attention_twin(q, k, v, do, scale)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    y = attention_cuda.attention(*leaves, scale)
+    y.backward(do)
+    same = torch.equal(y, o) and all(torch.equal(t.grad, g) for t, g in zip(leaves, (dq, dk, dv)))
+    report.say(f"{'PASS' if same else 'FAIL'} attention() and its autograd give the raw launchers' bits")
+    transposed = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]  # non-contiguous views
+    same_views = torch.equal(attention_cuda.attention(*transposed, scale), o)
+    report.say(f"{'PASS' if same_views else 'FAIL'} non-contiguous q, k, v give the same result")
+    _, max_score = attention_cuda.attention_with_max_score(q, k, v, scale)
+    report.say(f"PASS attention_with_max_score: max_score shape {tuple(max_score.shape)} dtype {max_score.dtype}")
+    errors_ok = expect_error(lambda: attention_cuda.attention(q.float(), k.float(), v.float(), scale), "float16 or bfloat16")
+    errors_ok &= expect_error(lambda: attention_cuda.attention(q[..., :32], k[..., :32], v[..., :32], scale), "head size")
+    report.say(f"{'PASS' if errors_ok else 'FAIL'} unsupported dtype / head size raise one-line errors")
+    compiled_ok = check_compiled(q, k, v, do, scale, o, dq)
+    ok = same and same_views and errors_ok and compiled_ok
+    report.summary.append(("api", "PASS" if ok else "FAIL", "op, autograd, views, errors, compile"))
+
+
+def attention_twin(q, k, v, do, scale):
+    """Dry run only: what attention() returns on CPU (the twin), to compare the op's plumbing with."""
+    from attention_cuda import reference  # noqa: PLC0415
+
+    o, lse = reference.flash_forward(q, k, v, scale)
+    return (o, *reference.flash_backward(q, k, v, o, lse, do, scale))
+
+
+def expect_error(call, fragment: str) -> bool:
+    if DRY_RUN:
+        return True  # the dtype and head-size errors are CUDA-only: the twin takes anything
+    try:
+        call()
+    except ValueError as error:
+        return fragment in str(error)
+    return False
+
+
+def check_compiled(q, k, v, do, scale, o, dq) -> bool:
+    """torch.compile(fullgraph=True) sees one opaque op (aot_eager: no Triton needed)."""
+    if not hasattr(torch.library, "custom_op"):
+        return True  # torch < 2.4: plain autograd.Function, nothing to check
+    leaf = q.clone().requires_grad_()
+    compiled = torch.compile(lambda a, b, c: attention_cuda.attention(a, b, c, scale), backend="aot_eager",
+                             fullgraph=True)
+    y = compiled(leaf, k, v)
+    y.backward(do)
+    return torch.equal(y, o) and torch.equal(leaf.grad, dq)
+
+
+# ---- c. benchmark ----
+
+def naive_attention_function(report: Report):
+    """model.naive_attention if the repo's model.py imports, else a local equivalent (said so)."""
+    try:
+        from model import naive_attention  # noqa: PLC0415 (the repo root is on sys.path under -m)
+
+        report.say("naive: model.naive_attention(q, k, v, scale, upcast=True)")
+        return lambda q, k, v, scale: naive_attention(q, k, v, scale, upcast=True)
+    except Exception as error:
+        report.say(f"naive: local fallback (import of model.naive_attention failed: {type(error).__name__}: {error})")
+
+        def local_naive(q, k, v, scale):
+            T = q.shape[-2]
+            scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, T, T) fp32: upcast
+            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), -math.inf)
+            return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+
+        return local_naive
+
+
+def implementations(report: Report) -> dict:
+    """name -> f(q, k, v, scale) -> y for every attention path to time."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    impls = {"naive upcast": naive_attention_function(report),
+             "sdpa default": lambda q, k, v, s: sdpa(q, k, v, is_causal=True, scale=s)}
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+    except ImportError:
+        report.say("sdpa backends: torch.nn.attention.sdpa_kernel missing, only the default is timed")
+        SDPBackend = None
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        backend = getattr(SDPBackend, name, None) if SDPBackend else None
+        if backend is not None:
+            impls[f"sdpa {name.lower()}"] = with_backend(sdpa, sdpa_kernel, backend)
+    impls["gust"] = attention_cuda.attention
+    return impls
+
+
+def with_backend(sdpa, sdpa_kernel, backend):
+    def run(q, k, v, scale):
+        with sdpa_kernel(backend):
+            return sdpa(q, k, v, is_causal=True, scale=scale)
+    return run
+
+
+def median_ms(fn, warmup: int = 3, repeats: int = 10) -> float:
+    """Median of CUDA-event timings of fn() after warm-up."""
+    for _ in range(warmup):
+        fn()
+    if DRY_RUN:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_mib(fn) -> float:
+    """Peak memory fn() allocates beyond what was already allocated, in MiB."""
+    if DRY_RUN:
+        return 0.0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_one(impl, B, H, T, D, dtype) -> dict:
+    q, k, v, do = make_inputs(B, H, T, D, dtype, "random", seed=0)
+    scale = 1 / math.sqrt(D)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def forward():
+        with torch.no_grad():
+            return impl(q, k, v, scale)
+
+    def forward_backward():
+        return torch.autograd.grad(impl(*leaves, scale), leaves, do)
+
+    forward()  # raises here if this backend refuses the shape or dtype
+    fwd_flops = 2 * 2 * B * H * T * T * D / 2  # causal: half of q kᵀ and of P v
+    result = {"fwd_ms": median_ms(forward), "fwd_bwd_ms": median_ms(forward_backward),
+              "fwd_peak_mib": peak_mib(forward), "fwd_bwd_peak_mib": peak_mib(forward_backward)}
+    result["fwd_tflops"] = fwd_flops / result["fwd_ms"] / 1e9
+    result["fwd_bwd_tflops"] = 3.5 * fwd_flops / result["fwd_bwd_ms"] / 1e9  # backward = 2.5x forward
+    return result
+
+
+def section_benchmark(report: Report, quick: bool) -> None:
+    report.say("FLOPs, causal convention: forward = 2 * 2*B*H*T*T*D / 2 (q kᵀ and P v, half masked); "
+               "backward = 2.5x forward; fwd+bwd = 3.5x forward")
+    impls = implementations(report)
+    shapes = [(8, 12)] if quick else [(8, 12), (8, 16), (16, 12), (16, 16)]
+    T = 64 if DRY_RUN else 1024
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for B, H in [(1, 1)] if DRY_RUN else shapes:
+            for name, impl in impls.items():
+                row = {"impl": name, "dtype": DTYPE_NAMES[dtype], "B": B, "H": H, "T": T, "D": 64}
+                try:
+                    row.update(bench_one(impl, B, H, T, 64, dtype))
+                    report.say(f"{name:22s} {row['dtype']} B={B:2d} H={H}: fwd {row['fwd_ms']:.3f} ms "
+                               f"({row['fwd_tflops']:.0f} TFLOP/s), fwd+bwd {row['fwd_bwd_ms']:.3f} ms "
+                               f"({row['fwd_bwd_tflops']:.0f} TFLOP/s), peak {row['fwd_bwd_peak_mib']:.0f} MiB")
+                except Exception as error:  # a backend that refuses this shape/dtype/GPU is skipped
+                    row["skipped"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+                    report.say(f"{name:22s} {row['dtype']} B={B:2d} H={H}: skipped ({row['skipped']})")
+                rows.append(row)
+                if not DRY_RUN:
+                    torch.cuda.empty_cache()  # one path's cached blocks must not count in the next's peak
+    report.results["benchmark"] = rows
+    add_speedups(report, rows)
+
+
+def add_speedups(report: Report, rows) -> None:
+    """gust's fwd+bwd speedup over naive and its time ratio to SDPA's default, per shape."""
+    timed = {(r["impl"], r["dtype"], r["B"], r["H"]): r for r in rows if "fwd_bwd_ms" in r}
+    for (impl, dtype, B, H), row in timed.items():
+        if impl != "gust":
+            continue
+        naive, default = timed.get(("naive upcast", dtype, B, H)), timed.get(("sdpa default", dtype, B, H))
+        vs_naive = naive["fwd_bwd_ms"] / row["fwd_bwd_ms"] if naive else float("nan")
+        vs_sdpa = row["fwd_bwd_ms"] / default["fwd_bwd_ms"] if default else float("nan")
+        row.update(speedup_vs_naive=vs_naive, time_ratio_vs_sdpa_default=vs_sdpa)
+        report.summary.append((f"bench {dtype} B={B} H={H}", "INFO",
+                               f"gust fwd {row['fwd_tflops']:.0f} / fwd+bwd {row['fwd_bwd_tflops']:.0f} TFLOP/s, "
+                               f"{vs_naive:.2f}x faster than naive, {vs_sdpa:.2f}x SDPA-default time, "
+                               f"peak {row['fwd_bwd_peak_mib']:.0f} MiB (naive "
+                               f"{naive['fwd_bwd_peak_mib'] if naive else float('nan'):.0f})"))
+
+
+# ---- d. summary ----
+
+def print_summary(report: Report) -> None:
+    report.say("\n=== summary ===")
+    width = max((len(name) for name, _, _ in report.summary), default=10)
+    for name, status, detail in report.summary:
+        report.say(f"{name:{width}s}  {status:4s}  {detail}")
+    report.results["summary"] = [{"section": n, "status": s, "detail": d} for n, s, d in report.summary]
+    failed = sum(status == "FAIL" for _, status, _ in report.summary)
+    report.say(f"{'ALL PASS' if failed == 0 else f'{failed} FAILED'} — details in {report.out_dir}/gpu_check.txt")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Build, check and benchmark gust's attention kernel on a GPU.")
+    parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.txt and gpu_check.json")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes in the checks and the benchmark")
+    parser.add_argument("--no-bench", action="store_true", help="skip the benchmark (e.g. under compute-sanitizer)")
+    parser.add_argument("--time-limit", type=float, default=600,
+                        help="seconds before dumping every thread's stack and exiting (a hung kernel)")
+    parser.add_argument("--cpu-dry-run", action="store_true",
+                        help="no GPU: run this script on the CPU emulation of the kernel, tiny shapes")
+    args = parser.parse_args(argv)
+    global DRY_RUN
+    DRY_RUN = args.cpu_dry_run
+    faulthandler.dump_traceback_later(args.time_limit, exit=True)
+    report = Report(args.out)
+    if not DRY_RUN and not torch.cuda.is_available():
+        report.say("FAIL no CUDA device: run this on a GPU machine")
+        return 1
+    run_section(report, "a. build", section_build)
+    run_section(report, "b. correctness vs fp64", section_correctness, args.quick)
+    run_section(report, "b2. public op on CUDA", section_api)
+    if not args.no_bench:
+        run_section(report, "c. benchmark (T=1024, D=64)", section_benchmark, args.quick)
+    print_summary(report)
+    return 0 if all(status != "FAIL" for _, status, _ in report.summary) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

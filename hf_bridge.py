@@ -1,0 +1,231 @@
+"""Move GPT-2 weights between gust and Hugging Face: `python hf_bridge.py export|import` (see --help).
+
+export writes a directory `transformers.GPT2LMHeadModel.from_pretrained` loads: config.json, model.safetensors
+and the tokenizer files; import reads one (model.safetensors or pytorch_model.bin) into a gust GPT.
+Not in here: evaluation (eval.py) or sampling (sample.py). transformers itself is never imported.
+safetensors is an optional dependency, imported only where used: it is the weight format HF expects and
+loads without unpickling anything.
+"""
+import json
+import shutil
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from model import GPT, GPTConfig
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+"""HF's Conv1D stores these (in, out); our nn.Linear stores (out, in): they are transposed both ways."""
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
+"""Causal-mask buffers older HF checkpoints save beside the weights; gust builds its mask on the fly."""
+
+
+# ----------------------------------------------------------------------------- configs
+
+def hf_config(cfg: GPTConfig, eot_id: int | None) -> dict:
+    """config.json for a GPT2LMHeadModel with gust's shape and attention flags."""
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,  # n_ctx: older readers
+        "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+        "activation_function": "gelu_new",  # the tanh approximation gust's MLP uses
+        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": cfg.scale_attn_by_layer_idx,
+        "reorder_and_upcast_attn": cfg.upcast_attn,  # HF honours it only on its eager attention path
+        "tie_word_embeddings": True, "use_cache": True, "bos_token_id": eot_id, "eos_token_id": eot_id,
+    }
+
+
+def gpt_config(hf: dict, where: Path) -> GPTConfig:
+    """The GPTConfig of an HF GPT-2 config.json, or a one-line error naming what gust cannot represent."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"{where}: model_type {hf['model_type']!r} — only GPT-2 checkpoints can be imported")
+    n_embd = hf.get("n_embd", 768)
+    unsupported = {
+        "activation_function": (hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
+                                "gust's MLP is GELU with the tanh approximation"),
+        "n_inner": (hf.get("n_inner") in (None, 4 * n_embd), "gust's MLP is 4 × n_embd wide"),
+        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5) == 1e-5, "gust's LayerNorm uses eps 1e-5"),
+        "scale_attn_weights": (hf.get("scale_attn_weights", True), "gust always divides scores by √head_size"),
+        "tie_word_embeddings": (hf.get("tie_word_embeddings", True), "gust ties lm_head to wte"),
+        "add_cross_attention": (not hf.get("add_cross_attention", False), "gust is decoder-only"),
+    }
+    for key, (ok, why) in unsupported.items():
+        if not ok:
+            raise ValueError(f"{where}: {key} = {hf.get(key)!r} cannot be imported — {why}")
+    return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
+                     n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd,
+                     dropout=hf.get("resid_pdrop", 0.1),  # gust has one dropout; GPT-2's three are equal
+                     bias=True, upcast_attn=hf.get("reorder_and_upcast_attn", False),
+                     scale_attn_by_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False))
+
+
+# ----------------------------------------------------------------------------- weights
+
+def to_hf_state(model: GPT) -> dict[str, torch.Tensor]:
+    """gust's state_dict in HF's layout: Conv1D weights transposed, lm_head left out (HF re-ties it)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # the same tensor as wte; safetensors refuses to store shared memory twice
+        state[name] = (tensor.t() if name.endswith(CONV1D) else tensor).detach().float().contiguous()
+    if not model.config.bias:  # GPT-2 always has biases; zeros compute exactly what bias=False does
+        with torch.device("meta"):  # names and shapes only, no memory
+            with_biases = GPT(replace(model.config, bias=True)).state_dict()
+        for name, tensor in with_biases.items():
+            if name != "lm_head.weight":
+                state.setdefault(name, torch.zeros(tensor.shape))
+    return state
+
+
+def from_hf_state(hf_state: dict[str, torch.Tensor], cfg: GPTConfig, where: Path) -> GPT:
+    """A gust GPT holding HF weights (GPT2LMHeadModel's or GPT2Model's key names)."""
+    state = {}
+    for name, tensor in hf_state.items():
+        if name.endswith(HF_BUFFERS):
+            continue
+        if not name.startswith(("transformer.", "lm_head.")):
+            name = "transformer." + name  # GPT2Model (e.g. the hub's original gpt2) saves without the prefix
+        state[name] = (tensor.t() if name.endswith(CONV1D) else tensor).float()
+    wte = state["transformer.wte.weight"]
+    lm_head = state.setdefault("lm_head.weight", wte)
+    if not torch.equal(lm_head, wte):
+        raise ValueError(f"{where}: lm_head.weight differs from transformer.wte.weight — gust ties them")
+    model = GPT(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{where}: weights do not fit config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors if present, else pytorch_model.bin (loaded with weights_only=True)."""
+    if (hf_dir / "model.safetensors").is_file():
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{hf_dir}/model.safetensors needs the safetensors package — pip install safetensors") from None
+        return load_file(str(hf_dir / "model.safetensors"))
+    if (hf_dir / "pytorch_model.bin").is_file():
+        return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    if (hf_dir / "model.safetensors.index.json").is_file():
+        raise ValueError(f"{hf_dir}: sharded weights (model.safetensors.index.json) are not supported — "
+                         "re-save with a larger max_shard_size")
+    raise FileNotFoundError(f"{hf_dir}: no model.safetensors or pytorch_model.bin — is this a Hugging Face model directory?")
+
+
+def import_hf(hf_dir: Path) -> GPT:
+    """A gust GPT from a Hugging Face GPT-2 directory (config.json + weights), in eval mode."""
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{hf_dir}/config.json: missing — is this a Hugging Face model directory?")
+    cfg = gpt_config(json.loads((hf_dir / "config.json").read_text()), hf_dir / "config.json")
+    return from_hf_state(read_hf_weights(hf_dir), cfg, hf_dir)
+
+
+# ----------------------------------------------------------------------------- export
+
+def export_hf(source: "GPT | Path", out_dir: Path, data_dir: Path | None = None) -> Path:
+    """Write config.json, model.safetensors and (given a data dir) the tokenizer files into out_dir.
+
+    source is a GPT or a checkpoint directory; a checkpoint's own data dir is used when data_dir is None.
+    """
+    from eval import load_gust  # eval.py owns "checkpoint → model"; imported here to keep import order one-way
+
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ImportError("export needs the safetensors package (the format Hugging Face loads) — "
+                          "pip install safetensors") from None
+    if not isinstance(source, GPT):
+        source, state = load_gust(Path(source))
+        data_dir = data_dir or Path(state["config"]["data"]["dir"])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    eot_id = write_tokenizer_files(data_dir, out_dir, source.config.block_size) if data_dir else None
+    save_file(to_hf_state(source), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_config(source.config, eot_id), indent=2))
+    return out_dir
+
+
+def write_tokenizer_files(data_dir: Path, out_dir: Path, block_size: int) -> int:
+    """Copy the data dir's tokenizer in HF's layout (vocab.json + merges.txt, or tokenizer.json); returns <|endoftext|>'s id."""
+    from data import EOT, _find_gpt2_files, read_meta
+
+    meta = read_meta(data_dir)
+    if meta["tokenizer"]["kind"] == "bpe":
+        shutil.copyfile(Path(data_dir) / "tokenizer.json", out_dir / "tokenizer.json")
+        tokenizer_class = "PreTrainedTokenizerFast"  # reads tokenizer.json as it is
+    else:
+        vocab, merges = _find_gpt2_files(Path(meta["tokenizer"]["vocab_dir"]))
+        shutil.copyfile(vocab, out_dir / "vocab.json")
+        shutil.copyfile(merges, out_dir / "merges.txt")
+        tokenizer_class = "GPT2Tokenizer"
+    tokenizer_config = {"tokenizer_class": tokenizer_class, "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
+                        "add_prefix_space": False, "model_max_length": block_size}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    return meta["eot_id"]
+
+
+# ----------------------------------------------------------------------------- command line
+
+@dataclass
+class ExportArgs:
+    """Write a gust checkpoint as a Hugging Face GPT-2 directory."""
+
+    checkpoint: Path
+    """Checkpoint directory (runs/<name>/checkpoints/step-XXXXXXX)."""
+    out: Path
+    """Directory to write config.json, model.safetensors and the tokenizer files into."""
+    data_dir: Path | None = None
+    """Prepared data dir whose tokenizer to ship (default: the checkpoint's own --data.dir)."""
+
+
+@dataclass
+class ImportArgs:
+    """Read a Hugging Face GPT-2 directory into a gust run directory (one checkpoint, step 0)."""
+
+    hf_dir: Path
+    """Directory holding config.json and model.safetensors or pytorch_model.bin."""
+    out: Path
+    """Run directory to create; the checkpoint goes to OUT/checkpoints/step-0000000."""
+    data_dir: Path = Path("data/openwebtext")
+    """Prepared data dir recorded as the run's --data.dir (its tokenizer is what sample.py and eval.py use)."""
+
+
+def import_to_run(args: ImportArgs) -> Path:
+    """import_hf, then checkpoint.save with a TrainConfig describing the imported shape."""
+    import checkpoint
+    from configs import DataConfig, TrainConfig
+    from train import to_json
+
+    if checkpoint.all_checkpoints(args.out):
+        raise ValueError(f"{args.out}: already holds checkpoints — choose a new --out")
+    model = import_hf(args.hf_dir)
+    cfg = TrainConfig(preset="hf-import", model=model.config, data=DataConfig(dir=args.data_dir), out_dir=args.out)
+    state = {"model": model.state_dict(), "config": to_json(cfg), "step": 0, "source": str(args.hf_dir)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "config.json").write_text(json.dumps(to_json(cfg), indent=2))
+    return checkpoint.save(args.out, 0, state, keep=True, keep_last=0)
+
+
+def main(argv: list[str] | None = None):
+    import tyro
+
+    args = tyro.extras.subcommand_cli_from_dict({"export": ExportArgs, "import": ImportArgs}, args=argv,
+                                                prog="hf_bridge.py")
+    if isinstance(args, ExportArgs):
+        print(f"wrote {export_hf(args.checkpoint, args.out, args.data_dir)}")
+    else:
+        print(f"wrote {import_to_run(args)}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"gust: error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,102 @@
+"""Training curves of one or more runs as one PNG: `python plot.py runs/a [runs/b ...] --out plot.png`.
+
+Reads each run's metrics.jsonl (rows with "val_bpb" are evals, the rest training steps) and draws
+loss, val bits/byte, learning rate, gradient norm, loss scale and, when logged, max |attention score|
+against step. Not in here: computing any metric (train.py logs them, eval.py scores checkpoints).
+"""
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+PANELS = (  # (metrics key, title, which rows, log-scale y)
+    ("loss", "train loss (nats/token)", "train", False),
+    ("val_bpb", "val bits/byte", "eval", False),
+    ("lr", "learning rate", "train", False),
+    ("grad_norm", "gradient norm (before clipping)", "train", True),
+    ("loss_scale", "loss scale", "train", True),
+    ("attn_max_score", "max |attention score| (over layers)", "train", True),
+)
+
+
+@dataclass
+class PlotConfig:
+    """Which runs to draw and where to write the picture."""
+
+    runs: tyro.conf.Positional[tuple[Path, ...]]
+    """Run directories, each holding a metrics.jsonl."""
+    out: Path = Path("plot.png")
+    """PNG file to write."""
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) of run_dir/metrics.jsonl; a half-written last line (a live run) is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found — is {run_dir} a run directory?")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the trainer may be mid-write on the last line
+    return [r for r in rows if "val_bpb" not in r], [r for r in rows if "val_bpb" in r]
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """Steps and values of key where present; a per-layer list becomes its max."""
+    steps, values = [], []
+    for row in rows:
+        value = row.get(key)
+        if isinstance(value, list):
+            value = max(value) if value else None
+        if value is not None:
+            steps.append(row["step"])
+            values.append(value)
+    return steps, values
+
+
+def plot(run_dirs, out: Path) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plot.py needs matplotlib — pip install matplotlib") from None
+    if not run_dirs:
+        raise ValueError("name at least one run directory: python plot.py runs/a [runs/b ...] --out plot.png")
+    metrics = {str(run): read_metrics(run) for run in run_dirs}
+    panels = [p for p in PANELS if p[0] != "attn_max_score" or
+              any(series(train, "attn_max_score")[0] for train, _ in metrics.values())]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), squeeze=False)
+    for ax, (key, title, which, log_y) in zip(axes.flat, panels):
+        for run, (train, evals) in metrics.items():
+            steps, values = series(train if which == "train" else evals, key)
+            line, = ax.plot(steps, values, label=run, marker="o" if which == "eval" else None, markersize=3)
+            if key == "loss":  # val loss beside train loss, same colour: the gap is overfitting
+                ax.plot(*series(evals, "val_loss"), linestyle="--", color=line.get_color(), label=f"{run} (val)")
+        ax.set(title=title, xlabel="step", yscale="log" if log_y else "linear")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None):
+    cfg = tyro.cli(PlotConfig, args=argv, prog="plot.py")
+    print(f"wrote {plot(cfg.runs, cfg.out)}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"gust: error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,76 @@
+"""Text from a trained gust model: `python sample.py [--run-dir runs/NAME] [--prompt TEXT] ...` (see --help).
+
+The same --seed prints the same text: every random draw comes from one torch.Generator.
+Not in here: loading weights from Hugging Face (hf_bridge.py), scoring text (eval.py).
+"""
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from eval import find_checkpoint, load_gust
+
+
+@dataclass
+class SampleConfig:
+    """Which model to sample from and how."""
+
+    run_dir: Path = Path("runs/shakespeare-cpu")
+    """Run directory: its newest complete checkpoint is used."""
+    checkpoint: Path | None = None
+    """A specific checkpoint directory (overrides --run-dir)."""
+    data_dir: Path | None = None
+    """Prepared data dir whose tokenizer to use (default: the checkpoint's own --data.dir)."""
+    prompt: str = ""
+    """Text to continue; empty starts a fresh document (after <|endoftext|>)."""
+    num_samples: int = 3
+    """How many samples to print."""
+    max_new_tokens: int = 300
+    """Tokens to generate per sample."""
+    temperature: float = 0.8
+    """Divide the logits by this: < 1 is more conservative, > 1 more random."""
+    top_k: int | None = 200
+    """Sample only among the k most likely tokens (None: all)."""
+    seed: int = 1337
+    """Seed of the sampling generator: the same seed prints the same text."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available, else cpu."""
+
+
+def sample(cfg: SampleConfig) -> list[str]:
+    """num_samples continuations of the prompt (prompt included), drawn one after another from one generator."""
+    from data import EOT, load_tokenizer
+
+    model, state = load_gust(find_checkpoint(cfg.checkpoint, cfg.run_dir))
+    tokenizer = load_tokenizer(cfg.data_dir or Path(state["config"]["data"]["dir"]))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    model.to(device).set_attn_impl(device)  # resolve "auto" once, not on every forward
+    # an empty prompt starts where every training document starts: right after <|endoftext|>
+    prompt_ids = tokenizer.encode(cfg.prompt).ids if cfg.prompt else [tokenizer.token_to_id(EOT)]
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    texts = []
+    for _ in range(cfg.num_samples):
+        out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator=generator)  # (1, T + new)
+        texts.append(tokenizer.decode(out[0].tolist()))  # decode drops <|endoftext|> (a special token)
+    return texts
+
+
+def main(argv: list[str] | None = None):
+    import tyro
+
+    cfg = tyro.cli(SampleConfig, args=argv, prog="sample.py")
+    for text in sample(cfg):
+        print(text)
+        print("-" * 40)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"gust: error: {err}", file=sys.stderr)
+        sys.exit(1)

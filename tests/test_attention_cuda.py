@@ -1,0 +1,212 @@
+"""Tests for attention_cuda on a CPU-only machine: the twin against fp64 math, the CUDA kernel's
+own code run under CPU emulation against both, the op's autograd plumbing, and an nvcc
+compile-only check. The GPU run itself lives in attention_cuda/gpu_check.py."""
+
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attention_cuda
+from attention_cuda import launch, reference
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def naive_attention_fp64(q, k, v, scale):
+    """Causal attention by the textbook formula, in fp64 on upcast inputs: the independent oracle."""
+    T = q.shape[-2]
+    scores = (q.double() @ k.double().transpose(-2, -1)) * scale  # (B, H, T, T)
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    scores = scores.masked_fill(future, -math.inf)
+    return torch.softmax(scores, dim=-1) @ v.double(), torch.logsumexp(scores, dim=-1)
+
+
+def naive_grads_fp64(q, k, v, do, scale):
+    """(dq, dk, dv) of naive_attention_fp64 by torch.autograd."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    y, _ = naive_attention_fp64(*leaves, scale)
+    y.backward(do.double())
+    return [t.grad for t in leaves]
+
+
+def relative_error(out, ref) -> float:
+    """||out - ref|| / ||ref||; the absolute error where ref is exactly 0 (dq, dk at T = 1)."""
+    ref_norm = ref.double().norm().item()
+    return (out.double() - ref.double()).norm().item() / (ref_norm if ref_norm > 0 else 1.0)
+
+
+def random_inputs(B, H, T, D, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, T, D, generator=generator, dtype=torch.float64).to(dtype) for _ in range(4)]
+
+
+SHAPES = [(1, 1, 1, 8), (2, 3, 5, 16), (1, 2, 37, 32), (1, 1, 70, 16)]  # T=1, tails past 16 and 32
+BLOCKS = [(16, 16), (32, 16), (16, 32)]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layer_idx", [1, 7])  # GPT-2's 1/layer_idx score scaling on top of 1/sqrt(D)
+def test_reference_matches_fp64_math(dtype, tolerance, shape, layer_idx):
+    q, k, v, do = random_inputs(*shape, dtype)
+    scale = 1 / math.sqrt(shape[-1]) / layer_idx
+    y_ref, lse_ref = naive_attention_fp64(q, k, v, scale)
+    grads_ref = naive_grads_fp64(q, k, v, do, scale)
+    for block_q, block_k in BLOCKS:
+        y, lse = reference.flash_forward(q, k, v, scale, block_q=block_q, block_k=block_k)
+        assert relative_error(y, y_ref) < tolerance
+        assert relative_error(lse, lse_ref) < tolerance
+        grads = reference.flash_backward(q, k, v, y, lse, do, scale, block_q=block_q, block_k=block_k)
+        for name, grad, grad_ref in zip("qkv", grads, grads_ref):
+            assert relative_error(grad, grad_ref) < tolerance, f"d{name} with blocks {block_q}/{block_k}"
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_reference_16bit_upcast_is_close_to_fp64(dtype, tolerance):
+    """16-bit in, fp32 softmax: within the GPU check's tolerances of exact math on the same inputs."""
+    q, k, v, do = random_inputs(2, 2, 70, 64, dtype)
+    scale = 1 / 8 / 3
+    y, lse = reference.flash_forward(q, k, v, scale)
+    y_ref, lse_ref = naive_attention_fp64(q, k, v, scale)
+    assert relative_error(y, y_ref) < tolerance and relative_error(lse, lse_ref) < 1e-5
+    for grad, grad_ref in zip(reference.flash_backward(q, k, v, y, lse, do, scale), naive_grads_fp64(q, k, v, do, scale)):
+        assert relative_error(grad, grad_ref) < tolerance
+
+
+def test_reference_survives_scores_past_fp16_range():
+    """A shared large component makes q kᵀ ~ 67,600 > 65,504: fp16 math overflows, upcast does not."""
+    q, k, v, do = random_inputs(1, 2, 70, 64, torch.float64)
+    q[..., 0], k[..., 0] = 260.0, 260.0  # 260² = 67,600; the rest of the scores stay O(8)
+    q, k, v, do = (t.half() for t in (q, k, v, do))
+    assert torch.isinf(q[0, 0] @ k[0, 0].T).any()  # the failure the kernel exists to avoid
+    y, lse = reference.flash_forward(q, k, v, 1 / 8)
+    y_ref, _ = naive_attention_fp64(q, k, v, 1 / 8)
+    assert torch.isfinite(y).all() and relative_error(y, y_ref) < 2e-3
+
+
+# ---- the CUDA kernel's code under CPU emulation (cuda_on_cpu.h) ----
+
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH: cannot build the CPU emulation")
+NAN_GUARD = 64 * 128  # NaN elements around every buffer, a whole tile: a write past the end lands here
+
+
+def guarded(shape, dtype, fill=math.nan):
+    """A tensor living inside a NaN-filled buffer, and the buffer (to check the guards afterwards)."""
+    numel = math.prod(shape)
+    buffer = torch.full((numel + 2 * NAN_GUARD,), math.nan, dtype=dtype)
+    tensor = buffer[NAN_GUARD:NAN_GUARD + numel].view(shape)
+    tensor.fill_(fill)
+    return tensor, buffer
+
+
+def guard_intact(buffer) -> bool:
+    return bool(buffer[:NAN_GUARD].isnan().all() and buffer[-NAN_GUARD:].isnan().all())
+
+
+def run_emulated(q, k, v, do, scale):
+    """Forward and backward of the emulated kernel; outputs start as NaN so unwritten ones show."""
+    lib = pytest.importorskip("attention_cuda.emulate").library()
+    B, H, T, D = q.shape
+    inputs = []
+    for tensor in (q, k, v, do):  # NaN around inputs: reading past the last row poisons results
+        copy, _ = guarded(tensor.shape, tensor.dtype)
+        inputs.append(copy.copy_(tensor))
+    q, k, v, do = inputs
+    (o, o_buf), (lse, lse_buf), (row_max, max_buf) = guarded(q.shape, q.dtype), guarded((B, H, T), torch.float32), \
+        guarded((B, H, T), torch.float32)
+    launch.forward_into(lib, q, k, v, scale, o, lse, row_max)
+    grads = [guarded(q.shape, q.dtype) for _ in range(3)]
+    delta, _ = guarded((B, H, T), torch.float32)
+    launch.backward_into(lib, q, k, v, o, lse, do, scale, *(g for g, _ in grads), delta)
+    assert all(guard_intact(b) for b in (o_buf, lse_buf, max_buf, *(b for _, b in grads))), "write out of bounds"
+    return o, lse, row_max, [g for g, _ in grads]
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 64), (1, 3, 70, 64), (2, 1, 130, 128)])
+def test_emulated_kernel_matches_twin_and_fp64(dtype, tolerance, shape):
+    q, k, v, do = random_inputs(*shape, dtype, seed=1)
+    scale = 1 / math.sqrt(shape[-1]) / 3
+    o, lse, row_max, grads = run_emulated(q, k, v, do, scale)
+    for name, out in zip(["o", "lse", "row_max", "dq", "dk", "dv"], [o, lse, row_max, *grads]):
+        assert torch.isfinite(out).all(), f"{name} has NaN/inf: unwritten or poisoned"
+    o_twin, lse_twin = reference.flash_forward(q, k, v, scale)
+    assert relative_error(o, o_twin) < 1e-3 and relative_error(lse, lse_twin) < 1e-6  # same algorithm
+    y_ref, lse_ref = naive_attention_fp64(q, k, v, scale)
+    assert relative_error(o, y_ref) < tolerance and relative_error(lse, lse_ref) < 1e-5
+    T = shape[2]
+    scores = (q.double() @ k.double().transpose(-2, -1) * scale).masked_fill(torch.ones(T, T).triu(1).bool(), -math.inf)
+    assert torch.allclose(row_max.double(), scores.amax(dim=-1), rtol=1e-5, atol=1e-5)
+    grads_twin = reference.flash_backward(q, k, v, o_twin, lse_twin, do, scale)
+    for name, grad, twin, exact in zip("qkv", grads, grads_twin, naive_grads_fp64(q, k, v, do, scale)):
+        if T == 1 and name != "v":  # exactly 0 in exact math; the kernel leaves fp32 rounding noise
+            assert grad.abs().max() < 1e-5, f"d{name} should be ~0 at T=1"
+            continue
+        assert relative_error(grad, twin) < 1e-3, f"d{name} vs twin"
+        assert relative_error(grad, exact) < tolerance, f"d{name} vs fp64"
+
+
+@needs_gxx
+def test_emulated_kernel_rejects_bad_arguments():
+    lib = pytest.importorskip("attention_cuda.emulate").library()
+    q = torch.zeros(1, 1, 4, 96, dtype=torch.float16)
+    lse = torch.zeros(1, 1, 4)
+    with pytest.raises(RuntimeError, match="head size must be 64 or 128"):
+        launch.forward_into(lib, q, q, q, 1.0, q.clone(), lse)
+    buffer = torch.zeros(1 + 4 * 64, dtype=torch.float16)
+    misaligned = buffer[1:].view(1, 1, 4, 64)  # 2 bytes past an aligned address
+    with pytest.raises(RuntimeError, match="not 16-byte aligned"):
+        launch.forward_into(lib, misaligned, misaligned, misaligned, 1.0, misaligned.clone(), lse)
+
+
+# ---- the op: autograd, torch.compile, availability ----
+
+def test_op_on_cpu_runs_the_twin_with_autograd():
+    q, k, v, do = random_inputs(2, 3, 37, 16, torch.float64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    scale = 1 / 4 / 2
+    y = attention_cuda.attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, scale)  # non-contiguous q
+    y.backward(do)
+    y_ref, _ = naive_attention_fp64(q.detach(), k.detach(), v.detach(), scale)
+    assert relative_error(y.detach(), y_ref) < 1e-10
+    for grad, grad_ref in zip((q.grad, k.grad, v.grad), naive_grads_fp64(q, k, v, do, scale)):
+        assert relative_error(grad, grad_ref) < 1e-10
+    _, max_score = attention_cuda.attention_with_max_score(q.detach(), k.detach(), v.detach(), scale)
+    assert max_score.shape == (2, 3)
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "custom_op"), reason="torch.library.custom_op needs torch >= 2.4")
+def test_op_traces_as_one_opaque_op_under_torch_compile():
+    q, k, v, do = random_inputs(1, 2, 20, 8, torch.float64)
+    q.requires_grad_()
+    compiled = torch.compile(lambda q, k, v: attention_cuda.attention(q, k, v, 0.5), backend="aot_eager", fullgraph=True)
+    compiled(q, k, v).backward(do)
+    assert relative_error(q.grad, naive_grads_fp64(q, k, v, do, 0.5)[0]) < 1e-10
+
+
+def test_op_rejects_mismatched_shapes():
+    q = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="share one"):
+        attention_cuda.attention(q, q[:, :1], q, 1.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
+def test_available_is_false_without_a_gpu():
+    assert attention_cuda.available() is False
+    assert "no CUDA device" in attention_cuda.unavailable_reason()
+
+
+# ---- nvcc: compile-only, as CI can ----
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: the compile-only check needs the CUDA toolkit")
+def test_kernel_compiles_without_warnings_for_sm80_and_sm90():
+    result = subprocess.run([sys.executable, "-m", "attention_cuda.build", "--arch", "80", "--arch", "90"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 warnings" in result.stdout
