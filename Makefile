@@ -50,8 +50,10 @@ cuda-compile: setup
 
 # On a machine with an NVIDIA GPU: build, check and benchmark everything GPU-side; results in $(OUT_DIR).
 OUT_DIR ?= gpu-results
+# The kernel check first; the end-to-end training benchmark runs even if a check failed (both are reported).
 gpu-check:
-	python3 -m attention_cuda.gpu_check --out $(OUT_DIR)
+	python3 -m attention_cuda.gpu_check --out $(OUT_DIR) --time-limit 180; status=$$?; \
+	python3 bench.py --out $(OUT_DIR) && exit $$status
 
 stability-demo: setup
 	$(PY) scripts/stability_demo.py $(ARGS)

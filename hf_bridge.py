@@ -153,14 +153,14 @@ def export_hf(source: "GPT | Path", out_dir: Path, data_dir: Path | None = None)
 
 def write_tokenizer_files(data_dir: Path, out_dir: Path, block_size: int) -> int:
     """Copy the data dir's tokenizer in HF's layout (vocab.json + merges.txt, or tokenizer.json); returns <|endoftext|>'s id."""
-    from data import EOT, _find_gpt2_files, read_meta
+    from data import EOT, find_gpt2_files, read_meta
 
     meta = read_meta(data_dir)
     if meta["tokenizer"]["kind"] == "bpe":
         shutil.copyfile(Path(data_dir) / "tokenizer.json", out_dir / "tokenizer.json")
         tokenizer_class = "PreTrainedTokenizerFast"  # reads tokenizer.json as it is
     else:
-        vocab, merges = _find_gpt2_files(Path(meta["tokenizer"]["vocab_dir"]))
+        vocab, merges = find_gpt2_files(Path(meta["tokenizer"]["vocab_dir"]))
         shutil.copyfile(vocab, out_dir / "vocab.json")
         shutil.copyfile(merges, out_dir / "merges.txt")
         tokenizer_class = "GPT2Tokenizer"

@@ -115,14 +115,12 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if self.attn_impl == "auto":  # decided once, on the first forward (GPT.set_attn_impl decides up front)
+            self.attn_impl = pick_attn_impl("auto", x.device, self.dropout, self.upcast)
         impl = self.attn_impl
-        if impl == "auto":
-            impl = pick_attn_impl("auto", x.device, self.dropout if self.training else 0.0, self.upcast)
         if impl == "naive":
             y = naive_attention(q, k, v, self.scale, self.upcast, self.attn_dropout, self.stats)
         else:
-            if self.stats is not None:
-                self.stats["max_score"] = max_attention_score(q, k, self.scale)
             y = self._fused(impl, q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble the heads
         return self.resid_dropout(self.c_proj(y))
@@ -132,11 +130,18 @@ class CausalSelfAttention(nn.Module):
         if impl == "cuda":
             import attention_cuda
 
+            if self.stats is not None:  # the kernel's by-product: no second pass over the scores
+                y, max_score = attention_cuda.attention_with_max_score(q, k, v, self.scale)  # max_score (B, nh)
+                self.stats["max_score"] = max_score.max()
+                return y
             return attention_cuda.attention(q, k, v, self.scale)
+        if self.stats is not None:  # sdpa never shows its scores: one extra QKᵀ, on diagnostic steps only
+            self.stats["max_score"] = max_attention_score(q, k, self.scale)
         dropout_p = self.dropout if self.training else 0.0
         if self.upcast:  # fp32 in, fp32 softmax; back to the activation dtype for c_proj
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p,
-                                               is_causal=True, scale=self.scale)
+            with torch.autocast(q.device.type, enabled=False):  # autocast would cast sdpa's inputs back to 16 bits
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p,
+                                                   is_causal=True, scale=self.scale)
             return y.to(v.dtype)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.scale)
 

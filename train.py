@@ -342,6 +342,7 @@ def train(cfg: TrainConfig) -> dict:
     step, opt_step, run_id = 0, 0, f"{cfg.preset}-{cfg.seed}-{int(time.time())}"
 
     ckpt = resume_point(cfg, run_dir)
+    agree_on_resume(ckpt, rt)
     if ckpt is not None:
         step, opt_step, run_id = restore(ckpt, cfg, model, optimizer, scaler, rt)
     else:
@@ -358,7 +359,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.compile:
         model = torch.compile(model)
     if rt.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(  # bucket views: no second copy of the gradients
+            model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True)
     ctx = torch.autocast(rt.device.type, dtype=DTYPES[cfg.precision]) if cfg.precision != "fp32" else nullcontext()
     params = [p for p in raw_model.parameters() if p.requires_grad]
     keep_steps = checkpoint.scheduled_steps(cfg.checkpoint.schedule, cfg.checkpoint.intervals, cfg.max_steps)
@@ -395,7 +397,7 @@ def train(cfg: TrainConfig) -> dict:
             # DDP: all-reduce gradients only on the last micro-step; before it, accumulate locally
             with model.no_sync() if rt.world_size > 1 and not last_micro else nullcontext():
                 with ctx:
-                    _, loss = model(x, y)
+                    loss = model(x, y)[1]  # not the logits: (B, T, vocab) need not live through backward
                 (loss * (scaler.scale / accum_steps)).backward()  # scaled: fp16 gradients stay above underflow
             loss_sum += loss.detach()
             compute_time += time.perf_counter() - t_compute
@@ -526,6 +528,19 @@ def resume_point(cfg: TrainConfig, run_dir: Path) -> Path | None:
     if not path.is_dir():
         raise FileNotFoundError(f"--resume {path}: no such checkpoint directory")
     return path
+
+
+def agree_on_resume(ckpt: Path | None, rt: Dist):
+    """Every rank must resume from the same step: a run dir not shared by all nodes would silently diverge."""
+    if rt.world_size == 1:
+        return
+    step = torch.tensor([-1 if ckpt is None else int(ckpt.name.split("-")[1])], device=rt.device)
+    low, high = step.clone(), step.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if low.item() != high.item():
+        raise RuntimeError(f"ranks disagree on the checkpoint to resume (steps {low.item()} to {high.item()}; -1 = none): "
+                           "--out-dir must be on a filesystem every node sees")
 
 
 def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, rt: Dist) -> tuple[int, int, str]:

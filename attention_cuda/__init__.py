@@ -16,10 +16,16 @@ import torch
 
 from attention_cuda import launch as _launch
 from attention_cuda import reference
-from attention_cuda.build import compile_library as _compile_library
 
 # Note: the name `attention_cuda.build` is the function below; the module build.py is reached as
-# `python -m attention_cuda.build` or `from attention_cuda.build import ...`.
+# `python -m attention_cuda.build` or `from attention_cuda.build import ...` (imported lazily,
+# so that `python -m attention_cuda.build` does not find it already imported).
+
+
+def _compile_library(archs):
+    from attention_cuda.build import compile_library  # noqa: PLC0415
+
+    return compile_library(archs)
 
 __all__ = ["available", "unavailable_reason", "attention", "attention_with_max_score", "build"]
 

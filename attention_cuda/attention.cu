@@ -57,7 +57,7 @@ __host__ __device__ constexpr int tile_bytes(int rows, int ld, int elem_bytes) {
 }
 
 // Forward kernel's shared memory, byte offsets. 16-bit tiles are the tensor-core operands;
-// fp32 tiles hold scores and the output accumulator. D = 64: 72,448 bytes; D = 128: 113,408.
+// fp32 tiles hold scores and the output accumulator. D = 64: 72,192 bytes; D = 128: 113,152.
 template <int D>
 struct ForwardSmem {
     static constexpr int q_tile = 0;                                               // (BLOCK_Q, D) 16-bit
@@ -73,7 +73,7 @@ struct ForwardSmem {
 
 // Backward kernels' shared memory (dK/dV and dQ use the same one; tiles are square). The two
 // fp32 tiles sit next to each other so that, once the tile loop is over, they can be reused as
-// one (64, D) fp32 staging area for writing the gradients out. D = 64: 90,624 bytes; D = 128: 123,392.
+// one (64, D) fp32 staging area for writing the gradients out. D = 64: 99,840 bytes; D = 128: 140,800.
 template <int D>
 struct BackwardSmem {
     static constexpr int q_tile = 0;                                               // (BLOCK_Q, D) 16-bit
@@ -82,11 +82,12 @@ struct BackwardSmem {
     static constexpr int v_tile = k_tile + tile_bytes(BLOCK_K, ld16(D), 2);         // (BLOCK_K, D) 16-bit
     static constexpr int s_tile = v_tile + tile_bytes(BLOCK_K, ld16(D), 2);         // (64, 64) fp32 scores
     static constexpr int dp_tile = s_tile + tile_bytes(BLOCK_Q, ld32(BLOCK_K), 4);  // (64, 64) fp32 dL/dP
-    static constexpr int p_tile = dp_tile + tile_bytes(BLOCK_Q, ld32(BLOCK_K), 4);  // (64, 64) 16-bit P; dQ: ds_lo
+    static constexpr int p_tile = dp_tile + tile_bytes(BLOCK_Q, ld32(BLOCK_K), 4);  // (64, 64) 16-bit P
     static constexpr int ds_tile = p_tile + tile_bytes(BLOCK_Q, ld16(BLOCK_K), 2);  // (64, 64) 16-bit dS
     static constexpr int lse_tile = ds_tile + tile_bytes(BLOCK_Q, ld16(BLOCK_K), 2);  // (BLOCK_Q,) fp32
     static constexpr int delta_tile = lse_tile + tile_bytes(BLOCK_Q, 1, 4);         // (BLOCK_Q,) fp32
-    static constexpr int bytes = delta_tile + tile_bytes(BLOCK_Q, 1, 4);
+    static constexpr int kc_tile = delta_tile + tile_bytes(BLOCK_Q, 1, 4);          // (BLOCK_K, D) 16-bit, dQ only
+    static constexpr int bytes = kc_tile + tile_bytes(BLOCK_K, ld16(D), 2);
     static constexpr int stage = s_tile;  // (64, D) fp32 after the loop, over s_tile + dp_tile
     static_assert(tile_bytes(BLOCK_K, ld32(D), 4) <= p_tile - s_tile, "gradient stage must fit in s_tile + dp_tile");
 };
@@ -134,6 +135,18 @@ __device__ void load_tile(scalar_t* tile, const scalar_t* matrix, int row0, int 
         uint4 bits = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits are +0.0 in fp16 and bf16
         if (row0 + r < seq_len) bits = *reinterpret_cast<const uint4*>(matrix + (size_t)(row0 + r) * D + col);
         *reinterpret_cast<uint4*>(tile + r * ld16(D) + col) = bits;
+    }
+}
+
+// load_tile for the dQ kernel's centered keys: tile = 16-bit(k - k_mean), with k_mean the
+// head's (D,) fp32 mean key; rows past seq_len are zero (their dS is 0).
+template <int ROWS, int D, typename scalar_t>
+__device__ void load_centered_tile(scalar_t* tile, const scalar_t* matrix, const float* k_mean, int row0,
+                                   int seq_len) {
+    for (int idx = threadIdx.x; idx < ROWS * D; idx += THREADS) {
+        const int r = idx / D, col = idx % D;
+        const float centered = (row0 + r < seq_len) ? to_float(matrix[(size_t)(row0 + r) * D + col]) - k_mean[col] : 0.0f;
+        tile[r * ld16(D) + col] = from_float<scalar_t>(centered);
     }
 }
 
@@ -352,12 +365,11 @@ attention_backward_delta_kernel(const scalar_t* __restrict__ o, const scalar_t* 
 // p = exp(scale * s - lse) and ds = p * (dp - delta), and writes them as 16-bit tiles.
 // reference._recompute_tile. ROWS_ARE_KEYS: the dK/dV kernel holds transposed tiles (rows are
 // keys, columns queries), so lse and delta are indexed by column there and by row in the dQ kernel.
-// The dK/dV kernel asks for p (p_tile) and ds (ds_tile). The dQ kernel asks for ds as hi + lo:
-// ds_tile = 16-bit(ds) and ds_lo_tile = 16-bit(ds - ds_tile), with p_tile null; see the dQ kernel.
+// p_tile may be null: the dQ kernel needs only ds.
 template <bool ROWS_ARE_KEYS, typename scalar_t>
 __device__ void recompute_p_and_ds(const float* s_tile, const float* dp_tile, const float* lse_tile,
-                                   const float* delta_tile, scalar_t* p_tile, scalar_t* ds_tile,
-                                   scalar_t* ds_lo_tile, int row_start, int col_start, int seq_len, float scale) {
+                                   const float* delta_tile, scalar_t* p_tile, scalar_t* ds_tile, int row_start,
+                                   int col_start, int seq_len, float scale) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int r = 0; r < STRIPE; ++r) {
         const int row = warp * STRIPE + r;
@@ -371,10 +383,8 @@ __device__ void recompute_p_and_ds(const float* s_tile, const float* dp_tile, co
             // upcast: scale and exp in fp32; lse already holds the row's max and sum
             const float p = is_masked(i, j, seq_len) ? 0.0f : expf(s_tile[at] * scale - lse_tile[q_local]);
             const float ds = p * (dp_tile[at] - delta_tile[q_local]);  // dL/d(scaled score), fp32
-            const scalar_t ds_hi = from_float<scalar_t>(ds);  // 16-bit: next it feeds a matmul
-            ds_tile[row * ld16(BLOCK_K) + col] = ds_hi;
             if (p_tile != nullptr) p_tile[row * ld16(BLOCK_K) + col] = from_float<scalar_t>(p);
-            if (ds_lo_tile != nullptr) ds_lo_tile[row * ld16(BLOCK_K) + col] = from_float<scalar_t>(ds - to_float(ds_hi));
+            ds_tile[row * ld16(BLOCK_K) + col] = from_float<scalar_t>(ds);  // 16-bit: next it feeds a matmul
         }
     }
 }
@@ -445,8 +455,8 @@ attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* _
         warp_matmul_abt<D, BLOCK_Q>(k_tile, q_tile, s_tile);    // sᵀ = k_tile @ q_tileᵀ
         warp_matmul_abt<D, BLOCK_Q>(v_tile, do_tile, dp_tile);  // dpᵀ = v_tile @ do_tileᵀ
         __syncwarp();  // fragment stores land before lanes read whole rows
-        recompute_p_and_ds<true>(s_tile, dp_tile, lse_tile, delta_tile, p_tile, ds_tile, static_cast<scalar_t*>(nullptr),
-                                 k_start, q_start, seq_len, scale);
+        recompute_p_and_ds<true>(s_tile, dp_tile, lse_tile, delta_tile, p_tile, ds_tile, k_start, q_start,
+                                 seq_len, scale);
         __syncwarp();  // p_tile, ds_tile rows are written before the fragments load them
         warp_matmul_ab<D, BLOCK_Q>(p_tile, do_tile, dv_acc);  // dv += pᵀ @ do_tile
         warp_matmul_ab<D, BLOCK_Q>(ds_tile, q_tile, dk_acc);  // dk += dsᵀ @ q_tile
@@ -464,17 +474,19 @@ attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* _
 // reference.flash_backward's second loop. Warp w owns query rows [16 w, 16 w + 16) and their
 // dQ rows, accumulated in registers.
 //
-// dS enters the dQ matmul as two 16-bit tiles, hi + lo, i.e. twice the matmul for ~2x the
-// mantissa bits. Each row of dS sums to 0, so a component that all keys share (the large ones
-// that overflow fp16 scores in deep layers) cancels out of dQ exactly, but a 16-bit dS breaks
-// that: measured on a shared component of 260, bf16 dQ was off by 11% with one tile, 0.1% with
-// two. dK (dSᵀ Q) has no such cancellation, so the dK/dV kernel uses one tile.
+// dQ = scale dS @ (K - k_mean), not scale dS @ K. Each row of dS sums to 0 in exact math, so
+// shifting every key by the same vector changes nothing, except that the large components all
+// keys share (the ones that push fp16 scores past 65,504 in deep layers) no longer multiply
+// the small errors in dS: the rounding of lse (~1e-3 at 8,000), of O inside delta and of dS to
+// 16 bits. Measured with a shared component of 260 (scores ~67,600): bf16 dQ was 10% off with
+// K, 0.4% with K - k_mean (the fp32 naive path: 0.2%). dK (dSᵀ Q) has no such cancellation.
 template <int D, typename scalar_t>
 __global__ void __launch_bounds__(THREADS)
 attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                              const scalar_t* __restrict__ v, const scalar_t* __restrict__ d_o,
                              const float* __restrict__ lse, const float* __restrict__ delta,
-                             scalar_t* __restrict__ dq, int seq_len, float scale) {
+                             const float* __restrict__ k_mean, scalar_t* __restrict__ dq, int seq_len,
+                             float scale) {
     using Smem = BackwardSmem<D>;
     extern __shared__ __align__(128) unsigned char smem[];
     scalar_t* q_tile = reinterpret_cast<scalar_t*>(smem + Smem::q_tile);
@@ -483,8 +495,8 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
     scalar_t* v_tile = reinterpret_cast<scalar_t*>(smem + Smem::v_tile);
     float* s_tile = reinterpret_cast<float*>(smem + Smem::s_tile);    // (queries, keys)
     float* dp_tile = reinterpret_cast<float*>(smem + Smem::dp_tile);  // (queries, keys)
-    scalar_t* ds_tile = reinterpret_cast<scalar_t*>(smem + Smem::ds_tile);    // 16-bit(ds)
-    scalar_t* ds_lo_tile = reinterpret_cast<scalar_t*>(smem + Smem::p_tile);  // 16-bit(ds - ds_tile)
+    scalar_t* ds_tile = reinterpret_cast<scalar_t*>(smem + Smem::ds_tile);
+    scalar_t* kc_tile = reinterpret_cast<scalar_t*>(smem + Smem::kc_tile);  // 16-bit(k - k_mean)
     float* lse_tile = reinterpret_cast<float*>(smem + Smem::lse_tile);
     float* delta_tile = reinterpret_cast<float*>(smem + Smem::delta_tile);
     float* stage = reinterpret_cast<float*>(smem + Smem::stage);
@@ -504,21 +516,21 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
     for (int k_start = 0; k_start < q_end; k_start += BLOCK_K) {  // causal: as in the forward
         load_tile<BLOCK_K, D>(k_tile, k + head * D, k_start, seq_len);
         load_tile<BLOCK_K, D>(v_tile, v + head * D, k_start, seq_len);
-        __syncthreads();  // k_tile, v_tile (and on the first pass the Q-side tiles) are complete
+        load_centered_tile<BLOCK_K, D>(kc_tile, k + head * D, k_mean + (size_t)blockIdx.x * D, k_start, seq_len);
+        __syncthreads();  // k_tile, v_tile, kc_tile (and on the first pass the Q-side tiles) are complete
         warp_matmul_abt<D, BLOCK_K>(q_tile, k_tile, s_tile);    // s = q_tile @ k_tileᵀ
         warp_matmul_abt<D, BLOCK_K>(do_tile, v_tile, dp_tile);  // dp = do_tile @ v_tileᵀ
         __syncwarp();  // fragment stores land before lanes read whole rows
         recompute_p_and_ds<false>(s_tile, dp_tile, lse_tile, delta_tile, static_cast<scalar_t*>(nullptr), ds_tile,
-                                  ds_lo_tile, q_start, k_start, seq_len, scale);
-        __syncwarp();  // ds_tile, ds_lo_tile rows are written before the fragments load them
-        warp_matmul_ab<D, BLOCK_K>(ds_tile, k_tile, dq_acc);     // dq += ds_hi @ k_tile
-        warp_matmul_ab<D, BLOCK_K>(ds_lo_tile, k_tile, dq_acc);  // dq += ds_lo @ k_tile
-        __syncthreads();  // every warp is done with k_tile/v_tile before the next pass overwrites them
+                                  q_start, k_start, seq_len, scale);
+        __syncwarp();  // ds_tile rows are written before the fragments load them
+        warp_matmul_ab<D, BLOCK_K>(ds_tile, kc_tile, dq_acc);  // dq += ds @ (k_tile - k_mean)
+        __syncthreads();  // every warp is done with k_tile/v_tile/kc_tile before the next pass overwrites them
     }
 
 #pragma unroll
     for (int n = 0; n < D / 16; ++n)
-        for (int t = 0; t < dq_acc[n].num_elements; ++t) dq_acc[n].x[t] *= scale;  // dQ = scale dS K, in fp32
+        for (int t = 0; t < dq_acc[n].num_elements; ++t) dq_acc[n].x[t] *= scale;  // dQ = scale dS (K - k_mean), fp32
     write_grad_stripe<D>(dq_acc, stage, dq, head, q_start, seq_len);
 }
 
@@ -561,8 +573,8 @@ int launch_forward(const void* q, const void* k, const void* v, void* o, float* 
 
 template <int D, typename scalar_t>
 int launch_backward(const void* q, const void* k, const void* v, const void* o, const void* d_o,
-                    const float* lse, float* delta, void* dq, void* dk, void* dv, int batch_heads, int seq_len,
-                    float scale, cudaStream_t stream) {
+                    const float* lse, const float* k_mean, float* delta, void* dq, void* dk, void* dv,
+                    int batch_heads, int seq_len, float scale, cudaStream_t stream) {
     const scalar_t* q_ = static_cast<const scalar_t*>(q);
     const scalar_t* k_ = static_cast<const scalar_t*>(k);
     const scalar_t* v_ = static_cast<const scalar_t*>(v);
@@ -584,8 +596,8 @@ int launch_backward(const void* q, const void* k, const void* v, const void* o, 
 
     auto dq_kernel = attention_backward_dq_kernel<D, scalar_t>;
     if ((err = allow_smem(dq_kernel, smem_bytes)) != cudaSuccess) return err;
-    dq_kernel<<<grid, THREADS, smem_bytes, stream>>>(q_, k_, v_, do_, lse, delta, static_cast<scalar_t*>(dq), seq_len,
-                                               scale);
+    dq_kernel<<<grid, THREADS, smem_bytes, stream>>>(q_, k_, v_, do_, lse, delta, k_mean, static_cast<scalar_t*>(dq),
+                                               seq_len, scale);
     return cudaGetLastError();
 }
 
@@ -641,10 +653,11 @@ int gust_attention_forward(const void* q, const void* k, const void* v, void* o,
 }
 
 // Backward. q, k, v, o, d_o (the output's gradient): as in the forward; lse: the forward's.
-// delta: (batch_heads, seq_len) fp32 scratch. dq, dk, dv: outputs, shaped like q.
+// k_mean: (batch_heads, head_dim) fp32, each head's mean key over the sequence (see the dQ
+// kernel for why). delta: (batch_heads, seq_len) fp32 scratch. dq, dk, dv: outputs, like q.
 int gust_attention_backward(const void* q, const void* k, const void* v, const void* o, const void* d_o,
-                            const void* lse, void* delta, void* dq, void* dk, void* dv, int batch_heads,
-                            int seq_len, int head_dim, float scale, int dtype, void* stream) {
+                            const void* lse, const void* k_mean, void* delta, void* dq, void* dk, void* dv,
+                            int batch_heads, int seq_len, int head_dim, float scale, int dtype, void* stream) {
     if (int bad = check_sizes(batch_heads, seq_len)) return bad;
     const void* tiles[] = {q, k, v, o, d_o, dq, dk, dv};
     for (const void* p : tiles)
@@ -654,8 +667,8 @@ int gust_attention_backward(const void* q, const void* k, const void* v, const v
         constexpr int D = decltype(head_dim_tag)::value;
         using scalar_t = typename decltype(type_tag)::type;
         return launch_backward<D, scalar_t>(q, k, v, o, d_o, static_cast<const float*>(lse),
-                                            static_cast<float*>(delta), dq, dk, dv, batch_heads, seq_len, scale,
-                                            static_cast<cudaStream_t>(stream));
+                                            static_cast<const float*>(k_mean), static_cast<float*>(delta), dq, dk,
+                                            dv, batch_heads, seq_len, scale, static_cast<cudaStream_t>(stream));
     });
 }
 

@@ -436,7 +436,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.txt and gpu_check.json")
     parser.add_argument("--quick", action="store_true", help="fewer shapes in the checks and the benchmark")
     parser.add_argument("--no-bench", action="store_true", help="skip the benchmark (e.g. under compute-sanitizer)")
-    parser.add_argument("--time-limit", type=float, default=600,
+    parser.add_argument("--time-limit", type=float, default=300,
                         help="seconds before dumping every thread's stack and exiting (a hung kernel)")
     parser.add_argument("--cpu-dry-run", action="store_true",
                         help="no GPU: run this script on the CPU emulation of the kernel, tiny shapes")

@@ -20,7 +20,7 @@ def load(path) -> ctypes.CDLL:
     pointer, integer, real = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.gust_attention_forward.argtypes = [pointer] * 6 + [integer, integer, integer, real, integer, pointer]
     lib.gust_attention_forward.restype = integer
-    lib.gust_attention_backward.argtypes = [pointer] * 10 + [integer, integer, integer, real, integer, pointer]
+    lib.gust_attention_backward.argtypes = [pointer] * 11 + [integer, integer, integer, real, integer, pointer]
     lib.gust_attention_backward.restype = integer
     lib.gust_attention_check_device.argtypes = [integer]
     lib.gust_attention_check_device.restype = integer
@@ -58,8 +58,9 @@ def forward_into(lib, q, k, v, scale: float, o, lse, row_max=None, stream: int =
 def backward_into(lib, q, k, v, o, lse, do, scale: float, dq, dk, dv, delta, stream: int = 0) -> None:
     """Runs the backward kernels, writing dq, dk, dv (B, H, T, D); delta (B, H, T) fp32 is scratch."""
     B, H, T, D = q.shape
+    k_mean = k.mean(dim=2, dtype=torch.float32)  # (B, H, D) each head's mean key: the dQ kernel's centering
     code = lib.gust_attention_backward(
-        _pointer(q), _pointer(k), _pointer(v), _pointer(o), _pointer(do), _pointer(lse),
+        _pointer(q), _pointer(k), _pointer(v), _pointer(o), _pointer(do), _pointer(lse), _pointer(k_mean),
         _pointer(delta), _pointer(dq), _pointer(dk), _pointer(dv),
         B * H, T, D, float(scale), DTYPE_FLAGS[q.dtype], ctypes.c_void_p(stream))
     check_code(lib, code, "backward")

@@ -109,6 +109,11 @@ def flash_backward(q, k, v, o, lse, do, scale: float, block_q: int = BLOCK_Q, bl
             dk_acc += ds.to(rounded).to(acc).transpose(-2, -1) @ q_tile  # (B, H, bk, D) dSᵀ Q
         dk[:, :, k_start:k_end] = (dk_acc * scale).to(k.dtype)  # scale once, in fp32, at the end
         dv[:, :, k_start:k_end] = dv_acc.to(v.dtype)
+    # dQ = scale dS (K - k_mean): rows of dS sum to 0, so shifting all keys by one vector changes
+    # nothing in exact math, but it stops large components shared by all keys (those that push
+    # fp16 scores past 65,504) from multiplying the rounding errors in dS, lse and delta
+    k_mean = k.to(acc).mean(dim=2, keepdim=True)  # (B, H, 1, D)
+    k_centered = (k.to(acc) - k_mean).to(rounded).to(acc)  # (B, H, T, D) 16-bit, like kc_tile
     for q_start in range(0, T, block_q):  # kernel: attention_backward_dq, one block per Q tile
         q_end = min(q_start + block_q, T)
         dq_acc = torch.zeros(B, H, q_end - q_start, D, dtype=acc, device=q.device)
@@ -116,11 +121,7 @@ def flash_backward(q, k, v, o, lse, do, scale: float, block_q: int = BLOCK_Q, bl
             k_end = min(k_start + block_k, T)
             _, k_tile, _, _, ds = _recompute_tile(
                 q, k, v, do, lse, delta, q_start, q_end, k_start, k_end, scale)
-            # dS goes in as two 16-bit parts, hi + lo (~2x the mantissa bits): each row of dS
-            # sums to 0, so a key component shared by all keys (the large ones that overflow fp16)
-            # cancels out of dQ, but only if dS keeps more than 16-bit precision
-            ds_hi = ds.to(rounded).to(acc)
-            ds_lo = (ds - ds_hi).to(rounded).to(acc)  # 0 when q's dtype is already fp32/fp64
-            dq_acc += ds_hi @ k_tile + ds_lo @ k_tile  # (B, H, bq, D) dS K
+            kc_tile = k_centered[:, :, k_start:k_end]  # (B, H, bk, D)
+            dq_acc += ds.to(rounded).to(acc) @ kc_tile  # (B, H, bq, D) dS (K - k_mean)
         dq[:, :, q_start:q_end] = (dq_acc * scale).to(q.dtype)
     return dq, dk, dv
