@@ -103,6 +103,8 @@ def activation_bytes(m: GPTConfig, micro_batch: int, precision: str) -> dict[str
         probs_copy = e if (d or softmax_out != e) else 0  # dropout output, or the fp32 → 16-bit cast for P·V
         per_block += a * s * s * b * (softmax_out + d + probs_copy)
         per_block += 2 * (4 - e) * s * b * h if m.upcast_attn else 0  # q, k kept in fp32 for QKᵀ's backward
+    elif m.attn_impl == "sdpa" and m.upcast_attn and e == 2:  # fp32 q, k, v and output replace the 16-bit q, k, v
+        per_block += 10 * s * b * h
     return {"blocks": m.n_layer * per_block, "embeddings, ln_f, lm_head input": s * b * h * (d + 4 + e),
             "log-probabilities": 4 * s * b * V, "logits held, cross-entropy gradients": (e + 8) * s * b * V}
 
