@@ -34,6 +34,10 @@ CONFIGS = [
     dict(attn="cuda", precision="bf16", compile=True), dict(attn="sdpa", precision="bf16", upcast=False, compile=True),
     dict(attn="cuda", precision="fp16", preset="gpt2-medium"),
 ]
+# what --deterministic costs (run in a fresh process with CUBLAS_WORKSPACE_CONFIG=:4096:8 set from the start)
+# (deterministic runs twice: their final losses should agree to the bit)
+DETERMINISTIC = [dict(attn=attn, precision="bf16", upcast=attn != "sdpa", deterministic=flag)
+                 for attn in ("sdpa", "cuda") for flag in (False, True, True)]
 
 def gpt2_tokens(work: Path) -> Path:
     """The plays in GPT-2's vocabulary (the bench needs 50257 tokens, not the CPU demo's 4096)."""
@@ -45,7 +49,7 @@ def gpt2_tokens(work: Path) -> Path:
 
 
 def bench_config(data_dir: Path, run_dir: Path, args, attn: str, precision: str, compile: bool = False,
-                 upcast: bool = True, preset: str = "gpt2-small") -> dict:
+                 upcast: bool = True, preset: str = "gpt2-small", deterministic: bool = False) -> dict:
     """One short run of the real training loop; its numbers come from its own metrics.jsonl."""
     from train import train
 
@@ -58,16 +62,19 @@ def bench_config(data_dir: Path, run_dir: Path, args, attn: str, precision: str,
                   micro_batch_size=args.micro_batch_size, out_dir=run_dir, device=args.device,
                   log_interval=args.log_interval, eval_interval=10**9, eval_batches=1, diag_interval=0,
                   checkpoint=CheckpointConfig(schedule="none", keep_last=1), wandb_mode="disabled",
-                  optim=replace(cfg.optim, fused=True), tf32=True)
+                  optim=replace(cfg.optim, fused=True), tf32=True, deterministic=deterministic)
     shutil.rmtree(run_dir, ignore_errors=True)
     started = time.perf_counter()
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    finally:
+        torch.use_deterministic_algorithms(False)  # a process-wide switch: don't leak it into the next config
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steady = [row for row in rows if "tokens_per_sec" in row][1:]  # the first interval holds start-up
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of a benchmark are not worth the disk
     median = lambda key: statistics.median(row[key] for row in steady) if steady and steady[0][key] is not None else None
     return {"preset": preset, "attn_impl": attn if attn != "sdpa" or upcast else "sdpa-16", "precision": precision,
-            "compile": compile,
+            "compile": compile, "deterministic": deterministic,
             "tokens_per_sec": median("tokens_per_sec"), "mfu": median("mfu"),
             "peak_memory_gb": max((row["peak_memory_gb"] or 0) for row in steady) if steady else None,
             "skipped_steps": steady[-1]["skipped_steps"] if steady else None, "final_loss": steady[-1]["loss"] if steady else None,
@@ -75,7 +82,7 @@ def bench_config(data_dir: Path, run_dir: Path, args, attn: str, precision: str,
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'preset':<12} {'attention':<8} {'prec':<5} {'compile':<7} {'tokens/s':>10} {'MFU':>6} "
+    lines = [f"{'preset':<12} {'attention':<8} {'prec':<5} {'compile':<7} {'determ.':<7} {'tokens/s':>10} {'MFU':>6} "
              f"{'peak GB':>8} {'skipped':>7} {'loss':>7} {'wall s':>7}"]
     for r in rows:
         if "error" in r:
@@ -83,7 +90,7 @@ def table(rows: list[dict]) -> str:
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         lines.append(f"{r['preset']:<12} {r['attn_impl']:<8} {r['precision']:<5} {str(r['compile']):<7} "
-                     f"{r['tokens_per_sec']:>10,.0f} {mfu:>6} {r['peak_memory_gb'] or 0:>8.1f} "
+                     f"{str(r.get('deterministic', False)):<7} {r['tokens_per_sec']:>10,.0f} {mfu:>6} {r['peak_memory_gb'] or 0:>8.1f} "
                      f"{r['skipped_steps']:>7} {r['final_loss']:>7.3f} {r['wall_s']:>7.1f}")
     return "\n".join(lines)
 
@@ -97,6 +104,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: dry runs of this script")
     parser.add_argument("--only", default="", help="comma-separated attention paths to run (default: all)")
+    parser.add_argument("--set", choices=("issue7", "deterministic"), default="issue7",
+                        help="issue7: the attention/precision/compile matrix; deterministic: --deterministic on vs off")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "work"
@@ -105,7 +114,8 @@ def main(argv=None) -> int:
     header = f"bench: {device} | torch {torch.__version__} | {args.steps} steps × {args.micro_batch_size} × 1024 tokens"
     print(header, flush=True)
     rows = []
-    for config in [c for c in CONFIGS if not args.only or c["attn"] in args.only.split(",")]:
+    matrix = CONFIGS if args.set == "issue7" else DETERMINISTIC
+    for config in [c for c in matrix if not args.only or c["attn"] in args.only.split(",")]:
         try:
             rows.append(bench_config(data_dir, work / "run", args, **config))
         except Exception as err:  # one failing path must not hide the others

@@ -38,6 +38,7 @@ class Dist:
     local_rank: int
     world_size: int
     device: torch.device
+    mode: str  # --dist, or "single" for one process (plain model and AdamW, whatever --dist says)
 
     @property
     def is_main(self) -> bool:
@@ -58,7 +59,7 @@ def setup_processes(cfg: TrainConfig) -> Dist:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     if world_size > 1:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Dist(rank, local_rank, world_size, device)
+    return Dist(rank, local_rank, world_size, device, cfg.dist if world_size > 1 else "single")
 
 
 def seed_everything(seed: int):
@@ -104,13 +105,47 @@ def lr_at(opt_step: int, optim) -> float:
     return optim.min_lr + shape * (optim.lr - optim.min_lr)
 
 
-def build_optimizer(model: torch.nn.Module, optim, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on ≥2-D weights only: biases and LayerNorm gains are not shrunk."""
+def build_optimizer(model: torch.nn.Module, optim, device: torch.device, sharded: bool = False):
+    """AdamW with weight decay on ≥2-D weights only: biases and LayerNorm gains are not shrunk.
+    sharded: ZeRO-1, each rank keeps the moments of (and updates) its share of the parameters only."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = optim.fused and device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused)
+    hyper = {"lr": optim.lr, "betas": (optim.beta1, optim.beta2), "eps": optim.eps,
+             "fused": optim.fused and device.type == "cuda"}
+    if sharded:
+        from torch.distributed.optim import ZeroRedundancyOptimizer  # imported here: 2 s at every start otherwise
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **hyper)
+    return torch.optim.AdamW(groups, **hyper)
+
+
+def distribute(raw_model: GPT, cfg: TrainConfig, rt: Dist):
+    """The model the loop calls and its optimizer under --dist; with one process, the plain model and AdamW.
+
+    ddp: every rank holds everything; gradients are all-reduced. zero1: the same, but AdamW's moments are
+    sharded across ranks. fsdp: parameters, gradients and moments are all sharded (dim 0); a block's weights
+    are gathered only around its forward and backward.
+    """
+    if rt.mode == "fsdp":
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6 kept FSDP2 here
+            from torch.distributed._composable.fsdp import fully_shard
+        for block in raw_model.transformer.h:  # one gather per block: only a block or two is whole at a time
+            fully_shard(block, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+        fully_shard(raw_model, reshard_after_forward=cfg.fsdp_reshard_after_forward)  # embeddings, ln_f, lm_head
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if rt.mode in ("ddp", "zero1"):
+        model = torch.nn.parallel.DistributedDataParallel(  # bucket views: no second copy of the gradients
+            model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True)
+    return model, build_optimizer(raw_model, cfg.optim, rt.device, sharded=rt.mode == "zero1")
+
+
+def gradient_sync(model, raw_model, rt: Dist, sync: bool):
+    """Reduce gradients across ranks only on the last micro-step; before it, accumulate locally."""
+    if rt.mode == "fsdp":
+        raw_model.set_requires_gradient_sync(sync)
+    return model.no_sync() if rt.mode in ("ddp", "zero1") and not sync else nullcontext()
 
 
 # ----------------------------------------------------------------------------- loss scaler
@@ -174,7 +209,12 @@ def unscale_and_clip(params: list, scaler: DynamicLossScaler, max_norm: float) -
     grads = [p.grad for p in params if p.grad is not None]
     if scaler.scale != 1.0:
         torch._foreach_mul_(grads, 1.0 / scaler.scale)
-    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+    return full(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True))
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from an FSDP-sharded DTensor (gathered: every rank must call), or the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 # ----------------------------------------------------------------------------- metrics, eval
@@ -221,12 +261,15 @@ def evaluate(model, split: TokenSplit, cfg: TrainConfig, ctx, rt: Dist, max_batc
     model.eval()
     starts = split.eval_starts(max_batches * cfg.micro_batch_size)
     loss_sum, token_count = torch.zeros((), dtype=torch.float64, device=rt.device), 0
-    for first in range(rt.rank * cfg.micro_batch_size, len(starts), rt.world_size * cfg.micro_batch_size):
-        x, y = split.windows(starts[first:first + cfg.micro_batch_size])
+    per_round = rt.world_size * cfg.micro_batch_size
+    for first in range(rt.rank * cfg.micro_batch_size, math.ceil(len(starts) / per_round) * per_round, per_round):
+        idle = first >= len(starts)  # still run a forward: under fsdp every rank must join each block's gather
+        x, y = split.windows(starts[:cfg.micro_batch_size] if idle else starts[first:first + cfg.micro_batch_size])
         with ctx:
             _, loss = model(x.to(rt.device), y.to(rt.device))
-        loss_sum += loss.double() * y.numel()
-        token_count += y.numel()
+        if not idle:
+            loss_sum += loss.double() * y.numel()
+            token_count += y.numel()
     totals = torch.stack([loss_sum, torch.tensor(float(token_count), dtype=torch.float64, device=rt.device)])
     if rt.world_size > 1:
         dist.all_reduce(totals)
@@ -335,16 +378,18 @@ def train(cfg: TrainConfig) -> dict:
     val_split = TokenSplit(cfg.data.dir, "val", cfg.model.block_size, cfg.model.vocab_size, cfg.data.verify_sha256)
 
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
-    model = GPT(cfg.model).to(rt.device)
-    attn_impl = model.set_attn_impl(rt.device)
-    optimizer = build_optimizer(model, cfg.optim, rt.device)
+    raw_model = GPT(cfg.model).to(rt.device)
+    attn_impl = raw_model.set_attn_impl(rt.device)
+    flops_token = flops_per_token(raw_model)
+    model, optimizer = distribute(raw_model, cfg, rt)
+    params = [p for p in raw_model.parameters() if p.requires_grad]  # after distribute: fsdp swaps in sharded ones
     scaler = DynamicLossScaler(cfg.loss_scale, enabled=cfg.precision == "fp16")
     step, opt_step, run_id = 0, 0, f"{cfg.preset}-{cfg.seed}-{int(time.time())}"
 
     ckpt = resume_point(cfg, run_dir)
     agree_on_resume(ckpt, rt)
     if ckpt is not None:
-        step, opt_step, run_id = restore(ckpt, cfg, model, optimizer, scaler, rt)
+        step, opt_step, run_id = restore(ckpt, cfg, raw_model, optimizer, scaler, rt)
     else:
         seed_everything(cfg.seed + rt.rank)  # dropout differs per rank, repeatably
     if rt.is_main:
@@ -352,20 +397,13 @@ def train(cfg: TrainConfig) -> dict:
         _write_atomic(run_dir / "config.json", json.dumps(to_json(cfg), indent=2))
     log = MetricsLog(run_dir, cfg, rt.is_main, step if ckpt is not None else None, run_id)
     if rt.is_main:
-        print(f"gust: {cfg.preset} | {model.num_params() / 1e6:.2f}M params | attention {attn_impl} | "
-              f"{cfg.precision} | {rt.world_size} × {rt.device.type} | accumulation {accum_steps} | from step {step}")
-
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if rt.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(  # bucket views: no second copy of the gradients
-            model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True)
+        print(f"gust: {cfg.preset} | {raw_model.num_params() / 1e6:.2f}M params | attention {attn_impl} | "
+              f"{cfg.precision} | {rt.world_size} × {rt.device.type} ({rt.mode}) | "
+              f"accumulation {accum_steps} | from step {step}")
     ctx = torch.autocast(rt.device.type, dtype=DTYPES[cfg.precision]) if cfg.precision != "fp32" else nullcontext()
-    params = [p for p in raw_model.parameters() if p.requires_grad]
     keep_steps = checkpoint.scheduled_steps(cfg.checkpoint.schedule, cfg.checkpoint.intervals, cfg.max_steps)
     tokens_per_step = cfg.global_batch_size * cfg.model.block_size
-    flops_token, device_flops = flops_per_token(raw_model), peak_flops(cfg, rt.device)
+    device_flops = peak_flops(cfg, rt.device)
     stop = StopRequest()
 
     def save(at_step: int):
@@ -394,8 +432,7 @@ def train(cfg: TrainConfig) -> dict:
             data_time += t_compute - t_data
             raw_model.record_stats(diagnose and micro_step == 0)  # the first micro-batch speaks for the step
             last_micro = micro_step == accum_steps - 1
-            # DDP: all-reduce gradients only on the last micro-step; before it, accumulate locally
-            with model.no_sync() if rt.world_size > 1 and not last_micro else nullcontext():
+            with gradient_sync(model, raw_model, rt, sync=last_micro):
                 with ctx:
                     loss = model(x, y)[1]  # not the logits: (B, T, vocab) need not live through backward
                 (loss * (scaler.scale / accum_steps)).backward()  # scaled: fp16 gradients stay above underflow
@@ -469,7 +506,8 @@ def train_row(step, loss, opt_step, cfg, grad_norm, scaler, tokens_per_sec, flop
     norm = float(grad_norm)
     clipped = min(norm, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else norm
     with torch.no_grad():
-        param_norm = float(torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in raw_model.parameters()])))
+        param_norm = float(torch.linalg.vector_norm(torch.stack([full(p.detach().float().norm())
+                                                                 for p in raw_model.parameters()])))
     data_time, compute_time, optimizer_time, step_time = times
     row = {"step": step, "loss": loss, "lr": lr_at(max(opt_step - 1, 0), cfg.optim), "grad_norm": norm,
            "grad_norm_clipped": clipped, "loss_scale": scaler.scale, "skipped_steps": scaler.skipped_steps,
@@ -509,11 +547,59 @@ def checkpoint_state(raw_model, optimizer, scaler, step, opt_step, cfg, train_sp
     if rt.world_size > 1:
         per_rank = [None] * rt.world_size
         dist.all_gather_object(per_rank, mine)
-    return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+    model_state, optimizer_state = full_state(raw_model, optimizer, rt)
+    return {"model": model_state, "optimizer": optimizer_state, "scaler": scaler.state_dict(),
             "step": step, "opt_step": opt_step, "per_rank": per_rank, "config": to_json(cfg),
             "data_sha256": {"train": train_split.meta["splits"]["train"]["sha256"],
                             "val": val_split.meta["splits"]["val"]["sha256"]},
             "wandb_run_id": run_id, "provenance": provenance(rt)}
+
+
+def full_state(raw_model, optimizer, rt: Dist) -> tuple[dict, dict]:
+    """The whole model and AdamW state as one process would hold them, whatever --dist, so any number of ranks
+    in any mode can resume. Every rank must call; under zero1 and fsdp only rank 0's copy is complete."""
+    if rt.mode == "zero1":
+        optimizer.consolidate_state_dict(to=0)  # every rank's shard of the moments, gathered on rank 0
+        return raw_model.state_dict(), optimizer.state_dict() if rt.is_main else {}
+    if rt.mode != "fsdp":
+        return raw_model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered into rank 0's memory
+    model_state = get_model_state_dict(raw_model, options=options)
+    if not optimizer.state:  # no step yet: DCP would fill the state by a zero-gradient step, making AdamW's count 1
+        return model_state, optimizer.state_dict()
+    by_name = get_optimizer_state_dict(raw_model, optimizer, options=options)
+    if not rt.is_main:
+        return {}, {}
+    ids = {name: i for i, name in enumerate(param_names(raw_model, optimizer))}  # AdamW's own numbering
+    return model_state, {"state": {ids[name]: moments for name, moments in by_name["state"].items()},
+                         "param_groups": [{**group, "params": [ids[name] for name in group["params"]]}
+                                          for group in by_name["param_groups"]]}
+
+
+def load_full_state(raw_model, optimizer, model_state: dict, optimizer_state: dict, rt: Dist):
+    """The inverse of full_state: each rank keeps its own shard (zero1: of the moments; fsdp: of everything)."""
+    if rt.mode != "fsdp":
+        raw_model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)  # ZeroRedundancyOptimizer too: it takes the whole dict
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    names = param_names(raw_model, optimizer)
+    by_name = {"state": {names[i]: moments for i, moments in optimizer_state["state"].items()},
+               "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                for group in optimizer_state["param_groups"]]}
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(raw_model, model_state, options=options)
+    if optimizer_state["state"]:  # a step-0 checkpoint has none, and DCP would fill it by a zero-gradient step
+        set_optimizer_state_dict(raw_model, optimizer, by_name, options=options)
+
+
+def param_names(raw_model, optimizer) -> list[str]:
+    """Parameter names in AdamW's order (group by group): its state_dict numbers them 0, 1, 2, ..."""
+    name_of = {p: name for name, p in raw_model.named_parameters()}
+    return [name_of[p] for group in optimizer.param_groups for p in group["params"]]
 
 
 def resume_point(cfg: TrainConfig, run_dir: Path) -> Path | None:
@@ -550,8 +636,7 @@ def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, rt: Dist) ->
         if saved_model[name] != getattr(cfg.model, name):
             raise ValueError(f"{ckpt}: checkpoint has model.{name} = {saved_model[name]}, but --model.{name.replace('_', '-')} "
                              f"is {getattr(cfg.model, name)}")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    load_full_state(model, optimizer, state["model"], state["optimizer"], rt)
     scaler.load_state_dict(state["scaler"])
     if len(state["per_rank"]) == rt.world_size:
         set_rng_state(state["per_rank"][rt.rank]["rng"])

@@ -147,6 +147,8 @@ class TrainConfig:
     """torch.use_deterministic_algorithms(True) and the cuBLAS workspace setting: slower, bitwise-repeatable on GPU."""
     dist: Literal["ddp", "zero1", "fsdp"] = "ddp"
     """How work is shared across ranks: ddp (replicas), zero1 (sharded optimizer state), fsdp (sharded everything)."""
+    fsdp_reshard_after_forward: bool = True
+    """--dist fsdp only: free each block's gathered weights after its forward (True ≈ ZeRO-3; False ≈ ZeRO-2)."""
     compile: bool = False
     """torch.compile the model."""
     tf32: bool = True
