@@ -60,7 +60,7 @@ def bench_config(data_dir: Path, run_dir: Path, args, attn: str, precision: str,
     cfg = replace(cfg, model=model, data=DataConfig(dir=data_dir, verify_sha256=False), precision=precision,
                   compile=compile, max_steps=args.steps, global_batch_size=args.micro_batch_size,
                   micro_batch_size=args.micro_batch_size, out_dir=run_dir, device=args.device,
-                  log_interval=args.log_interval, eval_interval=10**9, eval_batches=1, diag_interval=0,
+                  log_interval=args.log_interval, eval_interval=10**9, eval_batches=1, final_eval_batches=0, diag_interval=0,
                   checkpoint=CheckpointConfig(schedule="none", keep_last=1), wandb_mode="disabled",
                   optim=replace(cfg.optim, fused=True), tf32=True, deterministic=deterministic)
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -5,7 +5,6 @@ so torch.load(weights_only=True) reads it) and MANIFEST.json (file sizes and sha
 written under a temporary name, fsynced, and renamed into place, so a reader never sees half of one.
 Not in here: what goes into state.pt (train.py decides) or any distributed logic.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -14,6 +13,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from data import sha256_file
 
 MANIFEST = "MANIFEST.json"
 STATE = "state.pt"
@@ -60,15 +61,7 @@ def save(run_dir: Path, step: int, state: dict, keep: bool, keep_last: int) -> P
 
 
 def _file_entry(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _fsync(path: Path):
@@ -102,7 +95,7 @@ def verify(ckpt: Path) -> str | None:
             return f"{name} missing"
         if path.stat().st_size != entry["bytes"]:
             return f"{name} is {path.stat().st_size} bytes, manifest says {entry['bytes']}"
-        if _sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             return f"{name} sha256 differs from the manifest (corrupt)"
     return None
 

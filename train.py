@@ -473,7 +473,8 @@ def train(cfg: TrainConfig) -> dict:
             log.log(row, console_line(row, cfg.max_steps))
         result = None
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            result = evaluate(model, val_split, cfg, ctx, rt, 0 if step == cfg.max_steps else cfg.eval_batches)
+            result = evaluate(model, val_split, cfg, ctx, rt,
+                              cfg.final_eval_batches if step == cfg.max_steps else cfg.eval_batches)
             log.log({"step": step, **result}, f"step {step:>7} | val loss {result['val_loss']:.4f} | "
                                               f"val bits/byte {result['val_bpb']:.4f}")
         rolling = cfg.checkpoint.schedule == "every" and step % cfg.checkpoint.every == 0
@@ -487,7 +488,7 @@ def train(cfg: TrainConfig) -> dict:
             finish(log, rt)
             sys.exit(128 + signum)  # the shell's convention for "ended by this signal"
     if result is None:  # resumed at the end: report the final numbers again, without a duplicate row
-        result = evaluate(model, val_split, cfg, ctx, rt, 0)
+        result = evaluate(model, val_split, cfg, ctx, rt, cfg.final_eval_batches)
     finish(log, rt)
     if rt.is_main:
         print(f"gust: done at step {step} | val loss {result['val_loss']:.4f} | val bits/byte {result['val_bpb']:.4f}")

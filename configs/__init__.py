@@ -136,7 +136,9 @@ class TrainConfig:
     eval_interval: int = 1000
     """Evaluate on the val split every this many steps (and at the end)."""
     eval_batches: int = 50
-    """Micro-batches per periodic eval (0 = the whole val split); the final eval always uses the whole split."""
+    """Micro-batches per periodic eval (0 = the whole val split)."""
+    final_eval_batches: int = 0
+    """Micro-batches for the eval at the last step (0 = the whole val split, the number to report)."""
     log_interval: int = 10
     """Write a metrics row and a console line every this many steps."""
     diag_interval: int = 100

@@ -35,7 +35,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     base = PRESETS["shakespeare-cpu"][1]
-    base = replace(base, max_steps=args.steps, eval_interval=10**9, eval_batches=1, log_interval=25,
+    base = replace(base, max_steps=args.steps, eval_interval=10**9, eval_batches=1, final_eval_batches=1, log_interval=25,
                    checkpoint=CheckpointConfig(schedule="none", keep_last=1), out_dir=Path("runs/diag-overhead"),
                    data=replace(base.data, verify_sha256=False))
     results = {"on": [], "off": []}

@@ -35,7 +35,7 @@ def small_config(out_dir: Path):
     base = PRESETS["shakespeare-cpu"][1]
     return replace(base, model=replace(base.model, n_layer=2, n_embd=64, n_head=2, block_size=64, dropout=0.1),
                    max_steps=STEPS, global_batch_size=8, micro_batch_size=4, log_interval=1, eval_interval=10**9,
-                   eval_batches=2, out_dir=out_dir, checkpoint=CheckpointConfig(schedule="every", every=EVERY, keep_last=0),
+                   eval_batches=2, final_eval_batches=4, out_dir=out_dir, checkpoint=CheckpointConfig(schedule="every", every=EVERY, keep_last=0),
                    optim=replace(base.optim, warmup_steps=5, decay_steps=STEPS))
 
 

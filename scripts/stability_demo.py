@@ -33,7 +33,7 @@ def arm_config(args, name: str, flags: dict):
                    optim=OptimConfig(lr=args.lr, min_lr=args.lr, warmup_steps=1, decay="constant", weight_decay=0.0,
                                      grad_clip=0.0, beta2=0.99),
                    loss_scale=LossScaleConfig(max_consecutive_skips=25), log_interval=1, diag_interval=1,
-                   eval_interval=10**9, eval_batches=4, seed=args.seed, resume="none",
+                   eval_interval=10**9, eval_batches=4, final_eval_batches=16, seed=args.seed, resume="none",
                    checkpoint=CheckpointConfig(schedule="none", keep_last=1),
                    out_dir=args.out_dir / name.replace(" ", "-"))
 
@@ -50,7 +50,7 @@ def run_arm(cfg) -> str:
         return f"ABORTED: {err}".split(". Last diagnostics")[0]
 
 
-def plot(out_dir: Path, outcomes: dict) -> Path:
+def plot(out_dir: Path, outcomes: dict, head_size: int) -> Path:
     try:
         import matplotlib
 
@@ -66,7 +66,8 @@ def plot(out_dir: Path, outcomes: dict) -> Path:
         axes[0].plot(steps, [r["loss"] for r in rows], label=name)
         axes[1].plot(steps, [r["loss_scale"] for r in rows], label=name)
         axes[2].plot(steps, [max(r.get("attn_max_score") or [float("nan")]) for r in rows], label=name)
-    axes[2].axhline(65504, color="grey", linestyle=":", label="fp16 max (65504)")
+    # the logged score is after scaling; without upcast the raw q·kᵀ (= score·√hs in layer 1) is what overflows
+    axes[2].axhline(65504 / head_size**0.5, color="grey", linestyle=":", label="65504/√hs: raw q·kᵀ hits fp16 max")
     for ax, title in zip(axes, ("training loss (NaN not drawn)", "loss scale", "max |attention score| (scaled)")):
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -98,7 +99,7 @@ def main():
     for name, outcome in outcomes.items():
         print(f"{name}: {outcome}")
     if not args.only:
-        print(f"plot: {plot(args.out_dir, outcomes)}")
+        print(f"plot: {plot(args.out_dir, outcomes, args.width // 2)}")
 
 
 if __name__ == "__main__":

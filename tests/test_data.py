@@ -122,3 +122,24 @@ def test_missing_tokenizer_files_are_named(tmp_path):
     (tmp_path / "b.txt").write_text("general kenobi")
     with pytest.raises(FileNotFoundError, match="no vocab.json"):
         prepare(PrepareConfig(inputs=(tmp_path,), out_dir=tmp_path / "out", gpt2_vocab_dir=tmp_path / "none"))
+
+
+def test_global_batches_are_the_same_for_any_world_size_and_accumulation(tiny_data):
+    """The token ids of each step's global batch, hashed: 1 rank × 2 micro-steps == 2 ranks × 1 == 4 ranks × 1."""
+    import hashlib
+
+    from data import rank_rows
+
+    split, global_batch = TokenSplit(tiny_data, "train", 32, 512), 8
+
+    def batch_hash(step, world_size, micro_batch):
+        rows = []
+        for rank in range(world_size):
+            for micro_step in range(global_batch // (world_size * micro_batch)):
+                sl = rank_rows(global_batch, world_size, rank, micro_batch, micro_step)
+                x, _ = split.windows(split.sample_starts(7, step * global_batch + sl.start, micro_batch))
+                rows.append(x.numpy())
+        return hashlib.sha256(np.concatenate(rows).tobytes()).hexdigest()
+
+    for step in range(20):
+        assert batch_hash(step, 1, 4) == batch_hash(step, 2, 4) == batch_hash(step, 4, 2) == batch_hash(step, 1, 8)
