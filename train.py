@@ -406,8 +406,11 @@ def train(cfg: TrainConfig) -> dict:
     device_flops = peak_flops(cfg, rt.device)
     stop = StopRequest()
 
+    made_with = provenance(rt)  # once per run: git and versions don't change mid-run
+
     def save(at_step: int):
-        state = checkpoint_state(raw_model, optimizer, scaler, at_step, opt_step, cfg, train_split, val_split, run_id, rt)
+        state = checkpoint_state(raw_model, optimizer, scaler, at_step, opt_step, cfg, train_split, val_split, run_id, rt,
+                                 made_with)
         if rt.is_main:
             checkpoint.save(run_dir, at_step, state, keep=at_step in keep_steps, keep_last=cfg.checkpoint.keep_last)
         if rt.world_size > 1:
@@ -541,7 +544,8 @@ def finish(log: MetricsLog, rt: Dist):
 
 # ----------------------------------------------------------------------------- checkpoints in and out
 
-def checkpoint_state(raw_model, optimizer, scaler, step, opt_step, cfg, train_split, val_split, run_id, rt) -> dict:
+def checkpoint_state(raw_model, optimizer, scaler, step, opt_step, cfg, train_split, val_split, run_id, rt,
+                     made_with: dict) -> dict:
     """Everything needed to continue bitwise: weights, AdamW moments, scaler, counters, every rank's RNG."""
     mine = {"rng": rng_state(), "scaler": scaler.state_dict()}  # the scaler too: proof every rank agreed
     per_rank = [mine]
@@ -553,7 +557,7 @@ def checkpoint_state(raw_model, optimizer, scaler, step, opt_step, cfg, train_sp
             "step": step, "opt_step": opt_step, "per_rank": per_rank, "config": to_json(cfg),
             "data_sha256": {"train": train_split.meta["splits"]["train"]["sha256"],
                             "val": val_split.meta["splits"]["val"]["sha256"]},
-            "wandb_run_id": run_id, "provenance": provenance(rt)}
+            "wandb_run_id": run_id, "provenance": made_with}
 
 
 def full_state(raw_model, optimizer, rt: Dist) -> tuple[dict, dict]:
