@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parent
 CONFIGS = [
     dict(attn="cuda", precision="bf16"), dict(attn="sdpa", precision="bf16", upcast=False),
     dict(attn="cuda", precision="fp16"), dict(attn="sdpa", precision="fp16", upcast=False),
-    dict(attn="sdpa", precision="bf16"), dict(attn="naive", precision="bf16"), dict(attn="naive", precision="fp16"),
     dict(attn="cuda", precision="bf16", compile=True), dict(attn="sdpa", precision="bf16", upcast=False, compile=True),
     dict(attn="cuda", precision="fp16", preset="gpt2-medium"),
+    dict(attn="sdpa", precision="bf16"), dict(attn="naive", precision="bf16"), dict(attn="naive", precision="fp16"),
+    dict(attn="sdpa", precision="bf16", compile=True), dict(attn="naive", precision="bf16", compile=True),
 ]
 # what --deterministic costs (run in a fresh process with CUBLAS_WORKSPACE_CONFIG=:4096:8 set from the start)
 # (deterministic runs twice: their final losses should agree to the bit)

@@ -10,23 +10,21 @@
 // It builds standalone with nvcc (no torch headers); __init__.py calls the extern "C"
 // functions at the bottom through ctypes with raw device pointers.
 //
-// Correctness first: the tensor-core work goes through nvcuda::wmma 16x16x16 fragments, and
-// every fp32 tile passes through shared memory, where the softmax reads it row by row. That is
-// slower than keeping everything in registers, but each step can be checked by eye.
-//
 // Thread layout in every tile kernel: a block is 4 warps (128 threads); a tile holds 64 rows;
-// warp w owns rows [16 w, 16 w + 16) of it (its "stripe"), so most steps need only __syncwarp.
+// warp w owns rows [16 w, 16 w + 16) of it (its "stripe"). 16-bit tiles sit in shared memory;
+// everything a warp computes from them (scores, P, dS, the O / dQ / dK / dV accumulators)
+// stays in its registers, in the fragment layout of the tensor-core instruction
+// mma.sync.m16n8k16, which PTX documents. Only three small functions below speak PTX.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <math.h>
-#include <mma.h>
 #include <stdint.h>
+#include <string.h>
 
+#include <algorithm>
 #include <type_traits>
-
-using namespace nvcuda;
 
 namespace {
 
@@ -38,58 +36,66 @@ constexpr int BLOCK_Q = 64;             // query rows per tile; reference.BLOCK_
 constexpr int BLOCK_K = 64;             // key rows per tile; reference.BLOCK_K
 constexpr int WARPS = 4;                // one 16-row stripe of the tile per warp
 constexpr int THREADS = WARPS * 32;     // 128 threads per block
-constexpr int STRIPE = 16;              // rows per warp = the wmma fragment's 16
+constexpr int STRIPE = 16;              // rows per warp = the M of mma.m16n8k16
+constexpr float LOG2E = 1.4426950408889634f;  // exp(x) = exp2(x * log2(e)); exp2 is one instruction
 static_assert(BLOCK_Q == WARPS * STRIPE && BLOCK_K == WARPS * STRIPE, "a warp owns 16 rows of a tile");
 static_assert(BLOCK_Q == BLOCK_K, "the backward kernels share one layout of square tiles");
-static_assert(BLOCK_K % 32 == 0 && BLOCK_Q % 32 == 0, "softmax loops give each lane whole columns");
 
-using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-
-// Row strides (in elements) of shared tiles. The padding shifts consecutive rows across the 32
-// shared-memory banks so wmma's loads do not all hit one bank, and keeps every 16-row fragment
-// 32-byte aligned with a stride that is a multiple of 16 bytes, as wmma requires.
-__host__ __device__ constexpr int ld16(int cols) { return cols + 8; }  // 16-bit tiles
-__host__ __device__ constexpr int ld32(int cols) { return cols + 4; }  // fp32 tiles
+// Row stride (in elements) of a 16-bit shared tile with `cols` columns. The 8 extra elements
+// (16 bytes) shift each row by 4 of the 32 shared-memory banks, so the 8 rows one ldmatrix
+// phase reads land on 32 different banks; rows stay 16-byte aligned, as ldmatrix requires.
+__host__ __device__ constexpr int ld16(int cols) { return cols + 8; }
 
 // Bytes of a (rows, ld) tile, rounded up to 128 so every tile starts well aligned.
 __host__ __device__ constexpr int tile_bytes(int rows, int ld, int elem_bytes) {
     return (rows * ld * elem_bytes + 127) / 128 * 128;
 }
 
-// Forward kernel's shared memory, byte offsets. 16-bit tiles are the tensor-core operands;
-// fp32 tiles hold scores and the output accumulator. D = 64: 72,192 bytes; D = 128: 113,152.
+// Shared memory of each kernel, as byte offsets. Every tile is (64, D) 16-bit with row stride
+// ld16(D); the tiles a kernel streams (loops over) come in two buffers, so the next one loads
+// while the warps compute on this one. `buffer` is 0 or 1.
 template <int D>
-struct ForwardSmem {
-    static constexpr int q_tile = 0;                                               // (BLOCK_Q, D) 16-bit
-    static constexpr int k_tile = q_tile + tile_bytes(BLOCK_Q, ld16(D), 2);         // (BLOCK_K, D) 16-bit
-    static constexpr int v_tile = k_tile + tile_bytes(BLOCK_K, ld16(D), 2);         // (BLOCK_K, D) 16-bit
-    static constexpr int p_tile = v_tile + tile_bytes(BLOCK_K, ld16(D), 2);         // (BLOCK_Q, BLOCK_K) 16-bit
-    static constexpr int s_tile = p_tile + tile_bytes(BLOCK_Q, ld16(BLOCK_K), 2);   // (BLOCK_Q, BLOCK_K) fp32
-    static constexpr int o_acc = s_tile + tile_bytes(BLOCK_Q, ld32(BLOCK_K), 4);    // (BLOCK_Q, D) fp32
-    static constexpr int row_max = o_acc + tile_bytes(BLOCK_Q, ld32(D), 4);         // (BLOCK_Q,) fp32
-    static constexpr int row_sum = row_max + tile_bytes(BLOCK_Q, 1, 4);             // (BLOCK_Q,) fp32
-    static constexpr int bytes = row_sum + tile_bytes(BLOCK_Q, 1, 4);
+struct Tiles {
+    static constexpr int tile = tile_bytes(BLOCK_Q, ld16(D), 2);  // bytes of one (64, D) tile
+    static constexpr int row_values = tile_bytes(BLOCK_Q, 1, 4);  // bytes of one (64,) fp32 vector
 };
 
-// Backward kernels' shared memory (dK/dV and dQ use the same one; tiles are square). The two
-// fp32 tiles sit next to each other so that, once the tile loop is over, they can be reused as
-// one (64, D) fp32 staging area for writing the gradients out. D = 64: 99,840 bytes; D = 128: 140,800.
+// Forward: q_tile, and k_tile / v_tile twice. D = 64: 46,080 bytes; D = 128: 87,040.
 template <int D>
-struct BackwardSmem {
-    static constexpr int q_tile = 0;                                               // (BLOCK_Q, D) 16-bit
-    static constexpr int do_tile = q_tile + tile_bytes(BLOCK_Q, ld16(D), 2);        // (BLOCK_Q, D) 16-bit
-    static constexpr int k_tile = do_tile + tile_bytes(BLOCK_Q, ld16(D), 2);        // (BLOCK_K, D) 16-bit
-    static constexpr int v_tile = k_tile + tile_bytes(BLOCK_K, ld16(D), 2);         // (BLOCK_K, D) 16-bit
-    static constexpr int s_tile = v_tile + tile_bytes(BLOCK_K, ld16(D), 2);         // (64, 64) fp32 scores
-    static constexpr int dp_tile = s_tile + tile_bytes(BLOCK_Q, ld32(BLOCK_K), 4);  // (64, 64) fp32 dL/dP
-    static constexpr int p_tile = dp_tile + tile_bytes(BLOCK_Q, ld32(BLOCK_K), 4);  // (64, 64) 16-bit P
-    static constexpr int ds_tile = p_tile + tile_bytes(BLOCK_Q, ld16(BLOCK_K), 2);  // (64, 64) 16-bit dS
-    static constexpr int lse_tile = ds_tile + tile_bytes(BLOCK_Q, ld16(BLOCK_K), 2);  // (BLOCK_Q,) fp32
-    static constexpr int delta_tile = lse_tile + tile_bytes(BLOCK_Q, 1, 4);         // (BLOCK_Q,) fp32
-    static constexpr int kc_tile = delta_tile + tile_bytes(BLOCK_Q, 1, 4);          // (BLOCK_K, D) 16-bit, dQ only
-    static constexpr int bytes = kc_tile + tile_bytes(BLOCK_K, ld16(D), 2);
-    static constexpr int stage = s_tile;  // (64, D) fp32 after the loop, over s_tile + dp_tile
-    static_assert(tile_bytes(BLOCK_K, ld32(D), 4) <= p_tile - s_tile, "gradient stage must fit in s_tile + dp_tile");
+struct ForwardSmem : Tiles<D> {
+    using Tiles<D>::tile;
+    static constexpr int q_tile = 0;
+    __host__ __device__ static constexpr int k_tile(int buffer) { return tile + buffer * tile; }
+    __host__ __device__ static constexpr int v_tile(int buffer) { return 3 * tile + buffer * tile; }
+    static constexpr int bytes = 5 * tile;
+};
+
+// dK/dV: k_tile, v_tile, and twice q_tile, do_tile, lse, delta. D = 64: 56,320; D = 128: 105,472.
+template <int D>
+struct DkDvSmem : Tiles<D> {
+    using Tiles<D>::tile, Tiles<D>::row_values;
+    static constexpr int k_tile = 0;
+    static constexpr int v_tile = tile;
+    __host__ __device__ static constexpr int q_tile(int buffer) { return 2 * tile + buffer * tile; }
+    __host__ __device__ static constexpr int do_tile(int buffer) { return 4 * tile + buffer * tile; }
+    __host__ __device__ static constexpr int lse_tile(int buffer) { return 6 * tile + buffer * row_values; }
+    __host__ __device__ static constexpr int delta_tile(int buffer) { return 6 * tile + (2 + buffer) * row_values; }
+    static constexpr int bytes = 6 * tile + 4 * row_values;
+};
+
+// dQ: q_tile, do_tile, lse, delta, and twice k_tile, v_tile, kc_tile (16-bit k - k_mean).
+// D = 64: 74,240 bytes; D = 128: 139,776.
+template <int D>
+struct DqSmem : Tiles<D> {
+    using Tiles<D>::tile, Tiles<D>::row_values;
+    static constexpr int q_tile = 0;
+    static constexpr int do_tile = tile;
+    static constexpr int lse_tile = 2 * tile;
+    static constexpr int delta_tile = 2 * tile + row_values;
+    __host__ __device__ static constexpr int k_tile(int buffer) { return 2 * tile + 2 * row_values + buffer * tile; }
+    __host__ __device__ static constexpr int v_tile(int buffer) { return 4 * tile + 2 * row_values + buffer * tile; }
+    __host__ __device__ static constexpr int kc_tile(int buffer) { return 6 * tile + 2 * row_values + buffer * tile; }
+    static constexpr int bytes = 8 * tile + 2 * row_values;
 };
 
 // ----------------------------------------------------------------------------------------
@@ -106,11 +112,25 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// Butterfly reductions over the 32 lanes of a warp; every lane ends with the result, and the
-// fixed pairing order makes them deterministic.
-__device__ __forceinline__ float warp_max(float x) {
-    for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
-    return x;
+// Two floats rounded to 16 bits and packed in one 32-bit register, `lo` in the low half: the
+// form every mma operand and every paired store takes.
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    const scalar_t pair[2] = {from_float<scalar_t>(lo), from_float<scalar_t>(hi)};
+    uint32_t bits;
+    memcpy(&bits, pair, sizeof(bits));
+    return bits;
+}
+
+// Reductions over the 4 lanes that hold one row of an accumulator fragment (lanes 4g..4g+3,
+// see below); the fixed pairing order keeps them deterministic.
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 __device__ __forceinline__ float warp_sum(float x) {
     for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
@@ -122,31 +142,77 @@ __device__ __forceinline__ float warp_sum(float x) {
 // reference._causal_mask (the twin never builds padding rows, so it needs only j > i).
 __device__ __forceinline__ bool is_masked(int i, int j, int seq_len) { return j > i || i >= seq_len; }
 
-// Copies rows [row0, row0 + ROWS) of one head's (seq_len, D) matrix into a shared tile with row
-// stride ld16(D). Rows past seq_len are zero-filled: out-of-range memory is never read, and the
-// zeros are masked or multiply into nothing. Each thread moves 16 bytes (8 elements) at a time.
+// ----------------------------------------------------------------------------------------
+// Tensor cores: the three PTX instructions, and the fragment layout they define
+//
+// mma.sync.m16n8k16: D (16x8, fp32) = A (16x16, 16-bit) @ B (16x8, 16-bit) + C, by one warp.
+// With g = lane / 4 and t = lane % 4 (PTX ISA, "Matrix Fragments for mma.m16n8k16"):
+//   A, 4 registers of 2 elements: a[0] = A[g][2t, 2t+1]      a[1] = A[g+8][2t, 2t+1]
+//                                 a[2] = A[g][2t+8, 2t+9]    a[3] = A[g+8][2t+8, 2t+9]
+//   B, 2 registers:               b[0] = B[2t, 2t+1][g]      b[1] = B[2t+8, 2t+9][g]
+//   C and D, 4 fp32:              c[0], c[1] = C[g][2t, 2t+1]   c[2], c[3] = C[g+8][2t, 2t+1]
+// So a warp's (16, N) fp32 result is N/8 arrays c[4], and lane (g, t) holds rows g and g+8,
+// columns 8n + 2t and 8n + 2t + 1 of each: frag_row() and frag_col() below.
+//
+// ldmatrix.m8n8.x4 loads four 8x8 16-bit matrices from shared memory; lane l names the address
+// of row l % 8 of matrix l / 8, and receives, of matrix i, elements [l/4][2(l%4), 2(l%4)+1] in
+// register i: exactly an A or B fragment. With .trans it receives [2(l%4), 2(l%4)+1][l/4].
+//
+// cp.async copies 16 bytes global -> shared without passing through registers, so a tile
+// for the next loop pass can load while the warps compute on this one (sm_80+). Copies are
+// grouped by cp_async_commit; cp_async_wait<N> returns when all but the newest N groups of
+// this thread have landed.
+//
+// cuda_on_cpu.h defines the same functions for the CPU tests.
+// ----------------------------------------------------------------------------------------
+
+#ifndef GUST_CUDA_ON_CPU
+template <typename scalar_t>
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    if constexpr (std::is_same_v<scalar_t, __half>) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
+}
+// 16 bytes from `source` (global) to `destination` (shared); zeros instead if !fill.
+__device__ __forceinline__ void cp_async_16(void* destination, const void* source, bool fill) {
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(destination));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(address), "l"(source), "r"(fill ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+#endif
+
+// Starts copying rows [row0, row0 + ROWS) of one head's (seq_len, D) matrix into a shared tile
+// with row stride ld16(D), 16 bytes (8 elements) per cp.async; the data is there only after
+// cp_async_wait (and, for other threads' rows, __syncthreads). Rows past seq_len are
+// zero-filled (a copy of 0 source bytes): out-of-range memory is never read, and the zeros are
+// masked or multiply into nothing.
 template <int ROWS, int D, typename scalar_t>
-__device__ void load_tile(scalar_t* tile, const scalar_t* matrix, int row0, int seq_len) {
-    constexpr int PER_CHUNK = 16 / sizeof(scalar_t);  // 8 elements = one uint4
+__device__ void load_tile_async(scalar_t* tile, const scalar_t* matrix, int row0, int seq_len) {
+    constexpr int PER_CHUNK = 16 / sizeof(scalar_t);  // 8 elements
     constexpr int CHUNKS_PER_ROW = D / PER_CHUNK;
     for (int chunk = threadIdx.x; chunk < ROWS * CHUNKS_PER_ROW; chunk += THREADS) {
         const int r = chunk / CHUNKS_PER_ROW;
         const int col = (chunk % CHUNKS_PER_ROW) * PER_CHUNK;
-        uint4 bits = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits are +0.0 in fp16 and bf16
-        if (row0 + r < seq_len) bits = *reinterpret_cast<const uint4*>(matrix + (size_t)(row0 + r) * D + col);
-        *reinterpret_cast<uint4*>(tile + r * ld16(D) + col) = bits;
-    }
-}
-
-// load_tile for the dQ kernel's centered keys: tile = 16-bit(k - k_mean), with k_mean the
-// head's (D,) fp32 mean key; rows past seq_len are zero (their dS is 0).
-template <int ROWS, int D, typename scalar_t>
-__device__ void load_centered_tile(scalar_t* tile, const scalar_t* matrix, const float* k_mean, int row0,
-                                   int seq_len) {
-    for (int idx = threadIdx.x; idx < ROWS * D; idx += THREADS) {
-        const int r = idx / D, col = idx % D;
-        const float centered = (row0 + r < seq_len) ? to_float(matrix[(size_t)(row0 + r) * D + col]) - k_mean[col] : 0.0f;
-        tile[r * ld16(D) + col] = from_float<scalar_t>(centered);
+        const bool inside = row0 + r < seq_len;
+        cp_async_16(tile + r * ld16(D) + col, inside ? matrix + (size_t)(row0 + r) * D + col : matrix, inside);
     }
 }
 
@@ -157,53 +223,106 @@ __device__ void load_rows(float* dst, const float* values, int row0, int seq_len
     for (int r = threadIdx.x; r < ROWS; r += THREADS) dst[r] = (row0 + r < seq_len) ? values[row0 + r] : 0.0f;
 }
 
-// ----------------------------------------------------------------------------------------
-// Tensor-core helpers: each warp multiplies its own 16-row stripe
-// ----------------------------------------------------------------------------------------
+// Where element e of a lane's c[4] sits in the (16, 8) block: row g or g + 8, column 2t or 2t + 1.
+__device__ __forceinline__ int frag_row(int e) { return (threadIdx.x % 32) / 4 + 8 * (e / 2); }
+__device__ __forceinline__ int frag_col(int e) { return 2 * (threadIdx.x % 4) + e % 2; }
 
-// out[stripe] (16, COLS) fp32 = a_tile[stripe] (16, D) @ b_tile (COLS, D)ᵀ, stored row-major
-// into the fp32 tile `out` (row stride ld32(COLS)). Every "rows times the other tile
-// transposed" product: scores = q_tile @ k_tileᵀ and dp = do_tile @ v_tileᵀ (and their
-// transposes, with keys as rows, in the dK/dV kernel). Reads shared memory only.
-template <int D, int COLS, typename scalar_t>
-__device__ void warp_matmul_abt(const scalar_t* a_tile, const scalar_t* b_tile, float* out) {
-    const int warp = threadIdx.x / 32;
-    AccFrag acc[COLS / 16];  // (16, COLS) as COLS/16 fragments of (16, 16)
-#pragma unroll
-    for (int n = 0; n < COLS / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {  // inner dimension D in steps of 16
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, scalar_t, wmma::row_major> a_frag;
-        wmma::load_matrix_sync(a_frag, a_tile + warp * STRIPE * ld16(D) + kk * 16, ld16(D));
-#pragma unroll
-        for (int n = 0; n < COLS / 16; ++n) {
-            // b_tile rows read column-major are b_tileᵀ: element (d, j) is b_tile[j][d]
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, scalar_t, wmma::col_major> b_frag;
-            wmma::load_matrix_sync(b_frag, b_tile + n * 16 * ld16(D) + kk * 16, ld16(D));
-            wmma::mma_sync(acc[n], a_frag, b_frag, acc[n]);
-        }
-    }
-#pragma unroll
-    for (int n = 0; n < COLS / 16; ++n)
-        wmma::store_matrix_sync(out + warp * STRIPE * ld32(COLS) + n * 16, acc[n], ld32(COLS), wmma::mem_row_major);
+// A fragment = tile[row0 .. row0+16)[col0 .. col0+16): lanes 0-15 name rows row0.. at col0,
+// lanes 16-31 the same rows at col0 + 8, giving a[0..3] in the order above.
+template <typename scalar_t>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const scalar_t* tile, int ld, int row0, int col0) {
+    const int lane = threadIdx.x % 32;
+    ldmatrix_x4(a, tile + (row0 + lane % 16) * ld + col0 + (lane / 16) * 8);
 }
 
-// acc (16, D) fp32 += a_tile[stripe] (16, INNER) @ b_tile (INNER, D), both 16-bit in shared
-// memory (row strides ld16(INNER) and ld16(D)). P @ V in the forward; Pᵀ @ dO, dSᵀ @ Q and
-// dS @ K in the backward.
-template <int D, int INNER, typename scalar_t>
-__device__ void warp_matmul_ab(const scalar_t* a_tile, const scalar_t* b_tile, AccFrag (&acc)[D / 16]) {
-    const int warp = threadIdx.x / 32;
+// Two B fragments (columns n0.. and n0+8..) for B[k][n] = tile[n][k], k in [k0, k0+16): the
+// "other tile transposed" operand of q kᵀ, dO vᵀ. Matrix i of the x4 covers tile rows
+// n0 + 8 (i / 2).. and columns k0 + 8 (i % 2)..; b[j] is the fragment of columns n0 + 8 j...
+template <typename scalar_t>
+__device__ __forceinline__ void load_b_transposed(uint32_t (&b)[2][2], const scalar_t* tile, int ld, int n0, int k0) {
+    const int lane = threadIdx.x % 32, matrix = lane / 8;
+    uint32_t r[4];
+    ldmatrix_x4(r, tile + (n0 + 8 * (matrix / 2) + lane % 8) * ld + k0 + 8 * (matrix % 2));
+    b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
+}
+
+// Two B fragments for B[k][n] = tile[k][n], k in [k0, k0+16), n in [n0, n0+16): the "tile as
+// it is" operand of P v, Pᵀ dO, dSᵀ q, dS k. Matrix i covers tile rows k0 + 8 (i % 2).. and
+// columns n0 + 8 (i / 2)..; .trans hands each lane the column pairs a B fragment needs.
+template <typename scalar_t>
+__device__ __forceinline__ void load_b(uint32_t (&b)[2][2], const scalar_t* tile, int ld, int k0, int n0) {
+    const int lane = threadIdx.x % 32, matrix = lane / 8;
+    uint32_t r[4];
+    ldmatrix_x4_trans(r, tile + (k0 + 8 * (matrix % 2) + lane % 8) * ld + n0 + 8 * (matrix / 2));
+    b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
+}
+
+// acc (16, COLS) fp32 = a_tile[row0 .. row0+16) (16, D) @ b_tile (COLS, D)ᵀ: scores
+// q kᵀ and dp = dO vᵀ (and their transposes in the dK/dV kernel). Both tiles in shared memory.
+template <int D, int COLS, typename scalar_t>
+__device__ void warp_matmul_abt(float (&acc)[COLS / 8][4], const scalar_t* a_tile, const scalar_t* b_tile, int row0) {
+#pragma unroll
+    for (int n = 0; n < COLS / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[n][e] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {  // inner dimension D in steps of 16
+        uint32_t a[4];
+        load_a(a, a_tile, ld16(D), row0, 16 * kk);
+#pragma unroll
+        for (int n = 0; n < COLS / 16; ++n) {
+            uint32_t b[2][2];
+            load_b_transposed(b, b_tile, ld16(D), 16 * n, 16 * kk);
+            mma_16x8x16<scalar_t>(acc[2 * n], a, b[0]);
+            mma_16x8x16<scalar_t>(acc[2 * n + 1], a, b[1]);
+        }
+    }
+}
+
+// acc (16, D) fp32 += a (16, INNER) @ b_tile (INNER, D), with `a` already in registers as A
+// fragments (P or dS, from to_a_fragments) and b_tile 16-bit in shared memory.
+template <int INNER, int D, typename scalar_t>
+__device__ void warp_matmul_ab(float (&acc)[D / 8][4], const uint32_t (&a)[INNER / 16][4], const scalar_t* b_tile) {
 #pragma unroll
     for (int kk = 0; kk < INNER / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, scalar_t, wmma::row_major> a_frag;
-        wmma::load_matrix_sync(a_frag, a_tile + warp * STRIPE * ld16(INNER) + kk * 16, ld16(INNER));
 #pragma unroll
         for (int n = 0; n < D / 16; ++n) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, scalar_t, wmma::row_major> b_frag;
-            wmma::load_matrix_sync(b_frag, b_tile + kk * 16 * ld16(D) + n * 16, ld16(D));
-            wmma::mma_sync(acc[n], a_frag, b_frag, acc[n]);
+            uint32_t b[2][2];
+            load_b(b, b_tile, ld16(D), 16 * kk, 16 * n);
+            mma_16x8x16<scalar_t>(acc[2 * n], a[kk], b[0]);
+            mma_16x8x16<scalar_t>(acc[2 * n + 1], a[kk], b[1]);
         }
+    }
+}
+
+// An fp32 result (16, COLS) as A fragments (16-bit) for the next matmul, without leaving the
+// registers: result blocks 2kk and 2kk+1 (columns 16kk..16kk+15) hold exactly the elements
+// A fragment kk needs, in the same lanes (compare the C and A layouts above).
+template <int COLS, typename scalar_t>
+__device__ __forceinline__ void to_a_fragments(uint32_t (&a)[COLS / 16][4], const float (&x)[COLS / 8][4]) {
+#pragma unroll
+    for (int kk = 0; kk < COLS / 16; ++kk) {
+        a[kk][0] = pack2<scalar_t>(x[2 * kk][0], x[2 * kk][1]);
+        a[kk][1] = pack2<scalar_t>(x[2 * kk][2], x[2 * kk][3]);
+        a[kk][2] = pack2<scalar_t>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+        a[kk][3] = pack2<scalar_t>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+    }
+}
+
+// Writes a warp's (16, D) fp32 result, times row_scale[h] for rows g + 8h, as 16-bit rows
+// [row0, row0 + 16) of one head's (seq_len, D) matrix; padding rows are not written. Each lane
+// stores its column pairs as one 32-bit word.
+template <int D, typename scalar_t>
+__device__ void store_stripe(const float (&acc)[D / 8][4], const float (&row_scale)[2], scalar_t* out, size_t head,
+                             int row0, int seq_len) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = row0 + frag_row(2 * h);
+        if (row >= seq_len) continue;
+        uint32_t* out_row = reinterpret_cast<uint32_t*>(out + (head + row) * D);
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+            out_row[(8 * n + frag_col(0)) / 2] = pack2<scalar_t>(acc[n][2 * h] * row_scale[h], acc[n][2 * h + 1] * row_scale[h]);
     }
 }
 
@@ -211,84 +330,38 @@ __device__ void warp_matmul_ab(const scalar_t* a_tile, const scalar_t* b_tile, A
 // Forward: one block per (Q tile, batch*head); reference.flash_forward
 // ----------------------------------------------------------------------------------------
 
-// Online softmax over this warp's 16 rows of the new score tile; reference.flash_forward's
-// lines from `scores = ...` to `row_max = new_max`, except the P @ V matmul (next step).
-// Reads s_tile (raw q kᵀ, fp32), writes p_tile (16-bit P), rescales o_acc rows by alpha, and
-// updates row_max / row_sum. A whole warp walks one row at a time; lane l holds columns l, l+32.
-template <int D, typename scalar_t>
-__device__ void online_softmax_stripe(const float* s_tile, scalar_t* p_tile, float* o_acc, float* row_max,
-                                      float* row_sum, int q_start, int k_start, int seq_len, float scale) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int r = 0; r < STRIPE; ++r) {
-        const int row = warp * STRIPE + r;  // row inside the tile
-        const int i = q_start + row;        // its query position
-        const float old_max = row_max[row];
-        const float old_sum = row_sum[row];
-        float scores[BLOCK_K / 32];  // this lane's columns of the row, scaled, masked: fp32
+// Online softmax over this warp's (16, BLOCK_K) scores, in place: raw q kᵀ in, P out (fp32).
+// reference.flash_forward's lines from `scores = ...` to `row_max = new_max`, except P @ V.
+// A lane holds 2 rows (h = 0, 1: rows g and g + 8); row_max is the row's running max (the same
+// in its 4 lanes), row_sum the lane's own share of the row's sum (added up once, at the end).
+__device__ void online_softmax(float (&s)[BLOCK_K / 8][4], float (&row_max)[2], float (&row_sum)[2],
+                               float (&alpha)[2], int q_row0, int k_start, int seq_len, float scale) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int i = q_row0 + frag_row(2 * h);  // query position of this half's row
         float tile_max = -INFINITY;
 #pragma unroll
-        for (int c = 0; c < BLOCK_K / 32; ++c) {
-            const int col = lane + 32 * c;
-            // upcast: the scale multiplies fp32 scores, never 16-bit ones
-            scores[c] = is_masked(i, k_start + col, seq_len) ? -INFINITY : s_tile[row * ld32(BLOCK_K) + col] * scale;
-            tile_max = fmaxf(tile_max, scores[c]);
-        }
-        const float new_max = fmaxf(old_max, warp_max(tile_max));
+        for (int n = 0; n < BLOCK_K / 8; ++n)
+#pragma unroll
+            for (int e = 2 * h; e < 2 * h + 2; ++e) {
+                // upcast: the scale multiplies fp32 scores, never 16-bit ones
+                s[n][e] = is_masked(i, k_start + 8 * n + frag_col(e), seq_len) ? -INFINITY : s[n][e] * scale;
+                tile_max = fmaxf(tile_max, s[n][e]);
+            }
+        const float new_max = fmaxf(row_max[h], quad_max(tile_max));
         // guard: a row with nothing visible yet keeps max -inf, and exp(-inf - -inf) would be NaN
         const float safe_max = (new_max == -INFINITY) ? 0.0f : new_max;
         float tile_sum = 0.0f;
 #pragma unroll
-        for (int c = 0; c < BLOCK_K / 32; ++c) {
-            const float p = expf(scores[c] - safe_max);  // masked: exp(-inf) = 0
-            tile_sum += p;                                 // the fp32 p, not its 16-bit rounding
-            p_tile[row * ld16(BLOCK_K) + lane + 32 * c] = from_float<scalar_t>(p);
-        }
-        tile_sum = warp_sum(tile_sum);
-        const float alpha = expf(old_max - safe_max);  // 0 on the first visible tile (old_max = -inf)
-        for (int d = lane; d < D; d += 32) o_acc[row * ld32(D) + d] *= alpha;
-        __syncwarp();  // every lane has read row_max/row_sum[row] above before lane 0 replaces them
-        if (lane == 0) {
-            row_max[row] = new_max;
-            row_sum[row] = alpha * old_sum + tile_sum;
-        }
-    }
-}
-
-// o_acc[stripe] (16, D) fp32 += p_tile[stripe] (16, BLOCK_K) @ v_tile (BLOCK_K, D); reference
-// `o_acc = alpha * o_acc + p_tile @ v_tile` (the alpha part was done by the softmax step).
-// wmma's register layout is opaque, so the accumulator lives in shared memory between tiles:
-// load it into fragments, multiply-add, store it back.
-template <int D, typename scalar_t>
-__device__ void accumulate_pv_stripe(const scalar_t* p_tile, const scalar_t* v_tile, float* o_acc) {
-    const int warp = threadIdx.x / 32;
-    float* o_stripe = o_acc + warp * STRIPE * ld32(D);
-    AccFrag acc[D / 16];  // (16, D)
+        for (int n = 0; n < BLOCK_K / 8; ++n)
 #pragma unroll
-    for (int n = 0; n < D / 16; ++n) wmma::load_matrix_sync(acc[n], o_stripe + n * 16, ld32(D), wmma::mem_row_major);
-    warp_matmul_ab<D, BLOCK_K>(p_tile, v_tile, acc);
-#pragma unroll
-    for (int n = 0; n < D / 16; ++n) wmma::store_matrix_sync(o_stripe + n * 16, acc[n], ld32(D), wmma::mem_row_major);
-}
-
-// Writes this warp's finished rows: o = o_acc / row_sum (16-bit), lse = row_max + log(row_sum)
-// and, if asked, the row's max scaled score. Rows past seq_len are padding and not written.
-template <int D, typename scalar_t>
-__device__ void write_forward_stripe(const float* o_acc, const float* row_max, const float* row_sum,
-                                     scalar_t* o, float* lse, float* row_max_out, size_t head, int q_start,
-                                     int seq_len) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int r = 0; r < STRIPE; ++r) {
-        const int row = warp * STRIPE + r;
-        const int i = q_start + row;
-        if (i >= seq_len) break;  // same for all lanes: rows only grow
-        const float sum = row_sum[row];
-        // sum > 0 always for i < seq_len (key 0 is visible to every query); guard anyway
-        const float inv_sum = sum > 0.0f ? 1.0f / sum : 0.0f;
-        for (int d = lane; d < D; d += 32) o[(head + i) * D + d] = from_float<scalar_t>(o_acc[row * ld32(D) + d] * inv_sum);
-        if (lane == 0) {
-            lse[head + i] = row_max[row] + logf(sum);
-            if (row_max_out != nullptr) row_max_out[head + i] = row_max[row];
-        }
+            for (int e = 2 * h; e < 2 * h + 2; ++e) {
+                s[n][e] = exp2f((s[n][e] - safe_max) * LOG2E);  // masked: exp(-inf) = 0
+                tile_sum += s[n][e];                             // the fp32 p, not its 16-bit rounding
+            }
+        alpha[h] = exp2f((row_max[h] - safe_max) * LOG2E);  // 0 on the first visible tile (old max -inf)
+        row_sum[h] = alpha[h] * row_sum[h] + tile_sum;
+        row_max[h] = new_max;
     }
 }
 
@@ -300,40 +373,61 @@ attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restr
     using Smem = ForwardSmem<D>;
     extern __shared__ __align__(128) unsigned char smem[];
     scalar_t* q_tile = reinterpret_cast<scalar_t*>(smem + Smem::q_tile);
-    scalar_t* k_tile = reinterpret_cast<scalar_t*>(smem + Smem::k_tile);
-    scalar_t* v_tile = reinterpret_cast<scalar_t*>(smem + Smem::v_tile);
-    scalar_t* p_tile = reinterpret_cast<scalar_t*>(smem + Smem::p_tile);
-    float* s_tile = reinterpret_cast<float*>(smem + Smem::s_tile);
-    float* o_acc = reinterpret_cast<float*>(smem + Smem::o_acc);
-    float* row_max = reinterpret_cast<float*>(smem + Smem::row_max);
-    float* row_sum = reinterpret_cast<float*>(smem + Smem::row_sum);
+    auto k_tile = [&](int buffer) { return reinterpret_cast<scalar_t*>(smem + Smem::k_tile(buffer)); };
+    auto v_tile = [&](int buffer) { return reinterpret_cast<scalar_t*>(smem + Smem::v_tile(buffer)); };
 
+    const int warp = threadIdx.x / 32;
     const size_t head = (size_t)blockIdx.x * seq_len;  // first row of this (batch, head) among B*H*T rows
     // the last Q tiles see the most keys: hand them out first so the final wave is short tiles
     const int q_start = (gridDim.y - 1 - blockIdx.y) * BLOCK_Q;
     const int q_end = min(q_start + BLOCK_Q, seq_len);
+    const int q_row0 = q_start + warp * STRIPE;  // this warp's first query position
 
-    // reference: row_max = -inf, row_sum = 0, o_acc = 0 for the tile (each thread its share)
-    for (int idx = threadIdx.x; idx < BLOCK_Q * D; idx += THREADS) o_acc[(idx / D) * ld32(D) + idx % D] = 0.0f;
-    for (int r = threadIdx.x; r < BLOCK_Q; r += THREADS) {
-        row_max[r] = -INFINITY;
-        row_sum[r] = 0.0f;
-    }
-    load_tile<BLOCK_Q, D>(q_tile, q + head * D, q_start, seq_len);
+    // reference: row_max = -inf, row_sum = 0, o_acc = 0 (this lane's rows g, g + 8)
+    float o_acc[D / 8][4] = {};
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+    load_tile_async<BLOCK_Q, D>(q_tile, q + head * D, q_start, seq_len);
+    load_tile_async<BLOCK_K, D>(k_tile(0), k + head * D, 0, seq_len);
+    load_tile_async<BLOCK_K, D>(v_tile(0), v + head * D, 0, seq_len);
+    cp_async_commit();
 
     // causal: K tiles starting after the tile's last query (q_end - 1) are fully masked: skipped
-    for (int k_start = 0; k_start < q_end; k_start += BLOCK_K) {
-        load_tile<BLOCK_K, D>(k_tile, k + head * D, k_start, seq_len);
-        load_tile<BLOCK_K, D>(v_tile, v + head * D, k_start, seq_len);
-        __syncthreads();  // k_tile, v_tile (and on the first pass q_tile and the init) are complete
-        warp_matmul_abt<D, BLOCK_K>(q_tile, k_tile, s_tile);  // scores = q_tile @ k_tileᵀ, fp32
-        __syncwarp();  // fragment stores land in an unspecified lane pattern: finish them before rows are read
-        online_softmax_stripe<D>(s_tile, p_tile, o_acc, row_max, row_sum, q_start, k_start, seq_len, scale);
-        __syncwarp();  // p_tile and the rescaled o_acc rows are written before the fragments load them
-        accumulate_pv_stripe<D>(p_tile, v_tile, o_acc);  // o_acc += p_tile @ v_tile
-        __syncthreads();  // every warp is done with k_tile/v_tile before the next pass overwrites them
+    int buffer = 0;  // which k_tile / v_tile holds this pass's keys
+    for (int k_start = 0; k_start < q_end; k_start += BLOCK_K, buffer ^= 1) {
+        if (k_start + BLOCK_K < q_end) {  // start loading the next K/V tile into the other buffer
+            load_tile_async<BLOCK_K, D>(k_tile(buffer ^ 1), k + head * D, k_start + BLOCK_K, seq_len);
+            load_tile_async<BLOCK_K, D>(v_tile(buffer ^ 1), v + head * D, k_start + BLOCK_K, seq_len);
+        }
+        cp_async_commit();   // one group per pass (empty on the last), so that:
+        cp_async_wait<1>();  // everything but the newest group, the prefetch, has landed
+        __syncthreads();     // ... for every thread: this pass's tiles (and q_tile) are complete
+        float s[BLOCK_K / 8][4];  // (16, BLOCK_K) scores, then P, fp32
+        warp_matmul_abt<D, BLOCK_K>(s, q_tile, k_tile(buffer), warp * STRIPE);  // s = q_tile @ k_tileᵀ
+        float alpha[2];
+        online_softmax(s, row_max, row_sum, alpha, q_row0, k_start, seq_len, scale);
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o_acc[n][e] *= alpha[e / 2];  // reference: o_acc = alpha * o_acc + ...
+        uint32_t p[BLOCK_K / 16][4];
+        to_a_fragments<BLOCK_K, scalar_t>(p, s);           // P rounded to 16 bits for the tensor cores
+        warp_matmul_ab<BLOCK_K, D, scalar_t>(o_acc, p, v_tile(buffer));  // ... + p_tile @ v_tile
+        __syncthreads();  // every warp is done with this buffer before the next pass loads into it
     }
-    write_forward_stripe<D>(o_acc, row_max, row_sum, o, lse, row_max_out, head, q_start, seq_len);
+
+    float inv_sum[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const float sum = quad_sum(row_sum[h]);  // the row's sum from its 4 lanes' shares
+        // sum > 0 always for i < seq_len (key 0 is visible to every query); guard anyway
+        inv_sum[h] = sum > 0.0f ? 1.0f / sum : 0.0f;
+        const int i = q_row0 + frag_row(2 * h);
+        if (i < seq_len && threadIdx.x % 4 == 0) {  // one lane of the 4 writes the row's scalars
+            lse[head + i] = row_max[h] + logf(sum);
+            if (row_max_out != nullptr) row_max_out[head + i] = row_max[h];
+        }
+    }
+    store_stripe<D>(o_acc, inv_sum, o, head, q_row0, seq_len);  // o = o_acc / row_sum
 }
 
 // ----------------------------------------------------------------------------------------
@@ -361,113 +455,91 @@ attention_backward_delta_kernel(const scalar_t* __restrict__ o, const scalar_t* 
     if (lane == 0) delta[row] = acc;
 }
 
-// From this warp's 16 rows of s_tile (raw scores) and dp_tile (dL/dP), both fp32, recomputes
-// p = exp(scale * s - lse) and ds = p * (dp - delta), and writes them as 16-bit tiles.
-// reference._recompute_tile. ROWS_ARE_KEYS: the dK/dV kernel holds transposed tiles (rows are
-// keys, columns queries), so lse and delta are indexed by column there and by row in the dQ kernel.
-// p_tile may be null: the dQ kernel needs only ds.
-template <bool ROWS_ARE_KEYS, typename scalar_t>
-__device__ void recompute_p_and_ds(const float* s_tile, const float* dp_tile, const float* lse_tile,
-                                   const float* delta_tile, scalar_t* p_tile, scalar_t* ds_tile, int row_start,
-                                   int col_start, int seq_len, float scale) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int r = 0; r < STRIPE; ++r) {
-        const int row = warp * STRIPE + r;
+// From a warp's raw scores s and dL/dP dp (both (16, 64) fp32 fragments), recomputes in place
+// p = exp(scale * s - lse) and ds = p * (dp - delta). reference._recompute_tile.
+// ROWS_ARE_KEYS: the dK/dV kernel computes transposed tiles (rows are keys, columns queries),
+// so lse and delta are indexed by column there and by row in the dQ kernel.
+// row_start, col_start: the positions of the tile's first row and column.
+template <bool ROWS_ARE_KEYS>
+__device__ void recompute_p_and_ds(float (&s)[BLOCK_K / 8][4], float (&dp)[BLOCK_K / 8][4], const float* lse_tile,
+                                   const float* delta_tile, int row_start, int col_start, int seq_len, float scale) {
 #pragma unroll
-        for (int c = 0; c < BLOCK_K / 32; ++c) {
-            const int col = lane + 32 * c;
-            const int i = ROWS_ARE_KEYS ? col_start + col : row_start + row;  // query position
-            const int j = ROWS_ARE_KEYS ? row_start + row : col_start + col;  // key position
-            const int q_local = ROWS_ARE_KEYS ? col : row;                    // index into lse/delta
-            const int at = row * ld32(BLOCK_K) + col;
+    for (int n = 0; n < BLOCK_K / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int local_row = (threadIdx.x / 32) * STRIPE + frag_row(e), local_col = 8 * n + frag_col(e);
+            const int i = ROWS_ARE_KEYS ? col_start + local_col : row_start + local_row;  // query position
+            const int j = ROWS_ARE_KEYS ? row_start + local_row : col_start + local_col;  // key position
+            const int q_local = ROWS_ARE_KEYS ? local_col : local_row;                    // index into lse/delta
             // upcast: scale and exp in fp32; lse already holds the row's max and sum
-            const float p = is_masked(i, j, seq_len) ? 0.0f : expf(s_tile[at] * scale - lse_tile[q_local]);
-            const float ds = p * (dp_tile[at] - delta_tile[q_local]);  // dL/d(scaled score), fp32
-            if (p_tile != nullptr) p_tile[row * ld16(BLOCK_K) + col] = from_float<scalar_t>(p);
-            ds_tile[row * ld16(BLOCK_K) + col] = from_float<scalar_t>(ds);  // 16-bit: next it feeds a matmul
+            const float p = is_masked(i, j, seq_len) ? 0.0f : exp2f((s[n][e] * scale - lse_tile[q_local]) * LOG2E);
+            dp[n][e] = p * (dp[n][e] - delta_tile[q_local]);  // dS = dL/d(scaled score), fp32
+            s[n][e] = p;
         }
-    }
-}
-
-// Writes a warp's (16, D) fp32 gradient stripe as 16-bit rows [row_start + 16 w, ...) of one
-// head. Fragments cannot be written to global memory in another dtype, so they go through the
-// warp's own 16 rows of the fp32 stage in shared memory first. Padding rows are not written.
-template <int D, typename scalar_t>
-__device__ void write_grad_stripe(const AccFrag (&acc)[D / 16], float* stage, scalar_t* out, size_t head,
-                                  int row_start, int seq_len) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-    for (int n = 0; n < D / 16; ++n)
-        wmma::store_matrix_sync(stage + warp * STRIPE * ld32(D) + n * 16, acc[n], ld32(D), wmma::mem_row_major);
-    __syncwarp();  // all lanes' fragment stores land before any lane reads a row
-    for (int r = 0; r < STRIPE; ++r) {
-        const int row = warp * STRIPE + r;
-        const int t = row_start + row;
-        if (t >= seq_len) break;  // same for all lanes
-        for (int d = lane; d < D; d += 32) out[(head + t) * D + d] = from_float<scalar_t>(stage[row * ld32(D) + d]);
-    }
-    __syncwarp();  // all lanes are done reading the stage before it is reused for the next gradient
 }
 
 // dK and dV for one K/V tile: one block per (K tile, batch*head), looping over the Q tiles that
-// can see it. reference.flash_backward's first loop. Tiles are held transposed (keys as rows)
-// so warp w owns the 16 keys [16 w, 16 w + 16) and their dK, dV rows: warps never share a
-// result row, and the accumulators stay in registers (fragments) for the whole loop.
+// can see it. reference.flash_backward's first loop. The products are computed transposed
+// (keys as rows) so warp w owns the 16 keys [16 w, 16 w + 16) and their dK, dV rows: warps
+// never share a result row, and the accumulators stay in registers for the whole loop.
 template <int D, typename scalar_t>
 __global__ void __launch_bounds__(THREADS)
 attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                const scalar_t* __restrict__ v, const scalar_t* __restrict__ d_o,
                                const float* __restrict__ lse, const float* __restrict__ delta,
                                scalar_t* __restrict__ dk, scalar_t* __restrict__ dv, int seq_len, float scale) {
-    using Smem = BackwardSmem<D>;
+    using Smem = DkDvSmem<D>;
     extern __shared__ __align__(128) unsigned char smem[];
-    scalar_t* q_tile = reinterpret_cast<scalar_t*>(smem + Smem::q_tile);
-    scalar_t* do_tile = reinterpret_cast<scalar_t*>(smem + Smem::do_tile);
     scalar_t* k_tile = reinterpret_cast<scalar_t*>(smem + Smem::k_tile);
     scalar_t* v_tile = reinterpret_cast<scalar_t*>(smem + Smem::v_tile);
-    float* s_tile = reinterpret_cast<float*>(smem + Smem::s_tile);    // sᵀ: (keys, queries)
-    float* dp_tile = reinterpret_cast<float*>(smem + Smem::dp_tile);  // dpᵀ: (keys, queries)
-    scalar_t* p_tile = reinterpret_cast<scalar_t*>(smem + Smem::p_tile);    // pᵀ, 16-bit
-    scalar_t* ds_tile = reinterpret_cast<scalar_t*>(smem + Smem::ds_tile);  // dsᵀ, 16-bit
-    float* lse_tile = reinterpret_cast<float*>(smem + Smem::lse_tile);
-    float* delta_tile = reinterpret_cast<float*>(smem + Smem::delta_tile);
-    float* stage = reinterpret_cast<float*>(smem + Smem::stage);
+    auto q_tile = [&](int buffer) { return reinterpret_cast<scalar_t*>(smem + Smem::q_tile(buffer)); };
+    auto do_tile = [&](int buffer) { return reinterpret_cast<scalar_t*>(smem + Smem::do_tile(buffer)); };
+    auto lse_tile = [&](int buffer) { return reinterpret_cast<float*>(smem + Smem::lse_tile(buffer)); };
+    auto delta_tile = [&](int buffer) { return reinterpret_cast<float*>(smem + Smem::delta_tile(buffer)); };
 
+    const int warp = threadIdx.x / 32;
     const size_t head = (size_t)blockIdx.x * seq_len;
     const int k_start = blockIdx.y * BLOCK_K;  // the first K tiles see the most queries: launch them first
-
-    load_tile<BLOCK_K, D>(k_tile, k + head * D, k_start, seq_len);
-    load_tile<BLOCK_K, D>(v_tile, v + head * D, k_start, seq_len);
-    AccFrag dk_acc[D / 16], dv_acc[D / 16];  // this warp's (16, D) dK and dV, fp32 in registers
-#pragma unroll
-    for (int n = 0; n < D / 16; ++n) {
-        wmma::fill_fragment(dk_acc[n], 0.0f);
-        wmma::fill_fragment(dv_acc[n], 0.0f);
-    }
-
+    const int k_row0 = k_start + warp * STRIPE;  // this warp's first key position
     // causal: Q tiles that end before k_start see none of these keys: start at the one holding k_start
-    for (int q_start = (k_start / BLOCK_Q) * BLOCK_Q; q_start < seq_len; q_start += BLOCK_Q) {
-        load_tile<BLOCK_Q, D>(q_tile, q + head * D, q_start, seq_len);
-        load_tile<BLOCK_Q, D>(do_tile, d_o + head * D, q_start, seq_len);
-        load_rows<BLOCK_Q>(lse_tile, lse + head, q_start, seq_len);
-        load_rows<BLOCK_Q>(delta_tile, delta + head, q_start, seq_len);
-        __syncthreads();  // the Q-side tiles (and on the first pass k_tile, v_tile) are complete
-        warp_matmul_abt<D, BLOCK_Q>(k_tile, q_tile, s_tile);    // sᵀ = k_tile @ q_tileᵀ
-        warp_matmul_abt<D, BLOCK_Q>(v_tile, do_tile, dp_tile);  // dpᵀ = v_tile @ do_tileᵀ
-        __syncwarp();  // fragment stores land before lanes read whole rows
-        recompute_p_and_ds<true>(s_tile, dp_tile, lse_tile, delta_tile, p_tile, ds_tile, k_start, q_start,
-                                 seq_len, scale);
-        __syncwarp();  // p_tile, ds_tile rows are written before the fragments load them
-        warp_matmul_ab<D, BLOCK_Q>(p_tile, do_tile, dv_acc);  // dv += pᵀ @ do_tile
-        warp_matmul_ab<D, BLOCK_Q>(ds_tile, q_tile, dk_acc);  // dk += dsᵀ @ q_tile
-        __syncthreads();  // every warp is done with the Q-side tiles before the next pass overwrites them
+    const int first_q_start = (k_start / BLOCK_Q) * BLOCK_Q;
+
+    // the Q side of one pass: q, dO (cp.async) and lse, delta (plain loads) into `buffer`
+    auto load_q_side = [&](int buffer, int q_start) {
+        load_tile_async<BLOCK_Q, D>(q_tile(buffer), q + head * D, q_start, seq_len);
+        load_tile_async<BLOCK_Q, D>(do_tile(buffer), d_o + head * D, q_start, seq_len);
+        load_rows<BLOCK_Q>(lse_tile(buffer), lse + head, q_start, seq_len);
+        load_rows<BLOCK_Q>(delta_tile(buffer), delta + head, q_start, seq_len);
+    };
+    load_tile_async<BLOCK_K, D>(k_tile, k + head * D, k_start, seq_len);
+    load_tile_async<BLOCK_K, D>(v_tile, v + head * D, k_start, seq_len);
+    load_q_side(0, first_q_start);
+    cp_async_commit();
+    float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};  // this warp's (16, D) dK and dV, fp32
+
+    int buffer = 0;  // which q_tile / do_tile / lse / delta holds this pass's queries
+    for (int q_start = first_q_start; q_start < seq_len; q_start += BLOCK_Q, buffer ^= 1) {
+        if (q_start + BLOCK_Q < seq_len) load_q_side(buffer ^ 1, q_start + BLOCK_Q);  // prefetch the next pass
+        cp_async_commit();   // one group per pass (empty on the last), so that:
+        cp_async_wait<1>();  // everything but the newest group, the prefetch, has landed
+        __syncthreads();     // ... for every thread: this pass's tiles (and k_tile, v_tile) are complete
+        const scalar_t* q_now = q_tile(buffer);
+        const scalar_t* do_now = do_tile(buffer);
+        float s[BLOCK_Q / 8][4], dp[BLOCK_Q / 8][4];  // sᵀ and dpᵀ: (16 keys, BLOCK_Q queries)
+        warp_matmul_abt<D, BLOCK_Q>(s, k_tile, q_now, warp * STRIPE);   // sᵀ = k_tile @ q_tileᵀ
+        warp_matmul_abt<D, BLOCK_Q>(dp, v_tile, do_now, warp * STRIPE);  // dpᵀ = v_tile @ do_tileᵀ
+        recompute_p_and_ds<true>(s, dp, lse_tile(buffer), delta_tile(buffer), k_start, q_start, seq_len, scale);
+        uint32_t a[BLOCK_Q / 16][4];
+        to_a_fragments<BLOCK_Q, scalar_t>(a, s);               // pᵀ in 16 bits
+        warp_matmul_ab<BLOCK_Q, D, scalar_t>(dv_acc, a, do_now);  // dv += pᵀ @ do_tile
+        to_a_fragments<BLOCK_Q, scalar_t>(a, dp);              // dsᵀ in 16 bits
+        warp_matmul_ab<BLOCK_Q, D, scalar_t>(dk_acc, a, q_now);   // dk += dsᵀ @ q_tile
+        __syncthreads();  // every warp is done with this buffer before the next pass loads into it
     }
 
-#pragma unroll
-    for (int n = 0; n < D / 16; ++n)
-        for (int t = 0; t < dk_acc[n].num_elements; ++t) dk_acc[n].x[t] *= scale;  // dK = scale dSᵀ Q, in fp32
-    write_grad_stripe<D>(dv_acc, stage, dv, head, k_start, seq_len);
-    write_grad_stripe<D>(dk_acc, stage, dk, head, k_start, seq_len);
+    const float one[2] = {1.0f, 1.0f}, by_scale[2] = {scale, scale};  // dK = scale dSᵀ Q, in fp32
+    store_stripe<D>(dv_acc, one, dv, head, k_row0, seq_len);
+    store_stripe<D>(dk_acc, by_scale, dk, head, k_row0, seq_len);
 }
 
 // dQ for one Q tile: one block per (Q tile, batch*head), looping over the K tiles it can see.
@@ -485,53 +557,56 @@ __global__ void __launch_bounds__(THREADS)
 attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                              const scalar_t* __restrict__ v, const scalar_t* __restrict__ d_o,
                              const float* __restrict__ lse, const float* __restrict__ delta,
-                             const float* __restrict__ k_mean, scalar_t* __restrict__ dq, int seq_len,
+                             const scalar_t* __restrict__ k_centered, scalar_t* __restrict__ dq, int seq_len,
                              float scale) {
-    using Smem = BackwardSmem<D>;
+    using Smem = DqSmem<D>;
     extern __shared__ __align__(128) unsigned char smem[];
     scalar_t* q_tile = reinterpret_cast<scalar_t*>(smem + Smem::q_tile);
     scalar_t* do_tile = reinterpret_cast<scalar_t*>(smem + Smem::do_tile);
-    scalar_t* k_tile = reinterpret_cast<scalar_t*>(smem + Smem::k_tile);
-    scalar_t* v_tile = reinterpret_cast<scalar_t*>(smem + Smem::v_tile);
-    float* s_tile = reinterpret_cast<float*>(smem + Smem::s_tile);    // (queries, keys)
-    float* dp_tile = reinterpret_cast<float*>(smem + Smem::dp_tile);  // (queries, keys)
-    scalar_t* ds_tile = reinterpret_cast<scalar_t*>(smem + Smem::ds_tile);
-    scalar_t* kc_tile = reinterpret_cast<scalar_t*>(smem + Smem::kc_tile);  // 16-bit(k - k_mean)
     float* lse_tile = reinterpret_cast<float*>(smem + Smem::lse_tile);
     float* delta_tile = reinterpret_cast<float*>(smem + Smem::delta_tile);
-    float* stage = reinterpret_cast<float*>(smem + Smem::stage);
+    auto k_tile = [&](int buffer) { return reinterpret_cast<scalar_t*>(smem + Smem::k_tile(buffer)); };
+    auto v_tile = [&](int buffer) { return reinterpret_cast<scalar_t*>(smem + Smem::v_tile(buffer)); };
+    auto kc_tile = [&](int buffer) { return reinterpret_cast<scalar_t*>(smem + Smem::kc_tile(buffer)); };
 
+    const int warp = threadIdx.x / 32;
     const size_t head = (size_t)blockIdx.x * seq_len;
     const int q_start = (gridDim.y - 1 - blockIdx.y) * BLOCK_Q;  // longest rows of K tiles first
     const int q_end = min(q_start + BLOCK_Q, seq_len);
+    const int q_row0 = q_start + warp * STRIPE;
 
-    load_tile<BLOCK_Q, D>(q_tile, q + head * D, q_start, seq_len);
-    load_tile<BLOCK_Q, D>(do_tile, d_o + head * D, q_start, seq_len);
+    // the K side of one pass: k, v and the centered keys, into `buffer`
+    auto load_k_side = [&](int buffer, int k_start) {
+        load_tile_async<BLOCK_K, D>(k_tile(buffer), k + head * D, k_start, seq_len);
+        load_tile_async<BLOCK_K, D>(v_tile(buffer), v + head * D, k_start, seq_len);
+        load_tile_async<BLOCK_K, D>(kc_tile(buffer), k_centered + head * D, k_start, seq_len);
+    };
+    load_tile_async<BLOCK_Q, D>(q_tile, q + head * D, q_start, seq_len);
+    load_tile_async<BLOCK_Q, D>(do_tile, d_o + head * D, q_start, seq_len);
     load_rows<BLOCK_Q>(lse_tile, lse + head, q_start, seq_len);
     load_rows<BLOCK_Q>(delta_tile, delta + head, q_start, seq_len);
-    AccFrag dq_acc[D / 16];  // this warp's (16, D) dQ, fp32 in registers
-#pragma unroll
-    for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(dq_acc[n], 0.0f);
+    load_k_side(0, 0);
+    cp_async_commit();
+    float dq_acc[D / 8][4] = {};  // this warp's (16, D) dQ, fp32
 
-    for (int k_start = 0; k_start < q_end; k_start += BLOCK_K) {  // causal: as in the forward
-        load_tile<BLOCK_K, D>(k_tile, k + head * D, k_start, seq_len);
-        load_tile<BLOCK_K, D>(v_tile, v + head * D, k_start, seq_len);
-        load_centered_tile<BLOCK_K, D>(kc_tile, k + head * D, k_mean + (size_t)blockIdx.x * D, k_start, seq_len);
-        __syncthreads();  // k_tile, v_tile, kc_tile (and on the first pass the Q-side tiles) are complete
-        warp_matmul_abt<D, BLOCK_K>(q_tile, k_tile, s_tile);    // s = q_tile @ k_tileᵀ
-        warp_matmul_abt<D, BLOCK_K>(do_tile, v_tile, dp_tile);  // dp = do_tile @ v_tileᵀ
-        __syncwarp();  // fragment stores land before lanes read whole rows
-        recompute_p_and_ds<false>(s_tile, dp_tile, lse_tile, delta_tile, static_cast<scalar_t*>(nullptr), ds_tile,
-                                  q_start, k_start, seq_len, scale);
-        __syncwarp();  // ds_tile rows are written before the fragments load them
-        warp_matmul_ab<D, BLOCK_K>(ds_tile, kc_tile, dq_acc);  // dq += ds @ (k_tile - k_mean)
-        __syncthreads();  // every warp is done with k_tile/v_tile/kc_tile before the next pass overwrites them
+    int buffer = 0;  // which k_tile / v_tile / kc_tile holds this pass's keys
+    for (int k_start = 0; k_start < q_end; k_start += BLOCK_K, buffer ^= 1) {  // causal: as in the forward
+        if (k_start + BLOCK_K < q_end) load_k_side(buffer ^ 1, k_start + BLOCK_K);  // prefetch the next pass
+        cp_async_commit();   // one group per pass (empty on the last), so that:
+        cp_async_wait<1>();  // everything but the newest group, the prefetch, has landed
+        __syncthreads();     // ... for every thread: this pass's tiles (and the Q side) are complete
+        float s[BLOCK_K / 8][4], dp[BLOCK_K / 8][4];  // (16 queries, BLOCK_K keys)
+        warp_matmul_abt<D, BLOCK_K>(s, q_tile, k_tile(buffer), warp * STRIPE);    // s = q_tile @ k_tileᵀ
+        warp_matmul_abt<D, BLOCK_K>(dp, do_tile, v_tile(buffer), warp * STRIPE);  // dp = do_tile @ v_tileᵀ
+        recompute_p_and_ds<false>(s, dp, lse_tile, delta_tile, q_start, k_start, seq_len, scale);
+        uint32_t a[BLOCK_K / 16][4];
+        to_a_fragments<BLOCK_K, scalar_t>(a, dp);                      // ds in 16 bits
+        warp_matmul_ab<BLOCK_K, D, scalar_t>(dq_acc, a, kc_tile(buffer));  // dq += ds @ (k_tile - k_mean)
+        __syncthreads();  // every warp is done with this buffer before the next pass loads into it
     }
 
-#pragma unroll
-    for (int n = 0; n < D / 16; ++n)
-        for (int t = 0; t < dq_acc[n].num_elements; ++t) dq_acc[n].x[t] *= scale;  // dQ = scale dS (K - k_mean), fp32
-    write_grad_stripe<D>(dq_acc, stage, dq, head, q_start, seq_len);
+    const float by_scale[2] = {scale, scale};  // dQ = scale dS (K - k_mean), in fp32
+    store_stripe<D>(dq_acc, by_scale, dq, head, q_row0, seq_len);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -573,7 +648,7 @@ int launch_forward(const void* q, const void* k, const void* v, void* o, float* 
 
 template <int D, typename scalar_t>
 int launch_backward(const void* q, const void* k, const void* v, const void* o, const void* d_o,
-                    const float* lse, const float* k_mean, float* delta, void* dq, void* dk, void* dv,
+                    const float* lse, const void* k_centered, float* delta, void* dq, void* dk, void* dv,
                     int batch_heads, int seq_len, float scale, cudaStream_t stream) {
     const scalar_t* q_ = static_cast<const scalar_t*>(q);
     const scalar_t* k_ = static_cast<const scalar_t*>(k);
@@ -586,18 +661,18 @@ int launch_backward(const void* q, const void* k, const void* v, const void* o, 
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
 
-    constexpr int smem_bytes = BackwardSmem<D>::bytes;
     const dim3 grid(batch_heads, ceil_div(seq_len, BLOCK_Q));  // x: (batch, head); y: K tile, then Q tile
     auto dkdv_kernel = attention_backward_dkdv_kernel<D, scalar_t>;
-    if ((err = allow_smem(dkdv_kernel, smem_bytes)) != cudaSuccess) return err;
-    dkdv_kernel<<<grid, THREADS, smem_bytes, stream>>>(q_, k_, v_, do_, lse, delta, static_cast<scalar_t*>(dk),
-                                                 static_cast<scalar_t*>(dv), seq_len, scale);
+    if ((err = allow_smem(dkdv_kernel, DkDvSmem<D>::bytes)) != cudaSuccess) return err;
+    dkdv_kernel<<<grid, THREADS, DkDvSmem<D>::bytes, stream>>>(q_, k_, v_, do_, lse, delta, static_cast<scalar_t*>(dk),
+                                                         static_cast<scalar_t*>(dv), seq_len, scale);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
     auto dq_kernel = attention_backward_dq_kernel<D, scalar_t>;
-    if ((err = allow_smem(dq_kernel, smem_bytes)) != cudaSuccess) return err;
-    dq_kernel<<<grid, THREADS, smem_bytes, stream>>>(q_, k_, v_, do_, lse, delta, k_mean, static_cast<scalar_t*>(dq),
-                                               seq_len, scale);
+    if ((err = allow_smem(dq_kernel, DqSmem<D>::bytes)) != cudaSuccess) return err;
+    dq_kernel<<<grid, THREADS, DqSmem<D>::bytes, stream>>>(q_, k_, v_, do_, lse, delta,
+                                                     static_cast<const scalar_t*>(k_centered),
+                                                     static_cast<scalar_t*>(dq), seq_len, scale);
     return cudaGetLastError();
 }
 
@@ -653,13 +728,13 @@ int gust_attention_forward(const void* q, const void* k, const void* v, void* o,
 }
 
 // Backward. q, k, v, o, d_o (the output's gradient): as in the forward; lse: the forward's.
-// k_mean: (batch_heads, head_dim) fp32, each head's mean key over the sequence (see the dQ
-// kernel for why). delta: (batch_heads, seq_len) fp32 scratch. dq, dk, dv: outputs, like q.
+// k_centered: like k, 16-bit(k - each head's mean key over the sequence) (see the dQ kernel
+// for why). delta: (batch_heads, seq_len) fp32 scratch. dq, dk, dv: outputs, like q.
 int gust_attention_backward(const void* q, const void* k, const void* v, const void* o, const void* d_o,
-                            const void* lse, const void* k_mean, void* delta, void* dq, void* dk, void* dv,
+                            const void* lse, const void* k_centered, void* delta, void* dq, void* dk, void* dv,
                             int batch_heads, int seq_len, int head_dim, float scale, int dtype, void* stream) {
     if (int bad = check_sizes(batch_heads, seq_len)) return bad;
-    const void* tiles[] = {q, k, v, o, d_o, dq, dk, dv};
+    const void* tiles[] = {q, k, v, o, d_o, k_centered, dq, dk, dv};
     for (const void* p : tiles)
         if (!aligned16(p)) return GUST_MISALIGNED;
     if (batch_heads == 0 || seq_len == 0) return GUST_OK;
@@ -667,15 +742,15 @@ int gust_attention_backward(const void* q, const void* k, const void* v, const v
         constexpr int D = decltype(head_dim_tag)::value;
         using scalar_t = typename decltype(type_tag)::type;
         return launch_backward<D, scalar_t>(q, k, v, o, d_o, static_cast<const float*>(lse),
-                                            static_cast<const float*>(k_mean), static_cast<float*>(delta), dq, dk,
+                                            k_centered, static_cast<float*>(delta), dq, dk,
                                             dv, batch_heads, seq_len, scale, static_cast<cudaStream_t>(stream));
     });
 }
 
-// Dynamic shared memory one block needs: which = 0 forward, 1 backward.
+// Dynamic shared memory one block needs: which = 0 forward, 1 backward (the larger of dK/dV, dQ).
 int gust_attention_smem_bytes(int head_dim, int which) {
-    if (head_dim == 64) return which == 0 ? ForwardSmem<64>::bytes : BackwardSmem<64>::bytes;
-    if (head_dim == 128) return which == 0 ? ForwardSmem<128>::bytes : BackwardSmem<128>::bytes;
+    if (head_dim == 64) return which == 0 ? ForwardSmem<64>::bytes : std::max(DkDvSmem<64>::bytes, DqSmem<64>::bytes);
+    if (head_dim == 128) return which == 0 ? ForwardSmem<128>::bytes : std::max(DkDvSmem<128>::bytes, DqSmem<128>::bytes);
     return GUST_BAD_HEAD_DIM;
 }
 

@@ -4,12 +4,11 @@
 //
 // Not a CUDA implementation: it covers exactly the subset attention.cu uses. Each CUDA thread
 // is an OS thread; __syncthreads, __syncwarp and the shuffles are real barriers, so a missing
-// barrier shows up as a wrong answer only sometimes. wmma fragments are emulated by giving every
-// lane a full copy of the 16x16 matrix (lane 0 alone stores it), following the documented
-// row_major / col_major meaning of the API; the real register layout is never involved.
-// Checks that fail loudly: wmma pointer alignment (32 bytes) and stride (multiple of 16 bytes),
-// and the opt-in shared-memory limit of an H100. Shared memory starts filled with NaN bytes so
-// a read of a never-written tile poisons the output.
+// barrier shows up as a wrong answer only sometimes. mma.sync and ldmatrix are emulated from the
+// register layouts the PTX ISA documents (bottom of this file). Checks that fail loudly: ldmatrix
+// rows not 16-byte aligned or outside shared memory, and the opt-in shared-memory limit of an
+// H100. Shared memory starts filled with NaN bytes so a read of a never-written tile poisons
+// the output.
 //
 // emulate.py compiles attention.cu with this header in place of the CUDA headers, after turning
 // each `kernel<<<grid, threads, smem_bytes, stream>>>(args)` into `emu_launch(kernel, ...)` and
@@ -136,6 +135,7 @@ inline thread_local uint3_emu thread_idx;
 inline thread_local uint3_emu block_idx;
 inline dim3 grid_dim;
 inline unsigned char* shared_memory = nullptr;  // the running block's dynamic shared memory
+inline size_t shared_bytes = 0;
 inline std::barrier<>* block_barrier = nullptr;
 inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 inline float warp_exchange[32][32];  // [warp][lane] slots for the shuffles
@@ -174,6 +174,7 @@ cudaError_t emu_launch(void (*kernel)(Params...), dim3 grid, int threads, int sm
     for (int w = 0; w < threads / 32; ++w) emu::warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
     emu::grid_dim = grid;
     emu::shared_memory = shared;
+    emu::shared_bytes = bytes;
     auto run = [&](unsigned thread) {
         emu::thread_idx = uint3_emu{thread, 0, 0};
         for (unsigned by = 0; by < grid.y; ++by) {
@@ -193,67 +194,108 @@ cudaError_t emu_launch(void (*kernel)(Params...), dim3 grid, int threads, int sm
     return cudaSuccess;
 }
 
-// ---- wmma: a logical 16x16 matrix per lane ----
-namespace nvcuda {
-namespace wmma {
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
+// ---- tensor cores: mma.m16n8k16 and ldmatrix, from the PTX ISA's fragment layouts ----
+// Written from the PTX documentation independently of attention.cu's comments: each lane posts
+// its registers, then computes its own outputs from every lane's, so a kernel that puts the
+// wrong element in the wrong lane or register gets a wrong answer here too.
+#define GUST_CUDA_ON_CPU 1
 
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-    static_assert(M == 16 && N == 16 && K == 16, "only 16x16x16 is emulated");
-    static constexpr int num_elements = 256;
-    float x[256];  // element (r, c) at x[16 r + c], held whole by every lane
-};
+namespace emu {
+inline uint32_t mma_words[32][32][6];           // [warp][lane]: a[0..3], b[0..1] of the mma in flight
+inline const unsigned char* matrix_rows[32][32];  // [warp][lane]: the row address each lane names
+}  // namespace emu
 
-template <typename T>
-inline void emu_check(const T* pointer, unsigned ldm) {
-    if (reinterpret_cast<uintptr_t>(pointer) % 32 != 0) emu_fail("wmma pointer not 32-byte aligned");
-    if ((ldm * sizeof(T)) % 16 != 0) emu_fail("wmma ldm not a multiple of 16 bytes");
+// Element `half` (0: low 16 bits, 1: high) of a packed register, as a float.
+template <typename scalar_t>
+inline float emu_unpack(uint32_t word, int half) {
+    const uint16_t bits = uint16_t(word >> (16 * half));
+    scalar_t x;
+    std::memcpy(&x, &bits, 2);
+    return emu_to_float(x);
 }
 
-template <typename Use, typename T, typename Layout>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& frag, const T* pointer, unsigned ldm) {
-    emu_check(pointer, ldm);
-    constexpr bool rows = std::is_same_v<Layout, row_major>;
-    for (int r = 0; r < 16; ++r)
-        for (int c = 0; c < 16; ++c) frag.x[16 * r + c] = emu_to_float(rows ? pointer[r * ldm + c] : pointer[c * ldm + r]);
-}
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& frag, const float* pointer, unsigned ldm,
-                             layout_t layout) {
-    emu_check(pointer, ldm);
-    for (int r = 0; r < 16; ++r)
-        for (int c = 0; c < 16; ++c)
-            frag.x[16 * r + c] = layout == mem_row_major ? pointer[r * ldm + c] : pointer[c * ldm + r];
-}
-inline void store_matrix_sync(float* pointer, const fragment<accumulator, 16, 16, 16, float>& frag, unsigned ldm,
-                              layout_t layout) {
-    emu_check(pointer, ldm);
-    if (emu::thread_idx.x % 32 != 0) return;  // lane 0 writes for the warp; readers must __syncwarp
-    for (int r = 0; r < 16; ++r)
-        for (int c = 0; c < 16; ++c)
-            (layout == mem_row_major ? pointer[r * ldm + c] : pointer[c * ldm + r]) = frag.x[16 * r + c];
-}
-template <typename Use, typename T, typename Layout>
-inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& frag, float value) {
-    for (float& element : frag.x) element = value;
-}
-template <typename T, typename LayoutA, typename LayoutB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LayoutA>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, LayoutB>& b,
-                     const fragment<accumulator, 16, 16, 16, float>& c) {
-    float result[256];
-    for (int m = 0; m < 16; ++m)
-        for (int n = 0; n < 16; ++n) {
-            float sum = c.x[16 * m + n];
-            for (int k = 0; k < 16; ++k) sum += a.x[16 * m + k] * b.x[16 * k + n];
-            result[16 * m + n] = sum;
+// d = a @ b + c for one warp. PTX: A[m][k] is in register (m / 8) + 2 (k / 8) of lane
+// 4 (m % 8) + (k % 8) / 2, half k % 2; B[k][n] in register k / 8 of lane 4 n + (k % 8) / 2,
+// half k % 2; lane l holds C[l/4 + 8 (e / 2)][2 (l % 4) + e % 2] in c[e].
+template <typename scalar_t>
+inline void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    const unsigned warp = emu::thread_idx.x / 32, lane = emu::thread_idx.x % 32;
+    uint32_t* mine = emu::mma_words[warp][lane];
+    for (int r = 0; r < 4; ++r) mine[r] = a[r];
+    mine[4] = b[0];
+    mine[5] = b[1];
+    __syncwarp();  // every lane has posted its registers
+    float result[4];
+    for (int e = 0; e < 4; ++e) {
+        const int m = int(lane / 4) + 8 * (e / 2), n = 2 * int(lane % 4) + e % 2;
+        float sum = c[e];
+        for (int k = 0; k < 16; ++k) {
+            const float a_mk = emu_unpack<scalar_t>(emu::mma_words[warp][4 * (m % 8) + (k % 8) / 2][m / 8 + 2 * (k / 8)], k % 2);
+            const float b_kn = emu_unpack<scalar_t>(emu::mma_words[warp][4 * n + (k % 8) / 2][4 + k / 8], k % 2);
+            sum += a_mk * b_kn;
         }
-    std::memcpy(d.x, result, sizeof(result));
+        result[e] = sum;
+    }
+    __syncwarp();  // every lane has read before the slots are reused
+    for (int e = 0; e < 4; ++e) c[e] = result[e];
 }
-}  // namespace wmma
-}  // namespace nvcuda
+
+// ldmatrix .x4: lane l names row l % 8 of matrix l / 8; it receives, of matrix i, elements
+// [l/4][2 (l%4) + 0, 1] in r[i], or with .trans elements [2 (l%4) + 0, 1][l/4].
+inline void emu_ldmatrix(uint32_t (&r)[4], const void* row, bool trans) {
+    const unsigned warp = emu::thread_idx.x / 32, lane = emu::thread_idx.x % 32;
+    const auto* address = static_cast<const unsigned char*>(row);
+    if (reinterpret_cast<uintptr_t>(address) % 16 != 0) emu_fail("ldmatrix row address not 16-byte aligned");
+    if (address < emu::shared_memory || address + 16 > emu::shared_memory + emu::shared_bytes)
+        emu_fail("ldmatrix row outside the block's shared memory");
+    emu::matrix_rows[warp][lane] = address;
+    __syncwarp();  // every lane has named its row
+    for (int i = 0; i < 4; ++i) {
+        uint16_t halves[2];
+        for (int e = 0; e < 2; ++e) {
+            const int row_in = trans ? 2 * int(lane % 4) + e : int(lane / 4);
+            const int col_in = trans ? int(lane / 4) : 2 * int(lane % 4) + e;
+            std::memcpy(&halves[e], emu::matrix_rows[warp][8 * i + row_in] + 2 * col_in, 2);
+        }
+        r[i] = uint32_t(halves[0]) | uint32_t(halves[1]) << 16;
+    }
+    __syncwarp();  // every lane has read before the slots are reused
+}
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) { emu_ldmatrix(r, row, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) { emu_ldmatrix(r, row, true); }
+
+// ---- cp.async: copies are held back until cp_async_wait lets their group land ----
+// So a kernel that reads a tile before waiting for it (or before the __syncthreads after the
+// wait) reads the NaN that shared memory starts with, as it might on a GPU.
+namespace emu {
+struct PendingCopy {
+    void* destination;
+    const void* source;
+    bool fill;
+};
+inline thread_local std::vector<PendingCopy> open_group;                // not yet committed
+inline thread_local std::vector<std::vector<PendingCopy>> committed;    // oldest first
+}  // namespace emu
+
+inline void cp_async_16(void* destination, const void* source, bool fill) {
+    const auto* address = static_cast<const unsigned char*>(destination);
+    if (reinterpret_cast<uintptr_t>(address) % 16 != 0 || reinterpret_cast<uintptr_t>(source) % 16 != 0)
+        emu_fail("cp.async address not 16-byte aligned");
+    if (address < emu::shared_memory || address + 16 > emu::shared_memory + emu::shared_bytes)
+        emu_fail("cp.async destination outside the block's shared memory");
+    emu::open_group.push_back({destination, source, fill});
+}
+inline void cp_async_commit() {
+    emu::committed.push_back(std::move(emu::open_group));
+    emu::open_group.clear();
+}
+template <int N>
+inline void cp_async_wait() {
+    while (emu::committed.size() > size_t(N)) {
+        for (const auto& copy : emu::committed.front()) {
+            if (copy.fill) std::memcpy(copy.destination, copy.source, 16);
+            else std::memset(copy.destination, 0, 16);
+        }
+        emu::committed.erase(emu::committed.begin());
+    }
+}

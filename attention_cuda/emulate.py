@@ -2,7 +2,7 @@
 without a GPU, through the same ctypes calls (launch.py) the CUDA library gets.
 
 For: tests of the kernel's indexing, tiling, masking, tails and shared-memory layout against
-reference.py. Not for: speed (every CUDA thread is an OS thread), or proving the real wmma
+reference.py. Not for: speed (every CUDA thread is an OS thread), or proving the real mma.sync
 register layout or warp scheduling right; only a GPU run does that (gpu_check.py).
 """
 
