@@ -83,8 +83,8 @@ struct DkDvSmem : Tiles<D> {
     static constexpr int bytes = 6 * tile + 4 * row_values;
 };
 
-// dQ: q_tile, do_tile, lse, delta, and twice k_tile, v_tile, kc_tile (16-bit k - k_mean).
-// D = 64: 74,240 bytes; D = 128: 139,776.
+// dQ: q_tile, do_tile, lse, delta, kc_tile (16-bit k - k_mean), and twice k_tile, v_tile.
+// D = 64: 65,024 bytes; D = 128: 122,368.
 template <int D>
 struct DqSmem : Tiles<D> {
     using Tiles<D>::tile, Tiles<D>::row_values;
@@ -94,8 +94,8 @@ struct DqSmem : Tiles<D> {
     static constexpr int delta_tile = 2 * tile + row_values;
     __host__ __device__ static constexpr int k_tile(int buffer) { return 2 * tile + 2 * row_values + buffer * tile; }
     __host__ __device__ static constexpr int v_tile(int buffer) { return 4 * tile + 2 * row_values + buffer * tile; }
-    __host__ __device__ static constexpr int kc_tile(int buffer) { return 6 * tile + 2 * row_values + buffer * tile; }
-    static constexpr int bytes = 8 * tile + 2 * row_values;
+    static constexpr int kc_tile = 6 * tile + 2 * row_values;
+    static constexpr int bytes = 7 * tile + 2 * row_values;
 };
 
 // ----------------------------------------------------------------------------------------
@@ -194,6 +194,11 @@ __device__ __forceinline__ void cp_async_16(void* destination, const void* sourc
     const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(destination));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(address), "l"(source), "r"(fill ? 16 : 0));
 }
+// The same for 4 bytes (one float).
+__device__ __forceinline__ void cp_async_4(void* destination, const void* source, bool fill) {
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(destination));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(address), "l"(source), "r"(fill ? 4 : 0));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
@@ -216,11 +221,39 @@ __device__ void load_tile_async(scalar_t* tile, const scalar_t* matrix, int row0
     }
 }
 
-// Copies values[row0, row0 + ROWS) of one head's per-row vector (lse or delta) into shared
-// memory; rows past seq_len get 0 (they are masked, so the value never matters).
+// Starts copying values[row0, row0 + ROWS) of one head's per-row vector (lse or delta) into
+// shared memory, like load_tile_async; rows past seq_len get 0 (they are masked anyway).
 template <int ROWS>
-__device__ void load_rows(float* dst, const float* values, int row0, int seq_len) {
-    for (int r = threadIdx.x; r < ROWS; r += THREADS) dst[r] = (row0 + r < seq_len) ? values[row0 + r] : 0.0f;
+__device__ void load_rows_async(float* dst, const float* values, int row0, int seq_len) {
+    for (int r = threadIdx.x; r < ROWS; r += THREADS) {
+        const bool inside = row0 + r < seq_len;
+        cp_async_4(dst + r, inside ? values + row0 + r : values, inside);
+    }
+}
+
+// kc_tile = 16-bit(k_tile - k_mean) for the 8-element chunks this thread itself copied into
+// k_tile (load_tile_async's chunk-to-thread rule), so after cp_async_wait it needs no barrier.
+// Every chunk of a thread lies in the same 8 columns, whose mean it holds in `mean`. Rows past
+// seq_len stay zero.
+template <int D, typename scalar_t>
+__device__ void center_own_chunks(scalar_t* kc_tile, const scalar_t* k_tile, const float (&mean)[8], int k_start,
+                                  int seq_len) {
+    constexpr int CHUNKS_PER_ROW = D / 8;
+    static_assert(THREADS % CHUNKS_PER_ROW == 0, "a thread's chunks must share their columns");
+    for (int chunk = threadIdx.x; chunk < BLOCK_K * CHUNKS_PER_ROW; chunk += THREADS) {
+        const int r = chunk / CHUNKS_PER_ROW;
+        const int col = (chunk % CHUNKS_PER_ROW) * 8;
+        const uint4 bits = *reinterpret_cast<const uint4*>(k_tile + r * ld16(D) + col);
+        scalar_t key[8];
+        memcpy(key, &bits, sizeof(bits));
+        const bool inside = k_start + r < seq_len;
+        uint32_t centered[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            centered[e] = inside ? pack2<scalar_t>(to_float(key[2 * e]) - mean[2 * e], to_float(key[2 * e + 1]) - mean[2 * e + 1])
+                                 : 0u;
+        *reinterpret_cast<uint4*>(kc_tile + r * ld16(D) + col) = make_uint4(centered[0], centered[1], centered[2], centered[3]);
+    }
 }
 
 // Where element e of a lane's c[4] sits in the (16, 8) block: row g or g + 8, column 2t or 2t + 1.
@@ -504,12 +537,12 @@ attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* _
     // causal: Q tiles that end before k_start see none of these keys: start at the one holding k_start
     const int first_q_start = (k_start / BLOCK_Q) * BLOCK_Q;
 
-    // the Q side of one pass: q, dO (cp.async) and lse, delta (plain loads) into `buffer`
+    // the Q side of one pass: q, dO, lse, delta into `buffer`
     auto load_q_side = [&](int buffer, int q_start) {
         load_tile_async<BLOCK_Q, D>(q_tile(buffer), q + head * D, q_start, seq_len);
         load_tile_async<BLOCK_Q, D>(do_tile(buffer), d_o + head * D, q_start, seq_len);
-        load_rows<BLOCK_Q>(lse_tile(buffer), lse + head, q_start, seq_len);
-        load_rows<BLOCK_Q>(delta_tile(buffer), delta + head, q_start, seq_len);
+        load_rows_async<BLOCK_Q>(lse_tile(buffer), lse + head, q_start, seq_len);
+        load_rows_async<BLOCK_Q>(delta_tile(buffer), delta + head, q_start, seq_len);
     };
     load_tile_async<BLOCK_K, D>(k_tile, k + head * D, k_start, seq_len);
     load_tile_async<BLOCK_K, D>(v_tile, v + head * D, k_start, seq_len);
@@ -557,7 +590,7 @@ __global__ void __launch_bounds__(THREADS)
 attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                              const scalar_t* __restrict__ v, const scalar_t* __restrict__ d_o,
                              const float* __restrict__ lse, const float* __restrict__ delta,
-                             const scalar_t* __restrict__ k_centered, scalar_t* __restrict__ dq, int seq_len,
+                             const float* __restrict__ k_mean, scalar_t* __restrict__ dq, int seq_len,
                              float scale) {
     using Smem = DqSmem<D>;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -567,7 +600,7 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
     float* delta_tile = reinterpret_cast<float*>(smem + Smem::delta_tile);
     auto k_tile = [&](int buffer) { return reinterpret_cast<scalar_t*>(smem + Smem::k_tile(buffer)); };
     auto v_tile = [&](int buffer) { return reinterpret_cast<scalar_t*>(smem + Smem::v_tile(buffer)); };
-    auto kc_tile = [&](int buffer) { return reinterpret_cast<scalar_t*>(smem + Smem::kc_tile(buffer)); };
+    scalar_t* kc_tile = reinterpret_cast<scalar_t*>(smem + Smem::kc_tile);  // this pass's 16-bit(k - k_mean)
 
     const int warp = threadIdx.x / 32;
     const size_t head = (size_t)blockIdx.x * seq_len;
@@ -575,25 +608,28 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
     const int q_end = min(q_start + BLOCK_Q, seq_len);
     const int q_row0 = q_start + warp * STRIPE;
 
-    // the K side of one pass: k, v and the centered keys, into `buffer`
+    // the K side of one pass: k and v, into `buffer`
     auto load_k_side = [&](int buffer, int k_start) {
         load_tile_async<BLOCK_K, D>(k_tile(buffer), k + head * D, k_start, seq_len);
         load_tile_async<BLOCK_K, D>(v_tile(buffer), v + head * D, k_start, seq_len);
-        load_tile_async<BLOCK_K, D>(kc_tile(buffer), k_centered + head * D, k_start, seq_len);
     };
+    float mean[8];  // the head's mean key, at the 8 columns this thread centers (center_own_chunks)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) mean[e] = k_mean[(size_t)blockIdx.x * D + (threadIdx.x % (D / 8)) * 8 + e];
     load_tile_async<BLOCK_Q, D>(q_tile, q + head * D, q_start, seq_len);
     load_tile_async<BLOCK_Q, D>(do_tile, d_o + head * D, q_start, seq_len);
-    load_rows<BLOCK_Q>(lse_tile, lse + head, q_start, seq_len);
-    load_rows<BLOCK_Q>(delta_tile, delta + head, q_start, seq_len);
+    load_rows_async<BLOCK_Q>(lse_tile, lse + head, q_start, seq_len);
+    load_rows_async<BLOCK_Q>(delta_tile, delta + head, q_start, seq_len);
     load_k_side(0, 0);
     cp_async_commit();
     float dq_acc[D / 8][4] = {};  // this warp's (16, D) dQ, fp32
 
-    int buffer = 0;  // which k_tile / v_tile / kc_tile holds this pass's keys
+    int buffer = 0;  // which k_tile / v_tile holds this pass's keys
     for (int k_start = 0; k_start < q_end; k_start += BLOCK_K, buffer ^= 1) {  // causal: as in the forward
         if (k_start + BLOCK_K < q_end) load_k_side(buffer ^ 1, k_start + BLOCK_K);  // prefetch the next pass
         cp_async_commit();   // one group per pass (empty on the last), so that:
         cp_async_wait<1>();  // everything but the newest group, the prefetch, has landed
+        center_own_chunks<D>(kc_tile, k_tile(buffer), mean, k_start, seq_len);
         __syncthreads();     // ... for every thread: this pass's tiles (and the Q side) are complete
         float s[BLOCK_K / 8][4], dp[BLOCK_K / 8][4];  // (16 queries, BLOCK_K keys)
         warp_matmul_abt<D, BLOCK_K>(s, q_tile, k_tile(buffer), warp * STRIPE);    // s = q_tile @ k_tileᵀ
@@ -601,7 +637,7 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
         recompute_p_and_ds<false>(s, dp, lse_tile, delta_tile, q_start, k_start, seq_len, scale);
         uint32_t a[BLOCK_K / 16][4];
         to_a_fragments<BLOCK_K, scalar_t>(a, dp);                      // ds in 16 bits
-        warp_matmul_ab<BLOCK_K, D, scalar_t>(dq_acc, a, kc_tile(buffer));  // dq += ds @ (k_tile - k_mean)
+        warp_matmul_ab<BLOCK_K, D, scalar_t>(dq_acc, a, kc_tile);  // dq += ds @ (k_tile - k_mean)
         __syncthreads();  // every warp is done with this buffer before the next pass loads into it
     }
 
@@ -648,7 +684,7 @@ int launch_forward(const void* q, const void* k, const void* v, void* o, float* 
 
 template <int D, typename scalar_t>
 int launch_backward(const void* q, const void* k, const void* v, const void* o, const void* d_o,
-                    const float* lse, const void* k_centered, float* delta, void* dq, void* dk, void* dv,
+                    const float* lse, const float* k_mean, float* delta, void* dq, void* dk, void* dv,
                     int batch_heads, int seq_len, float scale, cudaStream_t stream) {
     const scalar_t* q_ = static_cast<const scalar_t*>(q);
     const scalar_t* k_ = static_cast<const scalar_t*>(k);
@@ -670,8 +706,7 @@ int launch_backward(const void* q, const void* k, const void* v, const void* o, 
 
     auto dq_kernel = attention_backward_dq_kernel<D, scalar_t>;
     if ((err = allow_smem(dq_kernel, DqSmem<D>::bytes)) != cudaSuccess) return err;
-    dq_kernel<<<grid, THREADS, DqSmem<D>::bytes, stream>>>(q_, k_, v_, do_, lse, delta,
-                                                     static_cast<const scalar_t*>(k_centered),
+    dq_kernel<<<grid, THREADS, DqSmem<D>::bytes, stream>>>(q_, k_, v_, do_, lse, delta, k_mean,
                                                      static_cast<scalar_t*>(dq), seq_len, scale);
     return cudaGetLastError();
 }
@@ -728,13 +763,13 @@ int gust_attention_forward(const void* q, const void* k, const void* v, void* o,
 }
 
 // Backward. q, k, v, o, d_o (the output's gradient): as in the forward; lse: the forward's.
-// k_centered: like k, 16-bit(k - each head's mean key over the sequence) (see the dQ kernel
-// for why). delta: (batch_heads, seq_len) fp32 scratch. dq, dk, dv: outputs, like q.
+// k_mean: (batch_heads, head_dim) fp32, each head's mean key over the sequence (see the dQ
+// kernel for why). delta: (batch_heads, seq_len) fp32 scratch. dq, dk, dv: outputs, like q.
 int gust_attention_backward(const void* q, const void* k, const void* v, const void* o, const void* d_o,
-                            const void* lse, const void* k_centered, void* delta, void* dq, void* dk, void* dv,
+                            const void* lse, const void* k_mean, void* delta, void* dq, void* dk, void* dv,
                             int batch_heads, int seq_len, int head_dim, float scale, int dtype, void* stream) {
     if (int bad = check_sizes(batch_heads, seq_len)) return bad;
-    const void* tiles[] = {q, k, v, o, d_o, k_centered, dq, dk, dv};
+    const void* tiles[] = {q, k, v, o, d_o, dq, dk, dv};
     for (const void* p : tiles)
         if (!aligned16(p)) return GUST_MISALIGNED;
     if (batch_heads == 0 || seq_len == 0) return GUST_OK;
@@ -742,7 +777,7 @@ int gust_attention_backward(const void* q, const void* k, const void* v, const v
         constexpr int D = decltype(head_dim_tag)::value;
         using scalar_t = typename decltype(type_tag)::type;
         return launch_backward<D, scalar_t>(q, k, v, o, d_o, static_cast<const float*>(lse),
-                                            k_centered, static_cast<float*>(delta), dq, dk,
+                                            static_cast<const float*>(k_mean), static_cast<float*>(delta), dq, dk,
                                             dv, batch_heads, seq_len, scale, static_cast<cudaStream_t>(stream));
     });
 }

@@ -271,20 +271,23 @@ namespace emu {
 struct PendingCopy {
     void* destination;
     const void* source;
+    int bytes;  // 16 or 4
     bool fill;
 };
 inline thread_local std::vector<PendingCopy> open_group;                // not yet committed
 inline thread_local std::vector<std::vector<PendingCopy>> committed;    // oldest first
 }  // namespace emu
 
-inline void cp_async_16(void* destination, const void* source, bool fill) {
+inline void emu_cp_async(void* destination, const void* source, int bytes, bool fill) {
     const auto* address = static_cast<const unsigned char*>(destination);
-    if (reinterpret_cast<uintptr_t>(address) % 16 != 0 || reinterpret_cast<uintptr_t>(source) % 16 != 0)
-        emu_fail("cp.async address not 16-byte aligned");
-    if (address < emu::shared_memory || address + 16 > emu::shared_memory + emu::shared_bytes)
+    if (reinterpret_cast<uintptr_t>(address) % bytes != 0 || reinterpret_cast<uintptr_t>(source) % bytes != 0)
+        emu_fail("cp.async address not aligned to its size");
+    if (address < emu::shared_memory || address + bytes > emu::shared_memory + emu::shared_bytes)
         emu_fail("cp.async destination outside the block's shared memory");
-    emu::open_group.push_back({destination, source, fill});
+    emu::open_group.push_back({destination, source, bytes, fill});
 }
+inline void cp_async_16(void* destination, const void* source, bool fill) { emu_cp_async(destination, source, 16, fill); }
+inline void cp_async_4(void* destination, const void* source, bool fill) { emu_cp_async(destination, source, 4, fill); }
 inline void cp_async_commit() {
     emu::committed.push_back(std::move(emu::open_group));
     emu::open_group.clear();
@@ -293,8 +296,8 @@ template <int N>
 inline void cp_async_wait() {
     while (emu::committed.size() > size_t(N)) {
         for (const auto& copy : emu::committed.front()) {
-            if (copy.fill) std::memcpy(copy.destination, copy.source, 16);
-            else std::memset(copy.destination, 0, 16);
+            if (copy.fill) std::memcpy(copy.destination, copy.source, copy.bytes);
+            else std::memset(copy.destination, 0, copy.bytes);
         }
         emu::committed.erase(emu::committed.begin());
     }

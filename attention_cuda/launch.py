@@ -58,10 +58,9 @@ def forward_into(lib, q, k, v, scale: float, o, lse, row_max=None, stream: int =
 def backward_into(lib, q, k, v, o, lse, do, scale: float, dq, dk, dv, delta, stream: int = 0) -> None:
     """Runs the backward kernels, writing dq, dk, dv (B, H, T, D); delta (B, H, T) fp32 is scratch."""
     B, H, T, D = q.shape
-    # each head's keys minus their mean, rounded to k's dtype: the dQ kernel's centering (attention.cu)
-    k_centered = (k.float() - k.mean(dim=2, keepdim=True, dtype=torch.float32)).to(k.dtype)  # (B, H, T, D)
+    k_mean = k.mean(dim=2, dtype=torch.float32)  # (B, H, D) each head's mean key: the dQ kernel's centering
     code = lib.gust_attention_backward(
-        _pointer(q), _pointer(k), _pointer(v), _pointer(o), _pointer(do), _pointer(lse), _pointer(k_centered),
+        _pointer(q), _pointer(k), _pointer(v), _pointer(o), _pointer(do), _pointer(lse), _pointer(k_mean),
         _pointer(delta), _pointer(dq), _pointer(dk), _pointer(dv),
         B * H, T, D, float(scale), DTYPE_FLAGS[q.dtype], ctypes.c_void_p(stream))
     check_code(lib, code, "backward")

@@ -1,0 +1,64 @@
+"""Where the time of gust's attention goes: GPU time per kernel (torch.profiler) of forward +
+backward through the public op, beside the wall time of the same calls.
+
+For: finding the slow kernel before tuning it (NOTES.md records what this printed). If the
+kernels' sum is far below the wall time, the GPU waited for the host (Python, launches).
+Not for: the numbers we report (gpu_check.py's benchmark is that). Needs a GPU:
+    python -m attention_cuda.profile --shapes 8x12,16x16 --dtype bf16
+"""
+
+import argparse
+import math
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import attention_cuda
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fwd_bwd(q, k, v, do, scale):
+    return torch.autograd.grad(attention_cuda.attention(q, k, v, scale), (q, k, v), do)
+
+
+def profile_shape(B: int, H: int, dtype, iters: int, T: int = 1024, D: int = 64) -> None:
+    q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype) for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    scale = 1 / math.sqrt(D)
+    for _ in range(3):  # warm-up: build, load, allocator
+        fwd_bwd(q, k, v, do, scale)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fwd_bwd(q, k, v, do, scale)
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / iters
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fwd_bwd(q, k, v, do, scale)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3 / iters
+    print(f"\nB={B} H={H} T={T} D={D} {dtype}: wall {wall_ms:.3f} ms per fwd+bwd, GPU busy {gpu_ms:.3f} ms")
+    for e in events[:12]:
+        us = e.self_device_time_total / iters
+        print(f"  {us:9.1f} us  x{e.count // iters:<3d} {e.key[:110]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="8x12,16x16", help="comma-separated BxH at T=1024, D=64")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
+    for shape in args.shapes.split(","):
+        B, H = (int(x) for x in shape.split("x"))
+        profile_shape(B, H, DTYPES[args.dtype], args.iters)
+
+
+if __name__ == "__main__":
+    main()
