@@ -379,6 +379,10 @@ def train(cfg: TrainConfig) -> dict:
 
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
     raw_model = GPT(cfg.model).to(rt.device)
+    ckpt = resume_point(cfg, run_dir)
+    agree_on_resume(ckpt, rt)
+    if ckpt is None and cfg.init_from is not None:
+        init_weights(cfg.init_from, cfg, raw_model, rt)  # before distribute: every rank loads the same full weights
     attn_impl = raw_model.set_attn_impl(rt.device)
     flops_token = flops_per_token(raw_model)
     model, optimizer = distribute(raw_model, cfg, rt)
@@ -386,8 +390,6 @@ def train(cfg: TrainConfig) -> dict:
     scaler = DynamicLossScaler(cfg.loss_scale, enabled=cfg.precision == "fp16")
     step, opt_step, run_id = 0, 0, f"{cfg.preset}-{cfg.seed}-{int(time.time())}"
 
-    ckpt = resume_point(cfg, run_dir)
-    agree_on_resume(ckpt, rt)
     if ckpt is not None:
         step, opt_step, run_id = restore(ckpt, cfg, raw_model, optimizer, scaler, rt)
     else:
@@ -634,13 +636,31 @@ def agree_on_resume(ckpt: Path | None, rt: Dist):
                            "--out-dir must be on a filesystem every node sees")
 
 
-def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, rt: Dist) -> tuple[int, int, str]:
-    state = checkpoint.load(ckpt)
+def check_model_shape(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
+    """A checkpoint's weights fit only a model of the same shape: say which flag differs."""
     saved_model = state["config"]["model"]
     for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias"):
         if saved_model[name] != getattr(cfg.model, name):
             raise ValueError(f"{ckpt}: checkpoint has model.{name} = {saved_model[name]}, but --model.{name.replace('_', '-')} "
                              f"is {getattr(cfg.model, name)}")
+
+
+def init_weights(path: Path, cfg: TrainConfig, raw_model, rt: Dist) -> None:
+    """--init-from: only the model weights of a checkpoint directory, or of a run directory's newest one."""
+    ckpt = path if (path / checkpoint.MANIFEST).is_file() else checkpoint.latest_complete(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"--init-from {path}: no complete checkpoint there (a step-XXXXXXX directory or a run "
+                                f"directory holding checkpoints/)")
+    state = checkpoint.load(ckpt)
+    check_model_shape(state, cfg, ckpt)
+    raw_model.load_state_dict(state["model"])
+    if rt.is_main:
+        print(f"gust: weights from {ckpt} (its step {state['step']}); optimizer and step start fresh", flush=True)
+
+
+def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, rt: Dist) -> tuple[int, int, str]:
+    state = checkpoint.load(ckpt)
+    check_model_shape(state, cfg, ckpt)
     load_full_state(model, optimizer, state["model"], state["optimizer"], rt)
     scaler.load_state_dict(state["scaler"])
     if len(state["per_rank"]) == rt.world_size:

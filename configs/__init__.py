@@ -145,6 +145,9 @@ class TrainConfig:
     """Record per-layer activation norms and max |attention score| every this many steps (0 = never)."""
     resume: str = "none"
     """none: start fresh; auto: continue from the newest complete checkpoint in out_dir, if any; or a path."""
+    init_from: Path | None = None
+    """Start from the model weights of this checkpoint (or run dir's newest), e.g. hf_bridge.py import's: fine-tuning.
+    Optimizer, step and RNG start fresh; ignored when --resume continues a checkpoint of this run."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True) and the cuBLAS workspace setting: slower, bitwise-repeatable on GPU."""
     dist: Literal["ddp", "zero1", "fsdp"] = "ddp"

@@ -126,6 +126,32 @@ def test_import_of_a_random_huggingface_gpt2_matches_its_logits(tmp_path, data_d
             assert (model(idx)[0] - expected).abs().max().item() < 1e-5
 
 
+def test_fine_tuning_starts_from_imported_huggingface_weights(tmp_path, data_dir):
+    transformers = pytest.importorskip("transformers")
+    from conftest import tiny_run
+    from data import TokenSplit
+    from train import train
+
+    hf_cfg = transformers.GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(2)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    hf_bridge.main(["import", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "imported"),
+                    "--data-dir", str(data_dir)])
+    cfg = tiny_run(data_dir, tmp_path / "tuned", init_from=tmp_path / "imported", max_steps=1, global_batch_size=4,
+                   micro_batch_size=4, model=GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=32))
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "tuned" / "metrics.jsonl").read_text().splitlines()]
+    first_loss = next(row["loss"] for row in rows if "loss" in row)  # before the first update
+    split = TokenSplit(data_dir, "train", 32, 300, True)
+    x, y = split.windows(split.sample_starts(cfg.seed, 0, 4))  # step 0's batch: a pure function of (seed, step)
+    with torch.no_grad():
+        hf_loss = torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).item()
+    assert abs(first_loss - hf_loss) < 1e-5
+
+
 # ----------------------------------------------------------------------------- eval
 
 @pytest.mark.parametrize("n_tokens,context,stride", [(2, 8, 8), (101, 16, 16), (101, 16, 5), (100, 16, 8), (17, 16, 4)])

@@ -84,6 +84,29 @@ def test_rerun_from_config_json_is_bitwise(tiny_data, tmp_path):
     assert train_losses(tmp_path / "first") == train_losses(tmp_path / "again")
 
 
+def test_init_from_takes_only_the_weights(tiny_data, tmp_path):
+    source = train(tiny_run(tiny_data, tmp_path / "source", final_eval_batches=0))
+    # max_steps=0: no training, only the final eval of the loaded weights over the whole val split
+    loaded = train(tiny_run(tiny_data, tmp_path / "loaded", init_from=tmp_path / "source", max_steps=0))
+    fresh = train(tiny_run(tiny_data, tmp_path / "fresh", max_steps=0))
+    assert loaded["val_loss"] == source["val_loss"] and fresh["val_loss"] > source["val_loss"] + 0.1
+    train(tiny_run(tiny_data, tmp_path / "tuned", init_from=tmp_path / "source" / "checkpoints" / "step-0000010",
+                   max_steps=5))
+    tuned = final_state(tmp_path / "tuned")
+    assert tuned["step"] == 5 and tuned["opt_step"] == 5  # the source's 10 steps are not counted
+    assert all(int(moments["step"]) == 5 for moments in tuned["optimizer"]["state"].values())  # fresh AdamW
+
+
+def test_init_from_refuses_other_shapes_and_missing_dirs(tiny_data, tmp_path):
+    train(tiny_run(tiny_data, tmp_path / "source", max_steps=5))
+    wider = replace(tiny_run(tiny_data, tmp_path).model, n_embd=64)
+    with pytest.raises(ValueError, match="checkpoint has model.n_embd = 32, but --model.n-embd is 64"):
+        train(tiny_run(tiny_data, tmp_path / "bad", init_from=tmp_path / "source", model=wider))
+    with pytest.raises(FileNotFoundError, match="--init-from .*nowhere: no complete checkpoint"):
+        train(tiny_run(tiny_data, tmp_path / "bad", init_from=tmp_path / "nowhere"))
+    assert not (tmp_path / "bad").exists()  # nothing written
+
+
 def torchrun(*args, nproc=2, timeout=300):
     return run_cli("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args, timeout=timeout)
 
