@@ -5,6 +5,7 @@ so torch.load(weights_only=True) reads it) and MANIFEST.json (file sizes and sha
 written under a temporary name, fsynced, and renamed into place, so a reader never sees half of one.
 Not in here: what goes into state.pt (train.py decides) or any distributed logic.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -43,10 +44,13 @@ def save(run_dir: Path, step: int, state: dict, keep: bool, keep_last: int) -> P
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        torch.save(state, tmp / STATE)
-        _fsync(tmp / STATE)
+        with open(tmp / STATE, "wb") as file:
+            hashing = _HashingWriter(file)
+            torch.save(state, hashing)  # hashed as it is written: no second pass over a multi-GB file
+            file.flush()
+            os.fsync(file.fileno())
         _test_pause_hook(step)
-        manifest = {"step": step, "keep": keep, "files": {STATE: _file_entry(tmp / STATE)}}
+        manifest = {"step": step, "keep": keep, "files": {STATE: {"bytes": hashing.bytes, "sha256": hashing.sha256()}}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: marks the directory complete
         _fsync(tmp / MANIFEST)
         if final.exists():  # only a broken one can be in the way (a complete one ends the resume there):
@@ -60,8 +64,22 @@ def save(run_dir: Path, step: int, state: dict, keep: bool, keep_last: int) -> P
     return final
 
 
-def _file_entry(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+class _HashingWriter:
+    """The file torch.save writes to, hashing and counting the bytes on their way to disk."""
+
+    def __init__(self, file):
+        self.file, self.digest, self.bytes = file, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.bytes += len(data)
+        return self.file.write(data)
+
+    def flush(self):
+        self.file.flush()
+
+    def sha256(self) -> str:
+        return self.digest.hexdigest()
 
 
 def _fsync(path: Path):
