@@ -14,7 +14,7 @@
 // warp w owns rows [16 w, 16 w + 16) of it (its "stripe"). 16-bit tiles sit in shared memory;
 // everything a warp computes from them (scores, P, dS, the O / dQ / dK / dV accumulators)
 // stays in its registers, in the fragment layout of the tensor-core instruction
-// mma.sync.m16n8k16, which PTX documents. Only three small functions below speak PTX.
+// mma.sync.m16n8k16, which PTX documents. Only the small wrappers in the "Tensor cores" section speak PTX.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -39,7 +39,9 @@ constexpr int THREADS = WARPS * 32;     // 128 threads per block
 constexpr int STRIPE = 16;              // rows per warp = the M of mma.m16n8k16
 constexpr float LOG2E = 1.4426950408889634f;  // exp(x) = exp2(x * log2(e)); exp2 is one instruction
 static_assert(BLOCK_Q == WARPS * STRIPE && BLOCK_K == WARPS * STRIPE, "a warp owns 16 rows of a tile");
-static_assert(BLOCK_Q == BLOCK_K, "the backward kernels share one layout of square tiles");
+// one grid of ⌈T/64⌉ tiles serves as K tiles (dK/dV) and Q tiles (dQ), and recompute_p_and_ds takes (16, 64)
+// fragments in both orientations
+static_assert(BLOCK_Q == BLOCK_K, "the backward kernels need square tiles");
 
 // Row stride (in elements) of a 16-bit shared tile with `cols` columns. The 8 extra elements
 // (16 bytes) shift each row by 4 of the 32 shared-memory banks, so the 8 rows one ldmatrix
@@ -52,7 +54,7 @@ __host__ __device__ constexpr int tile_bytes(int rows, int ld, int elem_bytes) {
 }
 
 // Shared memory of each kernel, as byte offsets. Every tile is (64, D) 16-bit with row stride
-// ld16(D); the tiles a kernel streams (loops over) come in two buffers, so the next one loads
+// ld16(D), every lse/delta vector (64,) fp32; the tiles a kernel streams (loops over) come in two buffers, so the next one loads
 // while the warps compute on this one. `buffer` is 0 or 1.
 template <int D>
 struct Tiles {
@@ -83,7 +85,8 @@ struct DkDvSmem : Tiles<D> {
     static constexpr int bytes = 6 * tile + 4 * row_values;
 };
 
-// dQ: q_tile, do_tile, lse, delta, kc_tile (16-bit k - k_mean), and twice k_tile, v_tile.
+// dQ: q_tile, do_tile, lse, delta, twice k_tile and v_tile, then kc_tile (16-bit k - k_mean; one buffer,
+// rebuilt every pass).
 // D = 64: 65,024 bytes; D = 128: 122,368.
 template <int D>
 struct DqSmem : Tiles<D> {
@@ -156,9 +159,10 @@ __device__ __forceinline__ bool is_masked(int i, int j, int seq_len) { return j 
 //
 // ldmatrix.m8n8.x4 loads four 8x8 16-bit matrices from shared memory; lane l names the address
 // of row l % 8 of matrix l / 8, and receives, of matrix i, elements [l/4][2(l%4), 2(l%4)+1] in
-// register i: exactly an A or B fragment. With .trans it receives [2(l%4), 2(l%4)+1][l/4].
+// register i: an A register, or a B register when the tile holds Bᵀ. With .trans it receives
+// [2(l%4), 2(l%4)+1][l/4]: a B register when the tile holds B itself.
 //
-// cp.async copies 16 bytes global -> shared without passing through registers, so a tile
+// cp.async copies 16 (or 4) bytes global -> shared without passing through registers, so a tile
 // for the next loop pass can load while the warps compute on this one (sm_80+). Copies are
 // grouped by cp_async_commit; cp_async_wait<N> returns when all but the newest N groups of
 // this thread have landed.
@@ -194,7 +198,7 @@ __device__ __forceinline__ void cp_async_16(void* destination, const void* sourc
     const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(destination));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(address), "l"(source), "r"(fill ? 16 : 0));
 }
-// The same for 4 bytes (one float).
+// The same for 4 bytes (one float); .ca because .cg (L2 only) is allowed only for 16-byte copies.
 __device__ __forceinline__ void cp_async_4(void* destination, const void* source, bool fill) {
     const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(destination));
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(address), "l"(source), "r"(fill ? 4 : 0));
@@ -217,6 +221,7 @@ __device__ void load_tile_async(scalar_t* tile, const scalar_t* matrix, int row0
         const int r = chunk / CHUNKS_PER_ROW;
         const int col = (chunk % CHUNKS_PER_ROW) * PER_CHUNK;
         const bool inside = row0 + r < seq_len;
+        // past the end: 0 bytes are read, but the address must still be a valid one
         cp_async_16(tile + r * ld16(D) + col, inside ? matrix + (size_t)(row0 + r) * D + col : matrix, inside);
     }
 }
@@ -280,8 +285,8 @@ __device__ __forceinline__ void load_b_transposed(uint32_t (&b)[2][2], const sca
 }
 
 // Two B fragments for B[k][n] = tile[k][n], k in [k0, k0+16), n in [n0, n0+16): the "tile as
-// it is" operand of P v, Pᵀ dO, dSᵀ q, dS k. Matrix i covers tile rows k0 + 8 (i % 2).. and
-// columns n0 + 8 (i / 2)..; .trans hands each lane the column pairs a B fragment needs.
+// it is" operand of P v, Pᵀ dO, dSᵀ q, dS (k - k_mean). Matrix i covers tile rows k0 + 8 (i % 2).. and
+// columns n0 + 8 (i / 2)..; .trans hands each lane the (k, k+1) pair of its column g that a B register holds.
 template <typename scalar_t>
 __device__ __forceinline__ void load_b(uint32_t (&b)[2][2], const scalar_t* tile, int ld, int k0, int n0) {
     const int lane = threadIdx.x % 32, matrix = lane / 8;
@@ -299,7 +304,7 @@ __device__ void warp_matmul_abt(float (&acc)[COLS / 8][4], const scalar_t* a_til
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[n][e] = 0.0f;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {  // inner dimension D in steps of 16
+    for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t a[4];
         load_a(a, a_tile, ld16(D), row0, 16 * kk);
 #pragma unroll
@@ -452,7 +457,7 @@ attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restr
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const float sum = quad_sum(row_sum[h]);  // the row's sum from its 4 lanes' shares
-        // sum > 0 always for i < seq_len (key 0 is visible to every query); guard anyway
+        // sum > 0 for i < seq_len (key 0 is visible to every query); padding rows have 0: keep them finite
         inv_sum[h] = sum > 0.0f ? 1.0f / sum : 0.0f;
         const int i = q_row0 + frag_row(2 * h);
         if (i < seq_len && threadIdx.x % 4 == 0) {  // one lane of the 4 writes the row's scalars
@@ -604,7 +609,7 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
 
     const int warp = threadIdx.x / 32;
     const size_t head = (size_t)blockIdx.x * seq_len;
-    const int q_start = (gridDim.y - 1 - blockIdx.y) * BLOCK_Q;  // longest rows of K tiles first
+    const int q_start = (gridDim.y - 1 - blockIdx.y) * BLOCK_Q;  // the last Q tiles see the most K tiles: first
     const int q_end = min(q_start + BLOCK_Q, seq_len);
     const int q_row0 = q_start + warp * STRIPE;
 
@@ -629,8 +634,8 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
         if (k_start + BLOCK_K < q_end) load_k_side(buffer ^ 1, k_start + BLOCK_K);  // prefetch the next pass
         cp_async_commit();   // one group per pass (empty on the last), so that:
         cp_async_wait<1>();  // everything but the newest group, the prefetch, has landed
-        center_own_chunks<D>(kc_tile, k_tile(buffer), mean, k_start, seq_len);
-        __syncthreads();     // ... for every thread: this pass's tiles (and the Q side) are complete
+        center_own_chunks<D>(kc_tile, k_tile(buffer), mean, k_start, seq_len);  // own copies only: before the barrier
+        __syncthreads();     // for every thread: this pass's tiles, kc_tile and the Q side are complete
         float s[BLOCK_K / 8][4], dp[BLOCK_K / 8][4];  // (16 queries, BLOCK_K keys)
         warp_matmul_abt<D, BLOCK_K>(s, q_tile, k_tile(buffer), warp * STRIPE);    // s = q_tile @ k_tileᵀ
         warp_matmul_abt<D, BLOCK_K>(dp, do_tile, v_tile(buffer), warp * STRIPE);  // dp = do_tile @ v_tileᵀ
