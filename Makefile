@@ -50,9 +50,11 @@ cuda-compile: setup
 
 # On a machine with an NVIDIA GPU: build, check and benchmark everything GPU-side; results in $(OUT_DIR).
 OUT_DIR ?= gpu-results
-# The kernel check first; the end-to-end training benchmark runs even if a check failed (both are reported).
+# The kernel check first; the per-kernel profile and the end-to-end training benchmark run even if a check
+# failed (all are reported).
 gpu-check:
 	python3 -m attention_cuda.gpu_check --out $(OUT_DIR) --time-limit 180; status=$$?; \
+	python3 -m attention_cuda.profile --shapes 8x12,16x16 > $(OUT_DIR)/profile.txt; \
 	python3 bench.py --out $(OUT_DIR) && exit $$status
 
 stability-demo: setup
