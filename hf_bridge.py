@@ -199,8 +199,7 @@ class ImportArgs:
 def import_to_run(args: ImportArgs) -> Path:
     """import_hf, then checkpoint.save with a TrainConfig describing the imported shape."""
     import checkpoint
-    from configs import DataConfig, TrainConfig
-    from train import to_json
+    from configs import DataConfig, TrainConfig, to_json
 
     if checkpoint.all_checkpoints(args.out):
         raise ValueError(f"{args.out}: already holds checkpoints — choose a new --out")

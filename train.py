@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-from configs import PRESETS, TrainConfig
+from configs import PRESETS, TrainConfig, from_json, to_json
 from data import TokenSplit, rank_rows
 from model import GPT
 
@@ -293,36 +293,7 @@ def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), 0.0)
 
 
-# ----------------------------------------------------------------------------- config, provenance
-
-def to_json(obj):
-    """A config (nested dataclasses, Paths, tuples) as plain JSON values."""
-    if is_dataclass(obj):
-        return {f.name: to_json(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_json(x) for x in obj]
-    return str(obj) if isinstance(obj, Path) else obj
-
-
-def from_json(cls, values: dict):
-    """The inverse of to_json for TrainConfig: rebuild nested dataclasses, Paths and tuples from the field types."""
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in values:
-            continue
-        value, hint = values[f.name], hints[f.name]
-        if is_dataclass(hint):
-            value = from_json(hint, value)
-        elif value is not None and Path in (typing.get_args(hint) or (hint,)):
-            value = Path(value)
-        elif isinstance(value, list):
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
-
+# ----------------------------------------------------------------------------- provenance
 
 def provenance(rt: Dist) -> dict:
     """Where and with what this run was made, for config.json and every checkpoint."""

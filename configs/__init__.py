@@ -3,7 +3,8 @@
 `python train.py <preset> --help` lists each field with its docstring and the preset's value.
 Nothing here runs anything; train.py and data.py read these values and nothing else.
 """
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -203,3 +204,31 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
                     _mistral_gpt2("gpt2-medium", 1.5e-4, GPTConfig(n_layer=24, n_head=16, n_embd=1024, dropout=0.1))),
 }
 
+
+# ----------------------------------------------------------------------------- as JSON (config.json, checkpoints)
+
+def to_json(obj):
+    """A config (nested dataclasses, Paths, tuples) as plain JSON values."""
+    if is_dataclass(obj):
+        return {f.name: to_json(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(x) for x in obj]
+    return str(obj) if isinstance(obj, Path) else obj
+
+
+def from_json(cls, values: dict):
+    """The inverse of to_json for TrainConfig: rebuild nested dataclasses, Paths and tuples from the field types."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        value, hint = values[f.name], hints[f.name]
+        if is_dataclass(hint):
+            value = from_json(hint, value)
+        elif value is not None and Path in (typing.get_args(hint) or (hint,)):
+            value = Path(value)
+        elif isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        kwargs[f.name] = value
+    return cls(**kwargs)

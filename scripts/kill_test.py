@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
 from configs import PRESETS, CheckpointConfig  # noqa: E402
-from train import to_json  # noqa: E402
+from configs import to_json  # noqa: E402
 
 STEPS, EVERY = 40, 4
 

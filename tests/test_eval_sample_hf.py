@@ -18,7 +18,7 @@ import sample
 from configs import DataConfig, PrepareConfig, TrainConfig
 from data import load_tokenizer, prepare
 from model import GPT, GPTConfig
-from train import to_json
+from configs import to_json
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the king queen night day love death sword crown speak hear thou thee my lord lady good sweet fair "

@@ -21,9 +21,9 @@ import torch
 
 import checkpoint
 from conftest import ROOT, tiny_run
-from configs import PRESETS, TrainConfig
+from configs import PRESETS, TrainConfig, to_json
 from model import GPT, GPTConfig
-from train import parse_config, to_json
+from train import parse_config
 
 
 def load_script(name: str):

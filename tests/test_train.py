@@ -10,7 +10,8 @@ import torch
 
 import checkpoint
 from conftest import ROOT, tiny_run
-from train import to_json, train
+from configs import to_json
+from train import train
 
 
 def train_losses(run_dir):
