@@ -23,6 +23,7 @@ import torch.distributed as dist
 import checkpoint
 from configs import PRESETS, TrainConfig, from_json, to_json
 from data import TokenSplit, rank_rows
+from distributed import Dist, agree_on_resume, distribute, full, full_state, gradient_sync, load_full_state, setup_processes
 from model import GPT
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
@@ -31,36 +32,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- processes, seeds
-
-@dataclass
-class Dist:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    mode: str  # --dist, or "single" for one process (plain model and AdamW, whatever --dist says)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_processes(cfg: TrainConfig) -> Dist:
-    """One process per device; torchrun sets RANK/WORLD_SIZE. NCCL on GPU, gloo on CPU."""
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs this to be deterministic
-        torch.use_deterministic_algorithms(True)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
-    if world_size > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Dist(rank, local_rank, world_size, device, cfg.dist if world_size > 1 else "single")
-
 
 def seed_everything(seed: int):
     random.seed(seed)
@@ -117,35 +88,6 @@ def build_optimizer(model: torch.nn.Module, optim, device: torch.device, sharded
         from torch.distributed.optim import ZeroRedundancyOptimizer  # imported here: 2 s at every start otherwise
         return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **hyper)
     return torch.optim.AdamW(groups, **hyper)
-
-
-def distribute(raw_model: GPT, cfg: TrainConfig, rt: Dist):
-    """The model the loop calls and its optimizer under --dist; with one process, the plain model and AdamW.
-
-    ddp: every rank holds everything; gradients are all-reduced. zero1: the same, but AdamW's moments are
-    sharded across ranks. fsdp: parameters, gradients and moments are all sharded (dim 0); a block's weights
-    are gathered only around its forward and backward.
-    """
-    if rt.mode == "fsdp":
-        try:
-            from torch.distributed.fsdp import fully_shard
-        except ImportError:  # torch < 2.6 kept FSDP2 here
-            from torch.distributed._composable.fsdp import fully_shard
-        for block in raw_model.transformer.h:  # one gather per block: only a block or two is whole at a time
-            fully_shard(block, reshard_after_forward=cfg.fsdp_reshard_after_forward)
-        fully_shard(raw_model, reshard_after_forward=cfg.fsdp_reshard_after_forward)  # embeddings, ln_f, lm_head
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if rt.mode in ("ddp", "zero1"):
-        model = torch.nn.parallel.DistributedDataParallel(  # bucket views: no second copy of the gradients
-            model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True)
-    return model, build_optimizer(raw_model, cfg.optim, rt.device, sharded=rt.mode == "zero1")
-
-
-def gradient_sync(model, raw_model, rt: Dist, sync: bool):
-    """Reduce gradients across ranks only on the last micro-step; before it, accumulate locally."""
-    if rt.mode == "fsdp":
-        raw_model.set_requires_gradient_sync(sync)
-    return model.no_sync() if rt.mode in ("ddp", "zero1") and not sync else nullcontext()
 
 
 # ----------------------------------------------------------------------------- loss scaler
@@ -210,11 +152,6 @@ def unscale_and_clip(params: list, scaler: DynamicLossScaler, max_norm: float) -
     if scaler.scale != 1.0:
         torch._foreach_mul_(grads, 1.0 / scaler.scale)
     return full(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True))
-
-
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    """A plain tensor from an FSDP-sharded DTensor (gathered: every rank must call), or the tensor itself."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 # ----------------------------------------------------------------------------- metrics, eval
@@ -341,7 +278,31 @@ class StopRequest:
         self.signal = signum
 
 
-def train(cfg: TrainConfig) -> dict:
+@dataclass
+class Run:
+    """Everything a run builds once and every step uses."""
+
+    cfg: TrainConfig
+    rt: Dist
+    run_dir: Path
+    raw_model: GPT  # the plain module: its parameters, diagnostics, state dicts
+    model: torch.nn.Module  # what the loop calls: raw_model wrapped by --dist and/or torch.compile
+    optimizer: torch.optim.Optimizer
+    scaler: "DynamicLossScaler"
+    params: list  # raw_model's trainable parameters, after distribute (fsdp swaps in sharded ones)
+    train_split: TokenSplit
+    val_split: TokenSplit
+    ctx: object  # autocast for bf16/fp16, a no-op for fp32
+    accum_steps: int
+    keep_steps: set  # checkpoints kept for good (the schedule); others roll with keep_last
+    run_id: str
+    made_with: dict  # provenance, computed once: git and versions don't change mid-run
+    attn_impl: str  # the attention path taken on this device ("auto" resolved)
+
+
+def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None]:
+    """Processes, data, model, optimizer and scaler; restored from a checkpoint when resuming.
+    Returns the run, the step and optimizer step to start from, and the checkpoint resumed (or None)."""
     rt = setup_processes(cfg)
     run_dir = cfg.run_dir()
     accum_steps = check_batch_sizes(cfg, rt.world_size)
@@ -355,108 +316,68 @@ def train(cfg: TrainConfig) -> dict:
     if ckpt is None and cfg.init_from is not None:
         init_weights(cfg.init_from, cfg, raw_model, rt)  # before distribute: every rank loads the same full weights
     attn_impl = raw_model.set_attn_impl(rt.device)
-    flops_token = flops_per_token(raw_model)
-    model, optimizer = distribute(raw_model, cfg, rt)
-    params = [p for p in raw_model.parameters() if p.requires_grad]  # after distribute: fsdp swaps in sharded ones
+    model = distribute(raw_model, cfg, rt)
+    optimizer = build_optimizer(raw_model, cfg.optim, rt.device, sharded=rt.mode == "zero1")
     scaler = DynamicLossScaler(cfg.loss_scale, enabled=cfg.precision == "fp16")
     step, opt_step, run_id = 0, 0, f"{cfg.preset}-{cfg.seed}-{int(time.time())}"
-
     if ckpt is not None:
         step, opt_step, run_id = restore(ckpt, cfg, raw_model, optimizer, scaler, rt)
     else:
         seed_everything(cfg.seed + rt.rank)  # dropout differs per rank, repeatably
-    if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / "config.json", json.dumps(to_json(cfg), indent=2))
-    log = MetricsLog(run_dir, cfg, rt.is_main, step if ckpt is not None else None, run_id)
-    if rt.is_main:
-        print(f"gust: {cfg.preset} | {raw_model.num_params() / 1e6:.2f}M params | attention {attn_impl} | "
-              f"{cfg.precision} | {rt.world_size} × {rt.device.type} ({rt.mode}) | "
-              f"accumulation {accum_steps} | from step {step}")
     ctx = torch.autocast(rt.device.type, dtype=DTYPES[cfg.precision]) if cfg.precision != "fp32" else nullcontext()
     keep_steps = checkpoint.scheduled_steps(cfg.checkpoint.schedule, cfg.checkpoint.intervals, cfg.max_steps)
+    run = Run(cfg, rt, run_dir, raw_model, model, optimizer, scaler, [p for p in raw_model.parameters() if p.requires_grad],
+              train_split, val_split, ctx, accum_steps, keep_steps, run_id, provenance(rt), attn_impl)
+    return run, step, opt_step, ckpt
+
+
+def train(cfg: TrainConfig) -> dict:
+    run, step, opt_step, ckpt = build_run(cfg)
+    rt = run.rt
+    if rt.is_main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(run.run_dir / "config.json", json.dumps(to_json(cfg), indent=2))
+    log = MetricsLog(run.run_dir, cfg, rt.is_main, step if ckpt is not None else None, run.run_id)
+    if rt.is_main:
+        print(f"gust: {cfg.preset} | {run.raw_model.num_params() / 1e6:.2f}M params | attention {run.attn_impl} | "
+              f"{cfg.precision} | {rt.world_size} × {rt.device.type} ({rt.mode}) | "
+              f"accumulation {run.accum_steps} | from step {step}")
     tokens_per_step = cfg.global_batch_size * cfg.model.block_size
-    device_flops = peak_flops(cfg, rt.device)
+    flops_token, device_flops = flops_per_token(run.raw_model), peak_flops(cfg, rt.device)
     stop = StopRequest()
-
-    made_with = provenance(rt)  # once per run: git and versions don't change mid-run
-
-    def save(at_step: int):
-        state = checkpoint_state(raw_model, optimizer, scaler, at_step, opt_step, cfg, train_split, val_split, run_id, rt,
-                                 made_with)
-        if rt.is_main:
-            checkpoint.save(run_dir, at_step, state, keep=at_step in keep_steps, keep_last=cfg.checkpoint.keep_last)
-        if rt.world_size > 1:
-            dist.barrier()  # nobody races ahead (or exits) while rank 0 is still writing
-
-    if step == 0 and 0 in keep_steps and ckpt is None:
-        save(0)
+    if step == 0 and 0 in run.keep_steps and ckpt is None:
+        save(run, 0, 0)
     last_log_time, last_log_step, result = time.perf_counter(), step, None
-    model.train()
+    run.model.train()
     while step < cfg.max_steps:
-        timed = (step + 1) % cfg.log_interval == 0  # synchronise the device only on steps that are logged
+        timed = (step + 1) % cfg.log_interval == 0  # logged steps also synchronise the device for their timings
         diagnose = cfg.diag_interval > 0 and (step + 1) % cfg.diag_interval == 0
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=rt.device)
-        data_time, compute_time, stats = 0.0, 0.0, None
-        for micro_step in range(accum_steps):
-            t_data = time.perf_counter()
-            rows = rank_rows(cfg.global_batch_size, rt.world_size, rt.rank, cfg.micro_batch_size, micro_step)
-            starts = train_split.sample_starts(cfg.seed, step * cfg.global_batch_size + rows.start, cfg.micro_batch_size)
-            x, y = (t.to(rt.device, non_blocking=True) for t in train_split.windows(starts))
-            t_compute = time.perf_counter()
-            data_time += t_compute - t_data
-            raw_model.record_stats(diagnose and micro_step == 0)  # the first micro-batch speaks for the step
-            last_micro = micro_step == accum_steps - 1
-            with gradient_sync(model, raw_model, rt, sync=last_micro):
-                with ctx:
-                    loss = model(x, y)[1]  # not the logits: (B, T, vocab) need not live through backward
-                (loss * (scaler.scale / accum_steps)).backward()  # scaled: fp16 gradients stay above underflow
-            loss_sum += loss.detach()
-            compute_time += time.perf_counter() - t_compute
-            if diagnose and micro_step == 0:
-                stats = raw_model.collect_stats()
-
-        t_opt = _sync(rt.device, timed)
-        grad_norm = unscale_and_clip(params, scaler, cfg.optim.grad_clip)
-        # one all-reduce carries three things: any rank overflowed, any rank was signalled, the mean loss
-        flags = torch.stack([(~torch.isfinite(grad_norm)).float(), torch.tensor(float(stop.signal > 0), device=rt.device),
-                             loss_sum.float() / accum_steps])
-        if rt.world_size > 1:
-            dist.all_reduce(flags)  # the same decision on every rank, also when optimizer state is sharded
-        overflow, stop_requested = bool(flags[0] > 0), bool(flags[1] > 0)
-        loss_value = flags[2].item() / rt.world_size
-        if not scaler.enabled and (overflow or not math.isfinite(loss_value)):
-            save(step)  # the state before this step: the last good one
-            raise FloatingPointError(f"step {step + 1}: non-finite loss {loss_value} / grad norm {float(grad_norm)} "
+        out = optimization_step(run, step, opt_step, stop.signal, diagnose, timed)
+        if out.non_finite:
+            save(run, step, opt_step)  # the state before this step: the last good one
+            raise FloatingPointError(f"step {step + 1}: non-finite loss {out.loss} / grad norm {float(out.grad_norm)} "
                                      f"under {cfg.precision}; last good state saved at step {step}. "
-                                     f"Last diagnostics: {stats}")
-        if not scaler.update(overflow):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(opt_step, cfg.optim)
-            optimizer.step()
-            opt_step += 1
-        optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped, AdamW never saw them
-        step += 1
-        optimizer_time = _sync(rt.device, timed) - t_opt
+                                     f"Last diagnostics: {out.stats}")
+        step, opt_step = step + 1, out.opt_step
 
         if step % cfg.log_interval == 0:
             now = time.perf_counter()
             tokens_per_sec = tokens_per_step * (step - last_log_step) / (now - last_log_time)
             last_log_time, last_log_step = now, step
-            row = train_row(step, loss_value, opt_step, cfg, grad_norm, scaler, tokens_per_sec, flops_token,
-                            device_flops, (data_time, compute_time, optimizer_time, now - t0), raw_model, rt, stats)
+            row = train_row(step, out, opt_step, cfg, run.scaler, tokens_per_sec, flops_token, device_flops,
+                            now - t0, run.raw_model, rt)
             log.log(row, console_line(row, cfg.max_steps))
         result = None
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            result = evaluate(model, val_split, cfg, ctx, rt,
+            result = evaluate(run.model, run.val_split, cfg, run.ctx, rt,
                               cfg.final_eval_batches if step == cfg.max_steps else cfg.eval_batches)
             log.log({"step": step, **result}, f"step {step:>7} | val loss {result['val_loss']:.4f} | "
                                               f"val bits/byte {result['val_bpb']:.4f}")
         rolling = cfg.checkpoint.schedule == "every" and step % cfg.checkpoint.every == 0
-        if step in keep_steps or rolling or stop_requested:
-            save(step)
-        if stop_requested:
+        if step in run.keep_steps or rolling or out.stop_requested:
+            save(run, step, opt_step)
+        if out.stop_requested:
             signum = stop.signal or signal.SIGTERM  # a rank that was not signalled itself exits as if it had been
             if rt.is_main:
                 print(f"gust: {signal.Signals(signum).name} received; checkpoint at step {step} written, exiting",
@@ -464,11 +385,78 @@ def train(cfg: TrainConfig) -> dict:
             finish(log, rt)
             sys.exit(128 + signum)  # the shell's convention for "ended by this signal"
     if result is None:  # resumed at the end: report the final numbers again, without a duplicate row
-        result = evaluate(model, val_split, cfg, ctx, rt, cfg.final_eval_batches)
+        result = evaluate(run.model, run.val_split, cfg, run.ctx, rt, cfg.final_eval_batches)
     finish(log, rt)
     if rt.is_main:
         print(f"gust: done at step {step} | val loss {result['val_loss']:.4f} | val bits/byte {result['val_bpb']:.4f}")
     return {"step": step, **result}
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step hands back to the loop."""
+
+    loss: float  # mean training loss over the global batch (all ranks, all micro-batches)
+    grad_norm: torch.Tensor  # true global norm, before clipping (inf/NaN on overflow)
+    opt_step: int  # optimizer steps taken so far (a skipped fp16 step does not count)
+    non_finite: bool  # fp32/bf16 only: the loss or gradients are inf/NaN, the run must stop
+    stop_requested: bool  # some rank received SIGTERM/SIGINT
+    stats: dict | None  # per-layer diagnostics, on diagnostic steps
+    times: tuple  # seconds in data loading, forward + backward, optimizer
+
+
+def optimization_step(run: Run, step: int, opt_step: int, stop_signal: int, diagnose: bool, timed: bool) -> StepResult:
+    """One optimizer step: forward/backward over the micro-batches, unscale and clip, agree across ranks, then
+    AdamW's step unless the loss scaler skips it."""
+    cfg, rt, scaler = run.cfg, run.rt, run.scaler
+    loss_sum = torch.zeros((), device=rt.device)
+    data_time, compute_time, stats = 0.0, 0.0, None
+    for micro_step in range(run.accum_steps):
+        t_data = time.perf_counter()
+        rows = rank_rows(cfg.global_batch_size, rt.world_size, rt.rank, cfg.micro_batch_size, micro_step)
+        starts = run.train_split.sample_starts(cfg.seed, step * cfg.global_batch_size + rows.start, cfg.micro_batch_size)
+        x, y = (t.to(rt.device, non_blocking=True) for t in run.train_split.windows(starts))
+        t_compute = time.perf_counter()
+        data_time += t_compute - t_data
+        run.raw_model.record_stats(diagnose and micro_step == 0)  # the first micro-batch speaks for the step
+        with gradient_sync(run.model, run.raw_model, rt, sync=micro_step == run.accum_steps - 1):
+            with run.ctx:
+                loss = run.model(x, y)[1]  # not the logits: (B, T, vocab) need not live through backward
+            (loss * (scaler.scale / run.accum_steps)).backward()  # scaled: fp16 gradients stay above underflow
+        loss_sum += loss.detach()
+        compute_time += time.perf_counter() - t_compute
+        if diagnose and micro_step == 0:
+            stats = run.raw_model.collect_stats()
+
+    t_opt = _sync(rt.device, timed)
+    grad_norm = unscale_and_clip(run.params, scaler, cfg.optim.grad_clip)
+    # one all-reduce carries three things: any rank overflowed, any rank was signalled, the mean loss.
+    # Reading them back is the one host-device sync every step makes (the scaler must know before stepping).
+    flags = torch.stack([(~torch.isfinite(grad_norm)).float(), torch.tensor(float(stop_signal > 0), device=rt.device),
+                         loss_sum.float() / run.accum_steps])
+    if rt.world_size > 1:
+        dist.all_reduce(flags)  # the same decision on every rank, also when optimizer state is sharded
+    overflow, stop_requested = bool(flags[0] > 0), bool(flags[1] > 0)
+    loss_value = flags[2].item() / rt.world_size
+    non_finite = not scaler.enabled and (overflow or not math.isfinite(loss_value))
+    if not non_finite and not scaler.update(overflow):
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr_at(opt_step, cfg.optim)
+        run.optimizer.step()
+        opt_step += 1
+    run.optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped, AdamW never saw them
+    optimizer_time = _sync(rt.device, timed) - t_opt
+    return StepResult(loss_value, grad_norm, opt_step, non_finite, stop_requested, stats,
+                      (data_time, compute_time, optimizer_time))
+
+
+def save(run: Run, at_step: int, opt_step: int):
+    """A checkpoint of the state after at_step optimizer-loop steps (every rank calls; rank 0 writes)."""
+    state = checkpoint_state(run, at_step, opt_step)
+    if run.rt.is_main:
+        checkpoint.save(run.run_dir, at_step, state, keep=at_step in run.keep_steps, keep_last=run.cfg.checkpoint.keep_last)
+    if run.rt.world_size > 1:
+        dist.barrier()  # nobody races ahead (or exits) while rank 0 is still writing
 
 
 def _sync(device: torch.device, really: bool) -> float:
@@ -477,23 +465,23 @@ def _sync(device: torch.device, really: bool) -> float:
     return time.perf_counter()
 
 
-def train_row(step, loss, opt_step, cfg, grad_norm, scaler, tokens_per_sec, flops_token, device_flops,
-              times, raw_model, rt, stats) -> dict:
+def train_row(step, out: StepResult, opt_step, cfg, scaler, tokens_per_sec, flops_token, device_flops, step_time,
+              raw_model, rt) -> dict:
     """One metrics.jsonl row: the numbers that tell a healthy run from one about to blow up."""
-    norm = float(grad_norm)
+    norm = float(out.grad_norm)
     clipped = min(norm, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else norm
     with torch.no_grad():
         param_norm = float(torch.linalg.vector_norm(torch.stack([full(p.detach().float().norm())
                                                                  for p in raw_model.parameters()])))
-    data_time, compute_time, optimizer_time, step_time = times
-    row = {"step": step, "loss": loss, "lr": lr_at(max(opt_step - 1, 0), cfg.optim), "grad_norm": norm,
+    data_time, compute_time, optimizer_time = out.times
+    row = {"step": step, "loss": out.loss, "lr": lr_at(max(opt_step - 1, 0), cfg.optim), "grad_norm": norm,
            "grad_norm_clipped": clipped, "loss_scale": scaler.scale, "skipped_steps": scaler.skipped_steps,
            "tokens_per_sec": tokens_per_sec, "param_norm": param_norm,
            "mfu": tokens_per_sec * rt.world_size * flops_token / device_flops if device_flops else None,
            "time_data": data_time, "time_fwd_bwd": compute_time, "time_optimizer": optimizer_time, "time_step": step_time,
            "peak_memory_gb": torch.cuda.max_memory_allocated(rt.device) / 1e9 if rt.device.type == "cuda" else None}
-    if stats is not None:
-        row.update(act_norm=stats["act_norm"], attn_max_score=stats["attn_max_score"])
+    if out.stats is not None:
+        row.update(act_norm=out.stats["act_norm"], attn_max_score=out.stats["attn_max_score"])
     return row
 
 
@@ -517,67 +505,19 @@ def finish(log: MetricsLog, rt: Dist):
 
 # ----------------------------------------------------------------------------- checkpoints in and out
 
-def checkpoint_state(raw_model, optimizer, scaler, step, opt_step, cfg, train_split, val_split, run_id, rt,
-                     made_with: dict) -> dict:
+def checkpoint_state(run: Run, step: int, opt_step: int) -> dict:
     """Everything needed to continue bitwise: weights, AdamW moments, scaler, counters, every rank's RNG."""
-    mine = {"rng": rng_state(), "scaler": scaler.state_dict()}  # the scaler too: proof every rank agreed
+    mine = {"rng": rng_state(), "scaler": run.scaler.state_dict()}  # the scaler too: proof every rank agreed
     per_rank = [mine]
-    if rt.world_size > 1:
-        per_rank = [None] * rt.world_size
+    if run.rt.world_size > 1:
+        per_rank = [None] * run.rt.world_size
         dist.all_gather_object(per_rank, mine)
-    model_state, optimizer_state = full_state(raw_model, optimizer, rt)
-    return {"model": model_state, "optimizer": optimizer_state, "scaler": scaler.state_dict(),
-            "step": step, "opt_step": opt_step, "per_rank": per_rank, "config": to_json(cfg),
-            "data_sha256": {"train": train_split.meta["splits"]["train"]["sha256"],
-                            "val": val_split.meta["splits"]["val"]["sha256"]},
-            "wandb_run_id": run_id, "provenance": made_with}
-
-
-def full_state(raw_model, optimizer, rt: Dist) -> tuple[dict, dict]:
-    """The whole model and AdamW state as one process would hold them, whatever --dist, so any number of ranks
-    in any mode can resume. Every rank must call; under zero1 and fsdp only rank 0's copy is complete."""
-    if rt.mode == "zero1":
-        optimizer.consolidate_state_dict(to=0)  # every rank's shard of the moments, gathered on rank 0
-        return raw_model.state_dict(), optimizer.state_dict() if rt.is_main else {}
-    if rt.mode != "fsdp":
-        return raw_model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered into rank 0's memory
-    model_state = get_model_state_dict(raw_model, options=options)
-    if not optimizer.state:  # no step yet: DCP would fill the state by a zero-gradient step, making AdamW's count 1
-        return model_state, optimizer.state_dict()
-    by_name = get_optimizer_state_dict(raw_model, optimizer, options=options)
-    if not rt.is_main:
-        return {}, {}
-    ids = {name: i for i, name in enumerate(param_names(raw_model, optimizer))}  # AdamW's own numbering
-    return model_state, {"state": {ids[name]: moments for name, moments in by_name["state"].items()},
-                         "param_groups": [{**group, "params": [ids[name] for name in group["params"]]}
-                                          for group in by_name["param_groups"]]}
-
-
-def load_full_state(raw_model, optimizer, model_state: dict, optimizer_state: dict, rt: Dist):
-    """The inverse of full_state: each rank keeps its own shard (zero1: of the moments; fsdp: of everything)."""
-    if rt.mode != "fsdp":
-        raw_model.load_state_dict(model_state)
-        optimizer.load_state_dict(optimizer_state)  # ZeroRedundancyOptimizer too: it takes the whole dict
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    names = param_names(raw_model, optimizer)
-    by_name = {"state": {names[i]: moments for i, moments in optimizer_state["state"].items()},
-               "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
-                                for group in optimizer_state["param_groups"]]}
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(raw_model, model_state, options=options)
-    if optimizer_state["state"]:  # a step-0 checkpoint has none, and DCP would fill it by a zero-gradient step
-        set_optimizer_state_dict(raw_model, optimizer, by_name, options=options)
-
-
-def param_names(raw_model, optimizer) -> list[str]:
-    """Parameter names in AdamW's order (group by group): its state_dict numbers them 0, 1, 2, ..."""
-    name_of = {p: name for name, p in raw_model.named_parameters()}
-    return [name_of[p] for group in optimizer.param_groups for p in group["params"]]
+    model_state, optimizer_state = full_state(run.raw_model, run.optimizer, run.rt)
+    return {"model": model_state, "optimizer": optimizer_state, "scaler": run.scaler.state_dict(),
+            "step": step, "opt_step": opt_step, "per_rank": per_rank, "config": to_json(run.cfg),
+            "data_sha256": {"train": run.train_split.meta["splits"]["train"]["sha256"],
+                            "val": run.val_split.meta["splits"]["val"]["sha256"]},
+            "wandb_run_id": run.run_id, "provenance": run.made_with}
 
 
 def resume_point(cfg: TrainConfig, run_dir: Path) -> Path | None:
@@ -592,19 +532,6 @@ def resume_point(cfg: TrainConfig, run_dir: Path) -> Path | None:
     if not path.is_dir():
         raise FileNotFoundError(f"--resume {path}: no such checkpoint directory")
     return path
-
-
-def agree_on_resume(ckpt: Path | None, rt: Dist):
-    """Every rank must resume from the same step: a run dir not shared by all nodes would silently diverge."""
-    if rt.world_size == 1:
-        return
-    step = torch.tensor([-1 if ckpt is None else int(ckpt.name.split("-")[1])], device=rt.device)
-    low, high = step.clone(), step.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if low.item() != high.item():
-        raise RuntimeError(f"ranks disagree on the checkpoint to resume (steps {low.item()} to {high.item()}; -1 = none): "
-                           "--out-dir must be on a filesystem every node sees")
 
 
 def check_model_shape(state: dict, cfg: TrainConfig, ckpt: Path) -> None:

@@ -1,0 +1,146 @@
+"""Processes, devices and sharding: torchrun's ranks, --dist (ddp / zero1 / fsdp), and state that any layout can load.
+
+train.py tells the story of a run; this file holds the plumbing that makes the same story run on one CPU or
+on many GPUs: which device a rank uses, how the model and AdamW are wrapped or sharded, when gradients are
+reduced, and how the whole model and optimizer state is gathered into one rank-independent layout (so a
+checkpoint written by N ranks in one mode resumes on M ranks in another). Not in here: the loop, the loss
+scaler, checkpoint files.
+"""
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from configs import TrainConfig
+from model import GPT
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    mode: str  # --dist, or "single" for one process (plain model and AdamW, whatever --dist says)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_processes(cfg: TrainConfig) -> Dist:
+    """One process per device; torchrun sets RANK/WORLD_SIZE. NCCL on GPU, gloo on CPU."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs this to be deterministic
+        torch.use_deterministic_algorithms(True)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank, local_rank, world_size, device, cfg.dist if world_size > 1 else "single")
+
+
+def distribute(raw_model: GPT, cfg: TrainConfig, rt: Dist) -> torch.nn.Module:
+    """The model the loop calls under --dist (with one process: raw_model itself, compiled if asked).
+
+    ddp: every rank holds everything; gradients are all-reduced. zero1: the same, but AdamW's moments are
+    sharded across ranks. fsdp: parameters, gradients and moments are all sharded (dim 0); a block's weights
+    are gathered only around its forward and backward.
+    """
+    if rt.mode == "fsdp":
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6 kept FSDP2 here
+            from torch.distributed._composable.fsdp import fully_shard
+        for block in raw_model.transformer.h:  # one gather per block: only a block or two is whole at a time
+            fully_shard(block, reshard_after_forward=cfg.fsdp_reshard_after_forward)
+        fully_shard(raw_model, reshard_after_forward=cfg.fsdp_reshard_after_forward)  # embeddings, ln_f, lm_head
+    model = raw_model
+    if rt.mode in ("ddp", "zero1"):
+        model = torch.nn.parallel.DistributedDataParallel(  # bucket views: no second copy of the gradients
+            model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, gradient_as_bucket_view=True)
+    # compile after wrapping, as torch documents: DDPOptimizer then splits the graph at DDP's bucket
+    # boundaries, so gradient all-reduces overlap the rest of the backward
+    return torch.compile(model) if cfg.compile else model
+
+
+def gradient_sync(model, raw_model, rt: Dist, sync: bool):
+    """Reduce gradients across ranks only on the last micro-step; before it, accumulate locally."""
+    if rt.mode == "fsdp":
+        raw_model.set_requires_gradient_sync(sync)
+    return model.no_sync() if rt.mode in ("ddp", "zero1") and not sync else nullcontext()
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from an FSDP-sharded DTensor (gathered: every rank must call), or the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+# ----------------------------------------------------------------------------- rank-independent state
+
+def full_state(raw_model, optimizer, rt: Dist) -> tuple[dict, dict]:
+    """The whole model and AdamW state as one process would hold them, whatever --dist, so any number of ranks
+    in any mode can resume. Every rank must call; under zero1 and fsdp only rank 0's copy is complete."""
+    if rt.mode == "zero1":
+        optimizer.consolidate_state_dict(to=0)  # every rank's shard of the moments, gathered on rank 0
+        return raw_model.state_dict(), optimizer.state_dict() if rt.is_main else {}
+    if rt.mode != "fsdp":
+        return raw_model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered into rank 0's memory
+    model_state = get_model_state_dict(raw_model, options=options)
+    if not optimizer.state:  # no step yet: DCP would fill the state by a zero-gradient step, making AdamW's count 1
+        return model_state, optimizer.state_dict()
+    by_name = get_optimizer_state_dict(raw_model, optimizer, options=options)
+    if not rt.is_main:
+        return {}, {}
+    ids = {name: i for i, name in enumerate(param_names(raw_model, optimizer))}  # AdamW's own numbering
+    return model_state, {"state": {ids[name]: moments for name, moments in by_name["state"].items()},
+                         "param_groups": [{**group, "params": [ids[name] for name in group["params"]]}
+                                          for group in by_name["param_groups"]]}
+
+
+def load_full_state(raw_model, optimizer, model_state: dict, optimizer_state: dict, rt: Dist):
+    """The inverse of full_state: each rank keeps its own shard (zero1: of the moments; fsdp: of everything)."""
+    if rt.mode != "fsdp":
+        raw_model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)  # ZeroRedundancyOptimizer too: it takes the whole dict
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    names = param_names(raw_model, optimizer)
+    by_name = {"state": {names[i]: moments for i, moments in optimizer_state["state"].items()},
+               "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                                for group in optimizer_state["param_groups"]]}
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(raw_model, model_state, options=options)
+    if optimizer_state["state"]:  # a step-0 checkpoint has none, and DCP would fill it by a zero-gradient step
+        set_optimizer_state_dict(raw_model, optimizer, by_name, options=options)
+
+
+def param_names(raw_model, optimizer) -> list[str]:
+    """Parameter names in AdamW's order (group by group): its state_dict numbers them 0, 1, 2, ..."""
+    name_of = {p: name for name, p in raw_model.named_parameters()}
+    return [name_of[p] for group in optimizer.param_groups for p in group["params"]]
+
+
+def agree_on_resume(ckpt: Path | None, rt: Dist):
+    """Every rank must resume from the same step: a run dir not shared by all nodes would silently diverge."""
+    if rt.world_size == 1:
+        return
+    step = torch.tensor([-1 if ckpt is None else int(ckpt.name.split("-")[1])], device=rt.device)
+    low, high = step.clone(), step.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if low.item() != high.item():
+        raise RuntimeError(f"ranks disagree on the checkpoint to resume (steps {low.item()} to {high.item()}; -1 = none): "
+                           "--out-dir must be on a filesystem every node sees")
