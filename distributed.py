@@ -18,6 +18,21 @@ from configs import TrainConfig
 from model import GPT
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""--precision → the autocast dtype (fp32: no autocast)."""
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """--device auto|cpu|cuda → this process's device (auto: its GPU when there is one)."""
+    use_cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
+    return torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward's precision context: autocast to bf16/fp16, or nothing for fp32."""
+    return torch.autocast(device.type, dtype=DTYPES[precision]) if precision != "fp32" else nullcontext()
+
+
 @dataclass
 class Dist:
     rank: int
@@ -33,13 +48,13 @@ class Dist:
 
 def setup_processes(cfg: TrainConfig) -> Dist:
     """One process per device; torchrun sets RANK/WORLD_SIZE. NCCL on GPU, gloo on CPU."""
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs this to be deterministic
         torch.use_deterministic_algorithms(True)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    device = pick_device(cfg.device, local_rank)
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32

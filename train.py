@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +22,13 @@ import torch.distributed as dist
 import checkpoint
 from configs import PRESETS, TrainConfig, from_json, to_json
 from data import TokenSplit, rank_rows
-from distributed import Dist, agree_on_resume, distribute, full, full_state, gradient_sync, load_full_state, setup_processes
+from distributed import Dist, agree_on_resume, autocast, distribute, full, full_state, gradient_sync, load_full_state, setup_processes
 from model import GPT
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
-"""Dense bf16/fp16 tensor-core FLOP/s by device-name fragment, for MFU (--peak-flops overrides)."""
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PEAK_FLOPS = {  # device-name fragment: dense FLOP/s for (bf16/fp16 tensor cores, TF32 tensor cores, plain fp32)
+    "H100": (989e12, 495e12, 67e12), "H200": (989e12, 495e12, 67e12), "A100": (312e12, 156e12, 19.5e12),
+    "L4": (121e12, 60e12, 30e12), "A10": (125e12, 62.5e12, 31e12), "V100": (125e12, 15.7e12, 15.7e12)}
+"""Peak FLOP/s for MFU, by the precision the matmuls run in (--peak-flops overrides). V100 has no TF32."""
 
 
 # ----------------------------------------------------------------------------- processes, seeds
@@ -227,7 +227,8 @@ def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
     if cfg.peak_flops > 0 or device.type != "cuda":
         return cfg.peak_flops
     name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), 0.0)
+    column = 0 if cfg.precision in ("bf16", "fp16") else 1 if cfg.tf32 else 2  # score a run against its own peak
+    return next((peaks[column] for key, peaks in PEAK_FLOPS.items() if key in name), 0.0)
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -278,6 +279,38 @@ class StopRequest:
         self.signal = signum
 
 
+class Batches:
+    """This rank's micro-batches, in the order of data.py's rule, delivered on the device.
+
+    Each get() also starts fetching the micro-batch after it: gathered from the memory map into pinned memory
+    and copied with non_blocking=True, so on a GPU the copy overlaps the compute of the current one (from
+    ordinary pageable memory, a "non-blocking" copy is synchronous). Values and order are unchanged by this.
+    """
+
+    def __init__(self, split: TokenSplit, cfg: TrainConfig, rt: Dist, accum_steps: int):
+        self.split, self.cfg, self.rt, self.accum_steps = split, cfg, rt, accum_steps
+        self.pin = rt.device.type == "cuda"
+        self.ahead = None  # ((step, micro_step), (x, y)) fetched one call early
+
+    def get(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y (micro_batch, T) int64 on the device for this step and micro-step."""
+        key = (step, micro_step)
+        batch = self.ahead[1] if self.ahead is not None and self.ahead[0] == key else self._fetch(key)
+        following = (step, micro_step + 1) if micro_step + 1 < self.accum_steps else (step + 1, 0)
+        self.ahead = (following, self._fetch(following))
+        return batch
+
+    def _fetch(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        step, micro_step = key
+        cfg, rt = self.cfg, self.rt
+        rows = rank_rows(cfg.global_batch_size, rt.world_size, rt.rank, cfg.micro_batch_size, micro_step)
+        starts = self.split.sample_starts(cfg.seed, step * cfg.global_batch_size + rows.start, cfg.micro_batch_size)
+        x, y = self.split.windows(starts)
+        if self.pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+
+
 @dataclass
 class Run:
     """Everything a run builds once and every step uses."""
@@ -292,6 +325,7 @@ class Run:
     params: list  # raw_model's trainable parameters, after distribute (fsdp swaps in sharded ones)
     train_split: TokenSplit
     val_split: TokenSplit
+    batches: Batches  # this rank's micro-batches of train_split, on the device
     ctx: object  # autocast for bf16/fp16, a no-op for fp32
     accum_steps: int
     keep_steps: set  # checkpoints kept for good (the schedule); others roll with keep_last
@@ -324,10 +358,11 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None]:
         step, opt_step, run_id = restore(ckpt, cfg, raw_model, optimizer, scaler, rt)
     else:
         seed_everything(cfg.seed + rt.rank)  # dropout differs per rank, repeatably
-    ctx = torch.autocast(rt.device.type, dtype=DTYPES[cfg.precision]) if cfg.precision != "fp32" else nullcontext()
+    ctx = autocast(cfg.precision, rt.device)
     keep_steps = checkpoint.scheduled_steps(cfg.checkpoint.schedule, cfg.checkpoint.intervals, cfg.max_steps)
     run = Run(cfg, rt, run_dir, raw_model, model, optimizer, scaler, [p for p in raw_model.parameters() if p.requires_grad],
-              train_split, val_split, ctx, accum_steps, keep_steps, run_id, provenance(rt), attn_impl)
+              train_split, val_split, Batches(train_split, cfg, rt, accum_steps), ctx, accum_steps, keep_steps, run_id,
+              provenance(rt), attn_impl)
     return run, step, opt_step, ckpt
 
 
@@ -413,9 +448,7 @@ def optimization_step(run: Run, step: int, opt_step: int, stop_signal: int, diag
     data_time, compute_time, stats = 0.0, 0.0, None
     for micro_step in range(run.accum_steps):
         t_data = time.perf_counter()
-        rows = rank_rows(cfg.global_batch_size, rt.world_size, rt.rank, cfg.micro_batch_size, micro_step)
-        starts = run.train_split.sample_starts(cfg.seed, step * cfg.global_batch_size + rows.start, cfg.micro_batch_size)
-        x, y = (t.to(rt.device, non_blocking=True) for t in run.train_split.windows(starts))
+        x, y = run.batches.get(step, micro_step)
         t_compute = time.perf_counter()
         data_time += t_compute - t_data
         run.raw_model.record_stats(diagnose and micro_step == 0)  # the first micro-batch speaks for the step

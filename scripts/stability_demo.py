@@ -1,8 +1,8 @@
 """The Mistral blow-up, reproduced on a CPU: two fp16 runs from one seed, stability fixes off vs on.
 
-    python scripts/stability_demo.py [--lr 0.01] [--steps 300]      (or: make stability-demo)
+    python scripts/stability_demo.py [--lr 0.06] [--steps 300]      (or: make stability-demo)
 
-The knob is the learning rate: at --lr 1e-2 with no weight decay or clipping, AdamW grows W_q and W_k
+The knob is the learning rate: at --lr 6e-2 (the default) with no weight decay or clipping, AdamW grows W_q and W_k
 fast, and the raw scores q·kᵀ — a product of the two — pass fp16's 65504 within a few hundred steps,
 long before any linear layer's outputs get near it. Without the fixes the naive attention path
 computes q·kᵀ in fp16: inf, then NaN, every step skipped, the loss scale collapses and the run aborts.
