@@ -126,31 +126,22 @@ def _stream(device) -> int:
     return torch.cuda.current_stream(device).cuda_stream  # launch where torch's work on device is ordered
 
 
-def _cpu_max_score(q, k, scale):
-    """(B, H) max of the scaled causal scores, by plain math: the twin has no max by-product."""
-    T = q.shape[-2]
-    acc = torch.promote_types(q.dtype, torch.float32)
-    scores = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale  # (B, H, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    return scores.masked_fill(future, float("-inf")).amax(dim=(-2, -1))  # (B, H)
-
-
 def _forward(q, k, v, scale: float, with_max_score: bool):
     """(y, lse, max_score): y (B, H, T, D); lse (B, H, T); max_score (B, H), or (0,) if not asked."""
     B, H, T, D = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32 for 16-bit inputs
     if q.device.type == "cpu":
         y, lse = reference.flash_forward(q.contiguous(), k, v, scale)
-        max_score = _cpu_max_score(q, k, scale) if with_max_score else q.new_empty((0,), dtype=acc)
+        max_score = reference.max_abs_score(q, k, scale) if with_max_score else q.new_empty((0,), dtype=acc)
         return y, lse, max_score
     library = _load_library()
     q, k, v = _ready(q), _ready(k), _ready(v)
     y = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    row_max = torch.empty_like(lse) if with_max_score else None  # (B, H, T) per-row max, reduced below
+    row_abs_max = torch.empty_like(lse) if with_max_score else None  # (B, H, T) per-row max |score|
     with torch.cuda.device(q.device):
-        _launch.forward_into(library, q, k, v, scale, y, lse, row_max, stream=_stream(q.device))
-    max_score = row_max.amax(dim=-1) if with_max_score else q.new_empty((0,), dtype=torch.float32)
+        _launch.forward_into(library, q, k, v, scale, y, lse, row_abs_max, stream=_stream(q.device))
+    max_score = row_abs_max.amax(dim=-1) if with_max_score else q.new_empty((0,), dtype=torch.float32)
     return y, lse, max_score
 
 
@@ -242,9 +233,11 @@ def attention(q, k, v, scale: float):
 
 
 def attention_with_max_score(q, k, v, scale: float):
-    """attention() plus each (batch, head)'s largest scaled score: (y, max_score (B, H) fp32).
+    """attention() plus each (batch, head)'s max |score|: (y, max_score (B, H) fp32).
 
-    max_score is a diagnostic of how close the scores come to overflowing; it carries no gradient.
+    max_score = max over causal entries (j <= i) of |scale * q_i·k_j|, after scaling and before
+    softmax (what model.py's naive and sdpa paths record): how close the scores come to
+    overflowing. It carries no gradient.
     """
     _check_inputs(q, k, v)
     y, _, max_score = _flash_attention(q, k, v, float(scale), True)

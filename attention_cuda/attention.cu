@@ -372,8 +372,13 @@ __device__ void store_stripe(const float (&acc)[D / 8][4], const float (&row_sca
 // reference.flash_forward's lines from `scores = ...` to `row_max = new_max`, except P @ V.
 // A lane holds 2 rows (h = 0, 1: rows g and g + 8); row_max is the row's running max (the same
 // in its 4 lanes), row_sum the lane's own share of the row's sum (added up once, at the end).
+// TRACK_ABS_MAX: abs_max is the lane's share of the row's max |scaled score| over visible keys
+// (the overflow diagnostic; reduced over the 4 lanes once, at the end). The signed row_max is
+// not that diagnostic: a row whose scores are all very negative has a small row_max.
+template <bool TRACK_ABS_MAX>
 __device__ void online_softmax(float (&s)[BLOCK_K / 8][4], float (&row_max)[2], float (&row_sum)[2],
-                               float (&alpha)[2], int q_row0, int k_start, int seq_len, float scale) {
+                               float (&abs_max)[2], float (&alpha)[2], int q_row0, int k_start, int seq_len,
+                               float scale) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int i = q_row0 + frag_row(2 * h);  // query position of this half's row
@@ -382,8 +387,10 @@ __device__ void online_softmax(float (&s)[BLOCK_K / 8][4], float (&row_max)[2], 
         for (int n = 0; n < BLOCK_K / 8; ++n)
 #pragma unroll
             for (int e = 2 * h; e < 2 * h + 2; ++e) {
-                // upcast: the scale multiplies fp32 scores, never 16-bit ones
-                s[n][e] = is_masked(i, k_start + 8 * n + frag_col(e), seq_len) ? -INFINITY : s[n][e] * scale;
+                const bool masked = is_masked(i, k_start + 8 * n + frag_col(e), seq_len);
+                const float scaled = s[n][e] * scale;  // upcast: the scale multiplies fp32 scores, never 16-bit ones
+                if constexpr (TRACK_ABS_MAX) abs_max[h] = masked ? abs_max[h] : fmaxf(abs_max[h], fabsf(scaled));
+                s[n][e] = masked ? -INFINITY : scaled;
                 tile_max = fmaxf(tile_max, s[n][e]);
             }
         const float new_max = fmaxf(row_max[h], quad_max(tile_max));
@@ -403,11 +410,13 @@ __device__ void online_softmax(float (&s)[BLOCK_K / 8][4], float (&row_max)[2], 
     }
 }
 
-template <int D, typename scalar_t>
+// TRACK_ABS_MAX: also write each row's max |scaled score| over its visible keys to row_abs_max
+// (an instantiation of its own, so the training steps that do not ask pay nothing).
+template <int D, typename scalar_t, bool TRACK_ABS_MAX>
 __global__ void __launch_bounds__(THREADS)
 attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                          const scalar_t* __restrict__ v, scalar_t* __restrict__ o, float* __restrict__ lse,
-                         float* __restrict__ row_max_out, int seq_len, float scale) {
+                         float* __restrict__ row_abs_max, int seq_len, float scale) {
     using Smem = ForwardSmem<D>;
     extern __shared__ __align__(128) unsigned char smem[];
     scalar_t* q_tile = reinterpret_cast<scalar_t*>(smem + Smem::q_tile);
@@ -424,6 +433,7 @@ attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restr
     // reference: row_max = -inf, row_sum = 0, o_acc = 0 (this lane's rows g, g + 8)
     float o_acc[D / 8][4] = {};
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+    float abs_max[2] = {0.0f, 0.0f};  // TRACK_ABS_MAX only: this lane's share of max |score| per row
     load_tile_async<BLOCK_Q, D>(q_tile, q + head * D, q_start, seq_len);
     load_tile_async<BLOCK_K, D>(k_tile(0), k + head * D, 0, seq_len);
     load_tile_async<BLOCK_K, D>(v_tile(0), v + head * D, 0, seq_len);
@@ -442,7 +452,7 @@ attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restr
         float s[BLOCK_K / 8][4];  // (16, BLOCK_K) scores, then P, fp32
         warp_matmul_abt<D, BLOCK_K>(s, q_tile, k_tile(buffer), warp * STRIPE);  // s = q_tile @ k_tileᵀ
         float alpha[2];
-        online_softmax(s, row_max, row_sum, alpha, q_row0, k_start, seq_len, scale);
+        online_softmax<TRACK_ABS_MAX>(s, row_max, row_sum, abs_max, alpha, q_row0, k_start, seq_len, scale);
 #pragma unroll
         for (int n = 0; n < D / 8; ++n)
 #pragma unroll
@@ -460,9 +470,11 @@ attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restr
         // sum > 0 for i < seq_len (key 0 is visible to every query); padding rows have 0: keep them finite
         inv_sum[h] = sum > 0.0f ? 1.0f / sum : 0.0f;
         const int i = q_row0 + frag_row(2 * h);
+        float row_abs = 0.0f;
+        if constexpr (TRACK_ABS_MAX) row_abs = quad_max(abs_max[h]);  // all lanes: the shuffle needs the warp
         if (i < seq_len && threadIdx.x % 4 == 0) {  // one lane of the 4 writes the row's scalars
             lse[head + i] = row_max[h] + logf(sum);
-            if (row_max_out != nullptr) row_max_out[head + i] = row_max[h];
+            if constexpr (TRACK_ABS_MAX) row_abs_max[head + i] = row_abs;
         }
     }
     store_stripe<D>(o_acc, inv_sum, o, head, q_row0, seq_len);  // o = o_acc / row_sum
@@ -674,16 +686,17 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
 }
 
 template <int D, typename scalar_t>
-int launch_forward(const void* q, const void* k, const void* v, void* o, float* lse, float* row_max,
+int launch_forward(const void* q, const void* k, const void* v, void* o, float* lse, float* row_abs_max,
                    int batch_heads, int seq_len, float scale, cudaStream_t stream) {
     constexpr int smem_bytes = ForwardSmem<D>::bytes;
-    auto kernel = attention_forward_kernel<D, scalar_t>;
+    auto kernel = row_abs_max != nullptr ? attention_forward_kernel<D, scalar_t, true>
+                                         : attention_forward_kernel<D, scalar_t, false>;
     cudaError_t err = allow_smem(kernel, smem_bytes);
     if (err != cudaSuccess) return err;
     const dim3 grid(batch_heads, ceil_div(seq_len, BLOCK_Q));  // x: (batch, head); y: Q tile
     kernel<<<grid, THREADS, smem_bytes, stream>>>(static_cast<const scalar_t*>(q), static_cast<const scalar_t*>(k),
                                             static_cast<const scalar_t*>(v), static_cast<scalar_t*>(o), lse,
-                                            row_max, seq_len, scale);
+                                            row_abs_max, seq_len, scale);
     return cudaGetLastError();
 }
 
@@ -751,10 +764,10 @@ int check_sizes(int batch_heads, int seq_len) {
 extern "C" {
 
 // Forward. q, k, v, o: (batch_heads, seq_len, head_dim) 16-bit, contiguous, 16-byte aligned.
-// lse: (batch_heads, seq_len) fp32, written. row_max: same shape, or null; if given, receives
-// each row's largest scaled score (a cheap diagnostic of how close scores get to overflow).
+// lse: (batch_heads, seq_len) fp32, written. row_abs_max: same shape, or null; if given, receives
+// each row's largest |scaled score| over its visible keys (how close scores get to overflow).
 // dtype: 0 fp16, 1 bf16. stream: a cudaStream_t. Returns 0 or an error code (see error_string).
-int gust_attention_forward(const void* q, const void* k, const void* v, void* o, void* lse, void* row_max,
+int gust_attention_forward(const void* q, const void* k, const void* v, void* o, void* lse, void* row_abs_max,
                            int batch_heads, int seq_len, int head_dim, float scale, int dtype, void* stream) {
     if (int bad = check_sizes(batch_heads, seq_len)) return bad;
     if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(o)) return GUST_MISALIGNED;
@@ -762,7 +775,7 @@ int gust_attention_forward(const void* q, const void* k, const void* v, void* o,
     return dispatch(head_dim, dtype, [&](auto head_dim_tag, auto type_tag) {
         constexpr int D = decltype(head_dim_tag)::value;
         using scalar_t = typename decltype(type_tag)::type;
-        return launch_forward<D, scalar_t>(q, k, v, o, static_cast<float*>(lse), static_cast<float*>(row_max),
+        return launch_forward<D, scalar_t>(q, k, v, o, static_cast<float*>(lse), static_cast<float*>(row_abs_max),
                                            batch_heads, seq_len, scale, static_cast<cudaStream_t>(stream));
     });
 }
@@ -802,7 +815,7 @@ int gust_attention_check_device(int head_dim) {
                            : gust_attention_smem_bytes(head_dim, 0);
     if (needed < 0) return needed;
     cudaFuncAttributes attributes;
-    cudaError_t err = cudaFuncGetAttributes(&attributes, attention_forward_kernel<64, __half>);
+    cudaError_t err = cudaFuncGetAttributes(&attributes, attention_forward_kernel<64, __half, false>);
     if (err != cudaSuccess) return err;
     int device = 0, optin_bytes = 0;
     if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;

@@ -42,15 +42,16 @@ def _pointer(tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr() if tensor is not None else 0)  # None -> NULL
 
 
-def forward_into(lib, q, k, v, scale: float, o, lse, row_max=None, stream: int = 0) -> None:
-    """Runs the forward kernel, writing o (B, H, T, D) and lse (B, H, T), and row_max if given.
+def forward_into(lib, q, k, v, scale: float, o, lse, row_abs_max=None, stream: int = 0) -> None:
+    """Runs the forward kernel, writing o (B, H, T, D) and lse (B, H, T), and if given row_abs_max
+    (B, H, T): each row's max |scaled score| over its visible keys.
 
     Every tensor must already be contiguous, 16-byte aligned and on the library's device;
     stream is a cudaStream_t as an int (0: the legacy default stream).
     """
     B, H, T, D = q.shape
     code = lib.gust_attention_forward(
-        _pointer(q), _pointer(k), _pointer(v), _pointer(o), _pointer(lse), _pointer(row_max),
+        _pointer(q), _pointer(k), _pointer(v), _pointer(o), _pointer(lse), _pointer(row_abs_max),
         B * H, T, D, float(scale), DTYPE_FLAGS[q.dtype], ctypes.c_void_p(stream))
     check_code(lib, code, "forward")
 

@@ -34,6 +34,21 @@ def naive_grads_fp64(q, k, v, do, scale):
     return [t.grad for t in leaves]
 
 
+def max_abs_score_fp64(q, k, scale):
+    """(B, H, T): each row's max |scale q_i·k_j| over j <= i, in fp64 (the diagnostic's definition)."""
+    T = q.shape[-2]
+    scores = (q.double() @ k.double().transpose(-2, -1)) * scale  # (B, H, T, T)
+    return scores.abs().masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), 0.0).amax(dim=-1)
+
+
+def negative_score_inputs(shape, dtype, seed=0):
+    """q and k share a component of opposite sign (11 and -11): every q·k is about -121 ± a few,
+    so the score of largest magnitude is negative and the signed row max is a different number."""
+    q, k, v, do = random_inputs(*shape, torch.float64, seed=seed)
+    q[..., 0], k[..., 0] = 11.0, -11.0
+    return [t.to(dtype) for t in (q, k, v, do)]
+
+
 def relative_error(out, ref) -> float:
     """||out - ref|| / ||ref||; the absolute error where ref is exactly 0 (dq, dk at T = 1)."""
     ref_norm = ref.double().norm().item()
@@ -151,8 +166,7 @@ def test_emulated_kernel_matches_twin_and_fp64(dtype, tolerance, shape):
     y_ref, lse_ref = naive_attention_fp64(q, k, v, scale)
     assert relative_error(o, y_ref) < tolerance and relative_error(lse, lse_ref) < 1e-5
     T = shape[2]
-    scores = (q.double() @ k.double().transpose(-2, -1) * scale).masked_fill(torch.ones(T, T).triu(1).bool(), -math.inf)
-    assert torch.allclose(row_max.double(), scores.amax(dim=-1), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(row_max.double(), max_abs_score_fp64(q, k, scale), rtol=1e-5, atol=1e-5)
     grads_twin = reference.flash_backward(q, k, v, o_twin, lse_twin, do, scale)
     for name, grad, twin, exact in zip("qkv", grads, grads_twin, naive_grads_fp64(q, k, v, do, scale)):
         if T == 1 and name != "v":  # exactly 0 in exact math; the kernel leaves fp32 rounding noise
@@ -170,6 +184,21 @@ def test_emulated_kernel_survives_scores_past_fp16_range():
     assert relative_error(o, y_ref) < 1e-2
     for name, grad, grad_ref in zip("qkv", grads, naive_grads_fp64(q, k, v, do, 1 / 8)):
         assert relative_error(grad, grad_ref) < 1e-2, f"d{name}"
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_max_score_is_max_abs_not_signed_max(dtype):
+    """The kernel's by-product is max |score| per row (after scaling, before softmax, causal
+    entries only), held to fp64; with every score negative the signed row max is far from it."""
+    q, k, v, do = negative_score_inputs((1, 2, 70, 64), dtype)
+    scale = 1 / 8
+    _, _, row_abs_max, _ = run_emulated(q, k, v, do, scale)
+    expected = max_abs_score_fp64(q, k, scale)  # (B, H, T)
+    assert torch.allclose(row_abs_max.double(), expected, rtol=1e-5, atol=1e-5)
+    T = q.shape[2]
+    signed = (q.double() @ k.double().transpose(-2, -1) * scale).masked_fill(torch.ones(T, T).triu(1).bool(), -math.inf)
+    assert (signed.amax(dim=-1) < 0).all() and (expected > 10).all()  # the case a signed max gets wrong
 
 
 @needs_gxx
@@ -197,8 +226,14 @@ def test_op_on_cpu_runs_the_twin_with_autograd():
     assert relative_error(y.detach(), y_ref) < 1e-10
     for grad, grad_ref in zip((q.grad, k.grad, v.grad), naive_grads_fp64(q, k, v, do, scale)):
         assert relative_error(grad, grad_ref) < 1e-10
-    _, max_score = attention_cuda.attention_with_max_score(q.detach(), k.detach(), v.detach(), scale)
+
+
+def test_op_max_score_on_cpu_is_max_abs_score():
+    q, k, v, _ = negative_score_inputs((2, 3, 37, 16), torch.float32)
+    y, max_score = attention_cuda.attention_with_max_score(q, k, v, 0.25)
     assert max_score.shape == (2, 3)
+    assert torch.allclose(max_score.double(), max_abs_score_fp64(q, k, 0.25).amax(dim=-1), rtol=1e-6)
+    assert relative_error(y, naive_attention_fp64(q, k, v, 0.25)[0]) < 1e-5
 
 
 @pytest.mark.skipif(not hasattr(torch.library, "custom_op"), reason="torch.library.custom_op needs torch >= 2.4")
