@@ -17,17 +17,16 @@ import torch
 from attention_cuda import launch as _launch
 from attention_cuda import reference
 
-# Note: the name `attention_cuda.build` is the function below; the module build.py is reached as
-# `python -m attention_cuda.build` or `from attention_cuda.build import ...` (imported lazily,
-# so that `python -m attention_cuda.build` does not find it already imported).
 
 
 def _compile_library(archs):
+    # imported here, not at the top: `python -m attention_cuda.build` must not find build.py imported
     from attention_cuda.build import compile_library  # noqa: PLC0415
 
     return compile_library(archs)
 
-__all__ = ["available", "unavailable_reason", "attention", "attention_with_max_score", "build"]
+
+__all__ = ["available", "unavailable_reason", "attention", "attention_with_max_score"]
 
 _library = None  # the loaded ctypes library, once built
 _failure = None  # why it cannot be loaded, once known (checked once per process)
@@ -79,20 +78,6 @@ def unavailable_reason() -> str:
         return ""
     except Exception as error:
         return str(error)
-
-
-def build(archs=None, compile_only: bool = False) -> Path:
-    """Compiles attention.cu (cached) for archs like ["80", "90"], by default the current GPU's.
-
-    Unless compile_only, also loads the result and checks it runs on the current GPU.
-    Returns the shared library's path.
-    """
-    archs = [str(arch) for arch in archs] if archs is not None else [_current_arch()]
-    path, _ = _compile_library(archs)
-    if not compile_only:
-        library = _launch.load(path)
-        _launch.check_code(library, library.gust_attention_check_device(64), f"device check of {path.name}")
-    return path
 
 
 # ---- checks and the two implementations (CUDA kernel, CPU twin) ----
@@ -153,12 +138,14 @@ def _backward(grad_y, q, k, v, y, lse, scale: float):
     q, k, v, y, grad_y = _ready(q), _ready(k), _ready(v), _ready(y), _ready(grad_y)
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     delta = torch.empty_like(lse)  # (B, H, T) rowsum(dO * O), scratch for the kernels
+    k_mean = k.mean(dim=2, dtype=torch.float32)  # (B, H, D) each head's mean key: the dQ kernel centers on it
     with torch.cuda.device(q.device):
-        _launch.backward_into(library, q, k, v, y, lse, grad_y, scale, dq, dk, dv, delta, stream=_stream(q.device))
+        _launch.backward_into(library, q, k, v, y, lse, grad_y, k_mean, scale, dq, dk, dv, delta,
+                              stream=_stream(q.device))
     return dq, dk, dv
 
 
-# ---- autograd: shared by the custom op and the plain autograd.Function fallback ----
+# ---- autograd of the custom op (one opaque op for torch.compile) ----
 
 def _setup_context(ctx, inputs, output):
     q, k, v, scale, _ = inputs
@@ -175,48 +162,32 @@ def _backward_from_context(ctx, grad_y, grad_lse, grad_max_score):
     return dq, dk, dv, None, None  # lse and max_score are not differentiated through
 
 
-class _FlashAttentionFunction(torch.autograd.Function):
-    """For torch without torch.library.custom_op (before 2.4): the same op, opaque to nothing."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, with_max_score):
-        output = _forward(q, k, v, scale, with_max_score)
-        _setup_context(ctx, (q, k, v, scale, with_max_score), output)
-        ctx.mark_non_differentiable(output[1], output[2])
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_lse, grad_max_score):
-        return _backward_from_context(ctx, grad_y, grad_lse, grad_max_score)
+@torch.library.custom_op("gust::flash_attention", mutates_args=())
+def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     with_max_score: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, scale, with_max_score)
 
 
-if hasattr(torch.library, "custom_op"):  # torch >= 2.4: one opaque op for torch.compile
-    @torch.library.custom_op("gust::flash_attention", mutates_args=())
-    def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                            with_max_score: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _forward(q, k, v, scale, with_max_score)
+@_flash_attention.register_fake
+def _(q, k, v, scale, with_max_score):
+    B, H, T, D = q.shape
+    acc = torch.promote_types(q.dtype, torch.float32)
+    return (q.new_empty((B, H, T, D)), q.new_empty((B, H, T), dtype=acc),
+            q.new_empty((B, H) if with_max_score else (0,), dtype=acc))
 
-    @_flash_attention_op.register_fake
-    def _(q, k, v, scale, with_max_score):
-        B, H, T, D = q.shape
-        acc = torch.promote_types(q.dtype, torch.float32)
-        return (q.new_empty((B, H, T, D)), q.new_empty((B, H, T), dtype=acc),
-                q.new_empty((B, H) if with_max_score else (0,), dtype=acc))
 
-    @torch.library.custom_op("gust::flash_attention_backward", mutates_args=())
-    def _backward_op(grad_y: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: torch.Tensor,
-                     lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _backward(grad_y, q, k, v, y, lse, scale)
+@torch.library.custom_op("gust::flash_attention_backward", mutates_args=())
+def _backward_op(grad_y: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, y: torch.Tensor,
+                 lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(grad_y, q, k, v, y, lse, scale)
 
-    @_backward_op.register_fake
-    def _(grad_y, q, k, v, y, lse, scale):
-        return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
-    _flash_attention_op.register_autograd(_backward_from_context, setup_context=_setup_context)
-    _flash_attention = _flash_attention_op
-else:
-    _backward_op = _backward
-    _flash_attention = _FlashAttentionFunction.apply
+@_backward_op.register_fake
+def _(grad_y, q, k, v, y, lse, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+_flash_attention.register_autograd(_backward_from_context, setup_context=_setup_context)
 
 
 # ---- the door ----

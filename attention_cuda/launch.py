@@ -1,8 +1,9 @@
 """ctypes bindings: call a built attention library's extern "C" functions on torch tensors.
 
 For: passing raw pointers, sizes and the stream to attention.cu's launchers, and turning their
-error codes into one-line exceptions. The same calls drive the real CUDA library and the CPU
-emulation that the tests build (emulate.py); both export the same four functions.
+error codes into one-line exceptions. No tensor math happens here (the caller allocates every
+output and computes k_mean). The same calls drive the real CUDA library and the CPU emulation
+that the tests build (emulate.py); both export the same functions.
 Not for: checking shapes or dtypes (__init__.py does that), building (build.py), or autograd.
 """
 
@@ -56,10 +57,12 @@ def forward_into(lib, q, k, v, scale: float, o, lse, row_abs_max=None, stream: i
     check_code(lib, code, "forward")
 
 
-def backward_into(lib, q, k, v, o, lse, do, scale: float, dq, dk, dv, delta, stream: int = 0) -> None:
-    """Runs the backward kernels, writing dq, dk, dv (B, H, T, D); delta (B, H, T) fp32 is scratch."""
+def backward_into(lib, q, k, v, o, lse, do, k_mean, scale: float, dq, dk, dv, delta, stream: int = 0) -> None:
+    """Runs the backward kernels, writing dq, dk, dv (B, H, T, D); delta (B, H, T) fp32 is scratch.
+
+    k_mean: (B, H, D) fp32 contiguous, each head's mean key (the dQ kernel centers keys on it).
+    """
     B, H, T, D = q.shape
-    k_mean = k.mean(dim=2, dtype=torch.float32)  # (B, H, D) each head's mean key: the dQ kernel's centering
     code = lib.gust_attention_backward(
         _pointer(q), _pointer(k), _pointer(v), _pointer(o), _pointer(do), _pointer(lse), _pointer(k_mean),
         _pointer(delta), _pointer(dq), _pointer(dk), _pointer(dv),

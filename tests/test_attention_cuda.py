@@ -147,7 +147,8 @@ def run_emulated(q, k, v, do, scale):
     launch.forward_into(lib, q, k, v, scale, o, lse, row_max)
     grads = [guarded(q.shape, q.dtype) for _ in range(3)]
     delta, _ = guarded((B, H, T), torch.float32)
-    launch.backward_into(lib, q, k, v, o, lse, do, scale, *(g for g, _ in grads), delta)
+    k_mean = k.mean(dim=2, dtype=torch.float32)  # (B, H, D): the dQ kernel's centering
+    launch.backward_into(lib, q, k, v, o, lse, do, k_mean, scale, *(g for g, _ in grads), delta)
     assert all(guard_intact(b) for b in (o_buf, lse_buf, max_buf, *(b for _, b in grads))), "write out of bounds"
     return o, lse, row_max, [g for g, _ in grads]
 
@@ -236,7 +237,6 @@ def test_op_max_score_on_cpu_is_max_abs_score():
     assert relative_error(y, naive_attention_fp64(q, k, v, 0.25)[0]) < 1e-5
 
 
-@pytest.mark.skipif(not hasattr(torch.library, "custom_op"), reason="torch.library.custom_op needs torch >= 2.4")
 def test_op_traces_as_one_opaque_op_under_torch_compile():
     q, k, v, do = random_inputs(1, 2, 20, 8, torch.float64)
     q.requires_grad_()
@@ -255,6 +255,21 @@ def test_op_rejects_mismatched_shapes():
 def test_available_is_false_without_a_gpu():
     assert attention_cuda.available() is False
     assert "no CUDA device" in attention_cuda.unavailable_reason()
+
+
+def test_profile_sums_kernel_rows_only():
+    """An op's row carries its kernels' device time too: only the GPU's own rows may be summed."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from attention_cuda.profile import kernel_rows
+
+    row = lambda key, device, us: SimpleNamespace(key=key, device_type=device, self_device_time_total=us)  # noqa: E731
+    events = [row("gust::flash_attention_backward", DeviceType.CPU, 355.0), row("dkdv_kernel", DeviceType.CUDA, 207.0),
+              row("dq_kernel", DeviceType.CUDA, 148.0), row("Activity Buffer Request", DeviceType.CUDA, 7.8),
+              row("aten::mean", DeviceType.CPU, 11.5), row("idle", DeviceType.CUDA, 0.0)]
+    assert [e.key for e in kernel_rows(events)] == ["dkdv_kernel", "dq_kernel"]
 
 
 # ---- nvcc: compile-only, as CI can ----
