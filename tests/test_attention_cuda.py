@@ -177,6 +177,56 @@ def test_emulated_kernel_matches_twin_and_fp64(dtype, tolerance, shape):
         assert relative_error(grad, exact) < tolerance, f"d{name} vs fp64"
 
 
+ROW_PAD = 8  # NaN elements after each (B, T) row of the strided buffers: a read poisons, a write shows
+
+
+def padded_rows(B, T, width, dtype):
+    """A (B, T, width) view whose rows are ROW_PAD elements longer in memory, all NaN, inside a guard."""
+    storage, buffer = guarded((B, T, width + ROW_PAD), dtype)
+    return storage[..., :width], storage, buffer
+
+
+def heads_of(x, H):
+    """(B, T, H * D) -> (B, H, T, D) view, written out here rather than taken from attention_cuda."""
+    B, T, width = x.shape
+    return x.unflatten(-1, (H, width // H)).transpose(1, 2)
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("B, H, T, D", [(2, 2, 37, 64), (1, 2, 70, 128)])
+def test_emulated_kernel_reads_qkv_and_writes_y_in_place(dtype, tolerance, B, H, T, D):
+    """q, k, v read straight out of a (B, T, 3C) buffer, y written into a (B, T, C) one, dq, dk,
+    dv into a (B, T, 3C) one, all with padded rows: fp64-correct, bitwise equal to the contiguous
+    launch, and nothing outside the views is read or written."""
+    lib = pytest.importorskip("attention_cuda.emulate").library()
+    C, scale = H * D, 1 / math.sqrt(D) / 2
+    generator = torch.Generator().manual_seed(3)
+    qkv, qkv_storage, qkv_buffer = padded_rows(B, T, 3 * C, dtype)
+    qkv.copy_(torch.randn(B, T, 3 * C, generator=generator))
+    dy, _, _ = padded_rows(B, T, C, dtype)
+    dy.copy_(torch.randn(B, T, C, generator=generator))
+    y, y_storage, y_buffer = padded_rows(B, T, C, dtype)
+    dqkv, dqkv_storage, dqkv_buffer = padded_rows(B, T, 3 * C, dtype)
+    q, k, v = (heads_of(qkv[..., i * C:(i + 1) * C], H) for i in range(3))
+    grads = [heads_of(dqkv[..., i * C:(i + 1) * C], H) for i in range(3)]
+    lse, row_abs_max = torch.empty(B, H, T), torch.empty(B, H, T)
+    launch.forward_into(lib, q, k, v, scale, heads_of(y, H), lse, row_abs_max)
+    launch.backward_into(lib, q, k, v, heads_of(y, H), lse, heads_of(dy, H), k.mean(dim=2, dtype=torch.float32),
+                         scale, *grads, torch.empty(B, H, T))
+    for name, storage, buffer in [("y", y_storage, y_buffer), ("dqkv", dqkv_storage, dqkv_buffer),
+                                  ("qkv", qkv_storage, qkv_buffer)]:
+        assert guard_intact(buffer) and storage[..., -ROW_PAD:].isnan().all(), f"{name}: write outside the view"
+    assert torch.isfinite(y).all() and torch.isfinite(dqkv).all(), "unwritten or poisoned output"
+    y_ref, _ = naive_attention_fp64(q, k, v, scale)  # (B, H, T, D)
+    assert relative_error(heads_of(y, H), y_ref) < tolerance
+    for name, grad, grad_ref in zip("qkv", grads, naive_grads_fp64(q, k, v, heads_of(dy, H), scale)):
+        assert relative_error(grad, grad_ref) < tolerance, f"d{name} vs fp64"
+    o, lse_c, row_abs_max_c, grads_c = run_emulated(*(t.contiguous() for t in (q, k, v, heads_of(dy, H))), scale)
+    assert torch.equal(heads_of(y, H), o) and torch.equal(lse, lse_c) and torch.equal(row_abs_max, row_abs_max_c)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_c)), "strided and contiguous launches differ"
+
+
 @needs_gxx
 def test_emulated_kernel_survives_scores_past_fp16_range():
     q, k, v, do = overflow_inputs(torch.bfloat16, shape=(1, 1, 70, 64))
@@ -237,12 +287,94 @@ def test_op_max_score_on_cpu_is_max_abs_score():
     assert relative_error(y, naive_attention_fp64(q, k, v, 0.25)[0]) < 1e-5
 
 
+def qkv_reference_fp64(qkv, H, scale):
+    """y (B, T, C) from c_attn's (B, T, 3C) output by nanoGPT's split-and-transpose, in fp64."""
+    B, T, C3 = qkv.shape
+    q, k, v = (heads_of(part, H) for part in qkv.double().split(C3 // 3, dim=2))
+    return naive_attention_fp64(q, k, v, scale)[0].transpose(1, 2).reshape(B, T, C3 // 3)
+
+
+def test_op_qkv_on_cpu_matches_fp64_with_autograd():
+    B, T, H, D = 2, 37, 3, 16
+    generator = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, T, 3 * H * D, generator=generator, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(B, T, H * D, generator=generator, dtype=torch.float64)
+    y = attention_cuda.attention_qkv(qkv, H, 0.3)
+    assert y.shape == (B, T, H * D)
+    y.backward(dy)
+    leaf = qkv.detach().clone().requires_grad_()
+    y_ref = qkv_reference_fp64(leaf, H, 0.3)
+    y_ref.backward(dy)
+    assert relative_error(y.detach(), y_ref.detach()) < 1e-10
+    assert qkv.grad.shape == qkv.shape and relative_error(qkv.grad, leaf.grad) < 1e-10
+    q, k, _, _ = negative_score_inputs((B, H, T, D), torch.float64)
+    qkv_negative = torch.cat([t.transpose(1, 2).reshape(B, T, H * D) for t in (q, k, k)], dim=2)
+    _, max_score = attention_cuda.attention_qkv_with_max_score(qkv_negative, H, 0.3)
+    assert torch.allclose(max_score, max_abs_score_fp64(q, k, 0.3).amax(dim=-1), rtol=1e-10)
+
+
+def test_op_qkv_rejects_a_width_that_is_not_three_heads():
+    with pytest.raises(ValueError, match=r"qkv must be \(B, T, 3 \* n_head \* D\)"):
+        attention_cuda.attention_qkv(torch.zeros(1, 4, 3 * 16 + 1), 2, 1.0)
+
+
 def test_op_traces_as_one_opaque_op_under_torch_compile():
     q, k, v, do = random_inputs(1, 2, 20, 8, torch.float64)
     q.requires_grad_()
     compiled = torch.compile(lambda q, k, v: attention_cuda.attention(q, k, v, 0.5), backend="aot_eager", fullgraph=True)
     compiled(q, k, v).backward(do)
     assert relative_error(q.grad, naive_grads_fp64(q, k, v, do, 0.5)[0]) < 1e-10
+
+
+class TinyAttentionBlock(torch.nn.Module):
+    """c_attn -> attention_qkv (with the max-score by-product) -> c_proj, as model.py would wire it."""
+
+    def __init__(self, C=32, H=2):
+        super().__init__()
+        self.c_attn, self.c_proj, self.n_head = torch.nn.Linear(C, 3 * C), torch.nn.Linear(C, C), H
+
+    def forward(self, x):
+        y, max_score = attention_cuda.attention_qkv_with_max_score(self.c_attn(x), self.n_head, 0.25)
+        return self.c_proj(y), max_score.max()
+
+
+def test_compiled_block_has_no_graph_break_at_the_op():
+    """torch.compile sees each op as one node: dynamo finds one graph, no breaks (the op's fake
+    implementation gives it shapes without running anything), and the compiled forward and
+    backward equal the eager ones."""
+    torch.manual_seed(0)
+    block, x = TinyAttentionBlock(), torch.randn(2, 9, 32)
+    explanation = torch._dynamo.explain(block)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    ops = {str(node.target) for graph in explanation.graphs for node in graph.graph.nodes if node.op == "call_function"}
+    assert "gust.attention_qkv.default" in ops, ops
+    eager_out, eager_max = block(x)
+    eager_out.sum().backward()
+    eager_grad = block.c_attn.weight.grad.clone()
+    block.zero_grad()
+    compiled_out, compiled_max = torch.compile(block, backend="aot_eager", fullgraph=True)(x)
+    compiled_out.sum().backward()
+    assert torch.allclose(compiled_out, eager_out) and torch.equal(compiled_max, eager_max)
+    assert torch.allclose(block.c_attn.weight.grad, eager_grad)
+
+
+def test_fake_implementations_give_shapes_on_meta_tensors():
+    """What the compiler sees of a CUDA call without running the kernel: the fakes' shapes and dtypes."""
+    qkv = torch.empty(2, 1024, 3 * 768, dtype=torch.bfloat16, device="meta")
+    y, max_score = attention_cuda.attention_qkv_with_max_score(qkv, 12, 0.125)
+    assert (y.shape, y.dtype, y.device.type) == ((2, 1024, 768), torch.bfloat16, "meta")
+    assert (max_score.shape, max_score.dtype) == ((2, 12), torch.float32)
+    q = torch.empty(2, 12, 1024, 64, dtype=torch.float16, device="meta")
+    assert attention_cuda.attention(q, q, q, 0.125).shape == (2, 12, 1024, 64)
+
+
+@pytest.mark.parametrize("op_name, make_args", [
+    ("attention_qkv", lambda: (torch.randn(2, 5, 3 * 2 * 8, dtype=torch.float64, requires_grad=True), 2, 0.3, True)),
+    ("flash_attention", lambda: (*(t.requires_grad_() for t in random_inputs(1, 2, 5, 8, torch.float64)[:3]), 0.3, False)),
+])
+def test_ops_pass_torch_library_opcheck(op_name, make_args):
+    """torch's own check of a custom op: schema, fake vs real outputs, autograd registration."""
+    torch.library.opcheck(getattr(torch.ops.gust, op_name).default, make_args())
 
 
 def test_op_rejects_mismatched_shapes():
