@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("attention_cuda.profile: no CUDA device (torch.cuda.is_available() is False); run it on a GPU")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
     for shape in args.shapes.split(","):
         B, H = (int(x) for x in shape.split("x"))
