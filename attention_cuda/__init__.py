@@ -17,6 +17,8 @@ per source version and GPU architecture and caches the library under attention_c
 Not for: non-causal attention, dropout, masks, or GPUs older than sm_80.
 """
 
+import contextlib
+
 import torch
 
 from attention_cuda import launch as _launch
@@ -35,6 +37,7 @@ __all__ = ["available", "unavailable_reason", "attention", "attention_with_max_s
 
 _library = None  # the loaded ctypes library, once built
 _failure = None  # why it cannot be loaded, once known (checked once per process)
+_cpu_library = None  # inside emulated_on_cpu(): the CPU emulation of attention.cu, used for CPU tensors
 
 
 def _current_arch() -> str:
@@ -85,7 +88,26 @@ def unavailable_reason() -> str:
         return str(error)
 
 
-# ---- checks and the two implementations (CUDA kernel, CPU twin) ----
+@contextlib.contextmanager
+def emulated_on_cpu():
+    """For tests: inside this block, CPU tensors run attention.cu's own code under the CPU
+    emulation (emulate.py, g++ needed) instead of reference.py's twin, with the CUDA path's
+    checks (fp16/bf16, D 64 or 128) and the same strided reads and writes. Slow: tiny shapes only."""
+    global _cpu_library
+    from attention_cuda import emulate  # noqa: PLC0415 (builds with g++ on first use)
+
+    previous, _cpu_library = _cpu_library, emulate.library()
+    try:
+        yield
+    finally:
+        _cpu_library = previous
+
+
+# ---- checks and the implementations (CUDA kernel or its CPU emulation; the CPU twin) ----
+
+def _runs_twin(tensor) -> bool:
+    """CPU tensors run reference.py's twin, unless emulated_on_cpu() put the kernel's code there."""
+    return tensor.device.type == "cpu" and _cpu_library is None
 
 def _check_inputs(q, k, v) -> None:
     """One-line errors for inputs the op cannot take."""
@@ -95,9 +117,9 @@ def _check_inputs(q, k, v) -> None:
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         raise ValueError(f"attention_cuda: q, k, v must share dtype and device; got "
                          f"{q.dtype}/{q.device}, {k.dtype}/{k.device}, {v.dtype}/{v.device}")
-    if q.device.type == "cpu":
+    if _runs_twin(q):
         return  # the twin takes any float dtype and head size
-    if q.device.type not in ("cuda", "meta"):  # meta: shapes only (the fake implementations answer)
+    if q.device.type not in ("cuda", "meta", "cpu"):  # meta: shapes only (the fakes); cpu: emulation
         raise ValueError(f"attention_cuda: tensors on {q.device} — the kernel runs on CUDA (CPU runs the twin)")
     if q.dtype not in _launch.DTYPE_FLAGS:
         raise ValueError(f"attention_cuda: dtype {q.dtype} unsupported — the kernel takes float16 or bfloat16 "
@@ -119,8 +141,12 @@ def _ready(tensor):
     return tensor if tensor.data_ptr() % 16 == 0 else tensor.clone()
 
 
-def _stream(device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream  # launch where torch's work on device is ordered
+def _kernel_library_for(device):
+    """(library, stream, device context) to launch on: the CUDA build, or on CPU the emulation."""
+    if device.type == "cpu":
+        return _cpu_library, 0, contextlib.nullcontext()
+    stream = torch.cuda.current_stream(device).cuda_stream  # launch where torch's work on device is ordered
+    return _load_library(), stream, torch.cuda.device(device)
 
 
 def _heads(x, n_head: int):
@@ -137,34 +163,32 @@ def _forward_into(q, k, v, y, scale: float, with_max_score: bool):
     """Writes y (B, H, T, D, any view) from q, k, v; returns (lse (B, H, T), max_score (B, H) or (0,))."""
     B, H, T, D = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32 for 16-bit inputs
-    if q.device.type == "cpu":
+    if _runs_twin(q):
         y_twin, lse = reference.flash_forward(q, k, v, scale)
         y.copy_(y_twin)
         max_score = reference.max_abs_score(q, k, scale) if with_max_score else q.new_empty((0,), dtype=acc)
         return lse, max_score
-    library = _load_library()
+    library, stream, on_device = _kernel_library_for(q.device)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     row_abs_max = torch.empty_like(lse) if with_max_score else None  # (B, H, T) per-row max |score|
-    with torch.cuda.device(q.device):
-        _launch.forward_into(library, _ready(q), _ready(k), _ready(v), scale, y, lse, row_abs_max,
-                             stream=_stream(q.device))
+    with on_device:
+        _launch.forward_into(library, _ready(q), _ready(k), _ready(v), scale, y, lse, row_abs_max, stream=stream)
     max_score = row_abs_max.amax(dim=-1) if with_max_score else q.new_empty((0,), dtype=torch.float32)
     return lse, max_score
 
 
 def _backward_into(grad_y, q, k, v, y, lse, scale: float, dq, dk, dv) -> None:
     """Writes dq, dk, dv (B, H, T, D, any views) for the forward that gave y and lse."""
-    if q.device.type == "cpu":
+    if _runs_twin(q):
         for grad, twin in zip((dq, dk, dv), reference.flash_backward(q, k, v, y, lse, grad_y, scale)):
             grad.copy_(twin)
         return
-    library = _load_library()
+    library, stream, on_device = _kernel_library_for(q.device)
     q, k, v, y, grad_y = _ready(q), _ready(k), _ready(v), _ready(y), _ready(grad_y)
     delta = torch.empty_like(lse)  # (B, H, T) rowsum(dO * O), scratch for the kernels
     k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()  # (B, H, D) each head's mean key: dQ centers on it
-    with torch.cuda.device(q.device):
-        _launch.backward_into(library, q, k, v, y, lse, grad_y, k_mean, scale, dq, dk, dv, delta,
-                              stream=_stream(q.device))
+    with on_device:
+        _launch.backward_into(library, q, k, v, y, lse, grad_y, k_mean, scale, dq, dk, dv, delta, stream=stream)
 
 
 def _stats_shapes(q, with_max_score: bool):

@@ -313,6 +313,27 @@ def test_op_qkv_on_cpu_matches_fp64_with_autograd():
     assert torch.allclose(max_score, max_abs_score_fp64(q, k, 0.3).amax(dim=-1), rtol=1e-10)
 
 
+@needs_gxx
+def test_op_qkv_through_the_emulated_kernel_matches_fp64():
+    """The public op end to end (custom op, autograd, strided launch) on attention.cu's own code:
+    y, d(qkv) and max |score| against fp64 written here. Tiny: the emulation is slow."""
+    B, T, H, D = 1, 37, 2, 64
+    generator = torch.Generator().manual_seed(11)
+    qkv = torch.randn(B, T, 3 * H * D, generator=generator).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(B, T, H * D, generator=generator)
+    with attention_cuda.emulated_on_cpu():
+        y, max_score = attention_cuda.attention_qkv_with_max_score(qkv, H, 0.1)
+        (y.float() * weight).sum().backward()
+        with pytest.raises(ValueError, match="head size 16 unsupported"):  # the CUDA path's checks: not the twin
+            attention_cuda.attention_qkv(torch.zeros(1, 4, 3 * 2 * 16, dtype=torch.bfloat16), 2, 1.0)
+    leaf = qkv.detach().double().requires_grad_()
+    y_ref = qkv_reference_fp64(leaf, H, 0.1)
+    (y_ref * weight.double()).sum().backward()
+    assert relative_error(y.detach(), y_ref.detach()) < 1e-2 and relative_error(qkv.grad, leaf.grad) < 1e-2
+    q, k = (heads_of(part, H) for part in qkv.detach().split(H * D, dim=2)[:2])
+    assert torch.allclose(max_score.double(), max_abs_score_fp64(q, k, 0.1).amax(dim=-1), rtol=1e-5)
+
+
 def test_op_qkv_rejects_a_width_that_is_not_three_heads():
     with pytest.raises(ValueError, match=r"qkv must be \(B, T, 3 \* n_head \* D\)"):
         attention_cuda.attention_qkv(torch.zeros(1, 4, 3 * 16 + 1), 2, 1.0)
