@@ -184,6 +184,13 @@ __device__ __forceinline__ float warp_sum(float x) {
 // reference._causal_mask (the twin never builds padding rows, so it needs only j > i).
 __device__ __forceinline__ bool is_masked(int i, int j, int seq_len) { return j > i || i >= seq_len; }
 
+// False if no (query i, key j) pair of a warp's fragment can be masked: queries [i0, i0 + queries),
+// keys [j0, j0 + keys). Off the diagonal and away from the tail (most tiles at long T) the
+// element-wise is_masked is then skipped: the MASK = false instantiations below.
+__device__ __forceinline__ bool fragment_needs_mask(int i0, int queries, int j0, int keys, int seq_len) {
+    return j0 + keys - 1 > i0 || i0 + queries > seq_len;
+}
+
 // ----------------------------------------------------------------------------------------
 // Tensor cores: the three PTX instructions, and the fragment layout they define
 //
@@ -423,7 +430,7 @@ __device__ void store_stripe(const float (&acc)[D / 8][4], const float (&row_sca
 // TRACK_ABS_MAX: abs_max is the lane's share of the row's max |scaled score| over visible keys
 // (the overflow diagnostic; reduced over the 4 lanes once, at the end). The signed row_max is
 // not that diagnostic: a row whose scores are all very negative has a small row_max.
-template <bool TRACK_ABS_MAX>
+template <bool TRACK_ABS_MAX, bool MASK>
 __device__ void online_softmax(float (&s)[BLOCK_K / 8][4], float (&row_max)[2], float (&row_sum)[2],
                                float (&abs_max)[2], float (&alpha)[2], int q_row0, int k_start, int seq_len,
                                float scale) {
@@ -435,7 +442,7 @@ __device__ void online_softmax(float (&s)[BLOCK_K / 8][4], float (&row_max)[2], 
         for (int n = 0; n < BLOCK_K / 8; ++n)
 #pragma unroll
             for (int e = 2 * h; e < 2 * h + 2; ++e) {
-                const bool masked = is_masked(i, k_start + 8 * n + frag_col(e), seq_len);
+                const bool masked = MASK && is_masked(i, k_start + 8 * n + frag_col(e), seq_len);
                 const float scaled = s[n][e] * scale;  // upcast: the scale multiplies fp32 scores, never 16-bit ones
                 if constexpr (TRACK_ABS_MAX) abs_max[h] = masked ? abs_max[h] : fmaxf(abs_max[h], fabsf(scaled));
                 s[n][e] = masked ? -INFINITY : scaled;
@@ -508,7 +515,10 @@ attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restr
         float s[BLOCK_K / 8][4];  // (16, BLOCK_K) scores, then P, fp32
         warp_matmul_abt<D, BLOCK_K>(s, q_tile, k_tile(buffer), warp * STRIPE);  // s = q_tile @ k_tileᵀ
         float alpha[2];
-        online_softmax<TRACK_ABS_MAX>(s, row_max, row_sum, abs_max, alpha, q_row0, k_start, seq_len, scale);
+        if (fragment_needs_mask(q_row0, STRIPE, k_start, BLOCK_K, seq_len))  // uniform per warp
+            online_softmax<TRACK_ABS_MAX, true>(s, row_max, row_sum, abs_max, alpha, q_row0, k_start, seq_len, scale);
+        else
+            online_softmax<TRACK_ABS_MAX, false>(s, row_max, row_sum, abs_max, alpha, q_row0, k_start, seq_len, scale);
 #pragma unroll
         for (int n = 0; n < D / 8; ++n)
 #pragma unroll
@@ -570,7 +580,8 @@ attention_backward_delta_kernel(const scalar_t* __restrict__ o, const scalar_t* 
 // ROWS_ARE_KEYS: the dK/dV kernel computes transposed tiles (rows are keys, columns queries),
 // so lse and delta are indexed by column there and by row in the dQ kernel.
 // row_start, col_start: the positions of the tile's first row and column.
-template <bool ROWS_ARE_KEYS>
+// MASK: evaluate the causal/tail mask per element; false where fragment_needs_mask says none can be masked.
+template <bool ROWS_ARE_KEYS, bool MASK>
 __device__ void recompute_p_and_ds(float (&s)[BLOCK_K / 8][4], float (&dp)[BLOCK_K / 8][4], const float* lse_tile,
                                    const float* delta_tile, int row_start, int col_start, int seq_len, float scale) {
 #pragma unroll
@@ -582,7 +593,7 @@ __device__ void recompute_p_and_ds(float (&s)[BLOCK_K / 8][4], float (&dp)[BLOCK
             const int j = ROWS_ARE_KEYS ? row_start + local_row : col_start + local_col;  // key position
             const int q_local = ROWS_ARE_KEYS ? local_col : local_row;                    // index into lse/delta
             // upcast: scale and exp in fp32; lse already holds the row's max and sum
-            const float p = is_masked(i, j, seq_len) ? 0.0f : exp2f((s[n][e] * scale - lse_tile[q_local]) * LOG2E);
+            const float p = MASK && is_masked(i, j, seq_len) ? 0.0f : exp2f((s[n][e] * scale - lse_tile[q_local]) * LOG2E);
             dp[n][e] = p * (dp[n][e] - delta_tile[q_local]);  // dS = dL/d(scaled score), fp32
             s[n][e] = p;
         }
@@ -641,7 +652,11 @@ attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* _
         float s[BLOCK_Q / 8][4], dp[BLOCK_Q / 8][4];  // sᵀ and dpᵀ: (16 keys, BLOCK_Q queries)
         warp_matmul_abt<D, BLOCK_Q>(s, k_tile, q_now, warp * STRIPE);   // sᵀ = k_tile @ q_tileᵀ
         warp_matmul_abt<D, BLOCK_Q>(dp, v_tile, do_now, warp * STRIPE);  // dpᵀ = v_tile @ do_tileᵀ
-        recompute_p_and_ds<true>(s, dp, lse_tile(buffer), delta_tile(buffer), k_start, q_start, seq_len, scale);
+        // warp's keys [k_row0, k_row0 + 16) against queries [q_start, q_start + 64); uniform per warp
+        if (fragment_needs_mask(q_start, BLOCK_Q, k_row0, STRIPE, seq_len))
+            recompute_p_and_ds<true, true>(s, dp, lse_tile(buffer), delta_tile(buffer), k_start, q_start, seq_len, scale);
+        else
+            recompute_p_and_ds<true, false>(s, dp, lse_tile(buffer), delta_tile(buffer), k_start, q_start, seq_len, scale);
         uint32_t a[BLOCK_Q / 16][4];
         to_a_fragments<BLOCK_Q, scalar_t>(a, s);               // pᵀ in 16 bits
         warp_matmul_ab<BLOCK_Q, D, scalar_t>(dv_acc, a, do_now);  // dv += pᵀ @ do_tile
@@ -716,7 +731,10 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
         float s[BLOCK_K / 8][4], dp[BLOCK_K / 8][4];  // (16 queries, BLOCK_K keys)
         warp_matmul_abt<D, BLOCK_K>(s, q_tile, k_tile(buffer), warp * STRIPE);    // s = q_tile @ k_tileᵀ
         warp_matmul_abt<D, BLOCK_K>(dp, do_tile, v_tile(buffer), warp * STRIPE);  // dp = do_tile @ v_tileᵀ
-        recompute_p_and_ds<false>(s, dp, lse_tile, delta_tile, q_start, k_start, seq_len, scale);
+        if (fragment_needs_mask(q_row0, STRIPE, k_start, BLOCK_K, seq_len))  // uniform per warp
+            recompute_p_and_ds<false, true>(s, dp, lse_tile, delta_tile, q_start, k_start, seq_len, scale);
+        else
+            recompute_p_and_ds<false, false>(s, dp, lse_tile, delta_tile, q_start, k_start, seq_len, scale);
         uint32_t a[BLOCK_K / 16][4];
         to_a_fragments<BLOCK_K, scalar_t>(a, dp);                      // ds in 16 bits
         warp_matmul_ab<BLOCK_K, D, scalar_t>(dq_acc, a, kc_tile);  // dq += ds @ (k_tile - k_mean)
