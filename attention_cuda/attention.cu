@@ -1,10 +1,14 @@
 // attention.cu — gust's fused causal attention: softmax(scale * q kᵀ, causal) v, forward and
 // backward, without ever materialising the (T, T) score matrix (FlashAttention-2 style).
 //
-// For: fp16/bf16 q, k, v of shape (B, H, T, D), contiguous, D = 64 or 128, any T >= 1, with
+// For: fp16/bf16 q, k, v of shape (B, H, T, D), D = 64 or 128, any T >= 1, with
 // "upcast" numerics: scores, scale, softmax and every accumulator are fp32, so the fp16
 // overflow of q kᵀ past 65504 (which blows up deep GPT-2 layers) cannot happen.
 // Not for: non-causal masks, dropout, other head sizes, GPUs older than sm_80 (Ampere).
+//
+// Tensors need not be contiguous: each comes with its (batch, head, row) strides (struct Strides),
+// so q, k, v are read straight out of c_attn's (B, T, 3C) output and y is written as (B, T, C)
+// with no copy or transpose around the kernels; only the head dimension must be contiguous.
 //
 // Read it beside reference.py, the twin in plain PyTorch: same tiles, same names, same loops.
 // It builds standalone with nvcc (no torch headers); __init__.py calls the extern "C"
@@ -102,6 +106,41 @@ struct DqSmem : Tiles<D> {
 };
 
 // ----------------------------------------------------------------------------------------
+// Where the tensors are: strided (B, H, T, D) views
+// ----------------------------------------------------------------------------------------
+
+// Element (b, h, t, d) of a (B, H, T, D) tensor sits at base + b * batch + h * head + t * row + d
+// (in elements; d is contiguous). Contiguous (B, H, T, D): (H T D, T D, D). A head's slice of
+// c_attn's (B, T, 3C) output: (3 T C, D, 3 C). A (B, T, C) output: (T C, D, C).
+struct Strides {
+    long long batch, head, row;
+};
+
+// The strides of every 16-bit tensor a launch touches (the forward uses q, k, v, o), and the
+// number of heads, which splits blockIdx.x into (batch, head). lse, delta, row_abs_max and
+// k_mean are always contiguous (B*H, T) or (B*H, D) fp32 arrays the op allocates itself.
+struct Layout {
+    Strides q, k, v, o, d_o, dq, dk, dv;
+    int heads;
+};
+
+// One (batch, head)'s (seq_len, D) matrix: row t starts at rows + t * stride. The stride is 32-bit
+// (the host checks seq_len * stride < 2^31): 64-bit row arithmetic in every tile load costs
+// registers the kernels do not have to spare.
+template <typename scalar_t>
+struct HeadMatrix {
+    scalar_t* rows;
+    int stride;
+};
+
+// The (seq_len, D) matrix of the (batch, head) this block works on (blockIdx.x = b * heads + h).
+template <typename scalar_t>
+__device__ __forceinline__ HeadMatrix<scalar_t> head_matrix(scalar_t* tensor, const Strides& strides, int heads) {
+    const int b = blockIdx.x / heads, h = blockIdx.x % heads;
+    return {tensor + b * strides.batch + h * strides.head, static_cast<int>(strides.row)};
+}
+
+// ----------------------------------------------------------------------------------------
 // Small device helpers
 // ----------------------------------------------------------------------------------------
 
@@ -144,6 +183,13 @@ __device__ __forceinline__ float warp_sum(float x) {
 // of the sequence in the last tile (i >= seq_len), so those rows add nothing anywhere.
 // reference._causal_mask (the twin never builds padding rows, so it needs only j > i).
 __device__ __forceinline__ bool is_masked(int i, int j, int seq_len) { return j > i || i >= seq_len; }
+
+// False if no (query i, key j) pair of a warp's fragment can be masked: queries [i0, i0 + queries),
+// keys [j0, j0 + keys). Off the diagonal and away from the tail (most tiles at long T) the
+// element-wise is_masked is then skipped: the MASK = false instantiations below.
+__device__ __forceinline__ bool fragment_needs_mask(int i0, int queries, int j0, int keys, int seq_len) {
+    return j0 + keys - 1 > i0 || i0 + queries > seq_len;
+}
 
 // ----------------------------------------------------------------------------------------
 // Tensor cores: the three PTX instructions, and the fragment layout they define
@@ -214,15 +260,24 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // zero-filled (a copy of 0 source bytes): out-of-range memory is never read, and the zeros are
 // masked or multiply into nothing.
 template <int ROWS, int D, typename scalar_t>
-__device__ void load_tile_async(scalar_t* tile, const scalar_t* matrix, int row0, int seq_len) {
+__device__ void load_tile_async(scalar_t* tile, HeadMatrix<const scalar_t> matrix, int row0, int seq_len) {
     constexpr int PER_CHUNK = 16 / sizeof(scalar_t);  // 8 elements
     constexpr int CHUNKS_PER_ROW = D / PER_CHUNK;
-    for (int chunk = threadIdx.x; chunk < ROWS * CHUNKS_PER_ROW; chunk += THREADS) {
-        const int r = chunk / CHUNKS_PER_ROW;
-        const int col = (chunk % CHUNKS_PER_ROW) * PER_CHUNK;
+    constexpr int ROWS_PER_PASS = THREADS / CHUNKS_PER_ROW;  // rows the block covers with one chunk per thread
+    static_assert(THREADS % CHUNKS_PER_ROW == 0 && ROWS % ROWS_PER_PASS == 0, "every thread copies whole passes");
+    // chunk c = threadIdx.x + pass * THREADS holds row c / CHUNKS_PER_ROW, columns (c % CHUNKS_PER_ROW) * 8..:
+    // a thread keeps its columns and steps down ROWS_PER_PASS rows per pass (center_own_chunks relies on it).
+    // One source pointer walked by a step, not an address per chunk: the strides are run-time values, and
+    // ptxas would otherwise keep every chunk's offset in a register across the kernels' loops.
+    const int first_row = threadIdx.x / CHUNKS_PER_ROW, col = (threadIdx.x % CHUNKS_PER_ROW) * PER_CHUNK;
+    const scalar_t* source = matrix.rows + (row0 + first_row) * matrix.stride + col;
+    const int step = ROWS_PER_PASS * matrix.stride;
+#pragma unroll
+    for (int pass = 0; pass < ROWS / ROWS_PER_PASS; ++pass, source += step) {
+        const int r = first_row + pass * ROWS_PER_PASS;
         const bool inside = row0 + r < seq_len;
         // past the end: 0 bytes are read, but the address must still be a valid one
-        cp_async_16(tile + r * ld16(D) + col, inside ? matrix + (size_t)(row0 + r) * D + col : matrix, inside);
+        cp_async_16(tile + r * ld16(D) + col, inside ? source : matrix.rows, inside);
     }
 }
 
@@ -351,13 +406,13 @@ __device__ __forceinline__ void to_a_fragments(uint32_t (&a)[COLS / 16][4], cons
 // [row0, row0 + 16) of one head's (seq_len, D) matrix; padding rows are not written. Each lane
 // stores its column pairs as one 32-bit word.
 template <int D, typename scalar_t>
-__device__ void store_stripe(const float (&acc)[D / 8][4], const float (&row_scale)[2], scalar_t* out, size_t head,
+__device__ void store_stripe(const float (&acc)[D / 8][4], const float (&row_scale)[2], HeadMatrix<scalar_t> out,
                              int row0, int seq_len) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int row = row0 + frag_row(2 * h);
         if (row >= seq_len) continue;
-        uint32_t* out_row = reinterpret_cast<uint32_t*>(out + (head + row) * D);
+        uint32_t* out_row = reinterpret_cast<uint32_t*>(out.rows + row * out.stride);
 #pragma unroll
         for (int n = 0; n < D / 8; ++n)
             out_row[(8 * n + frag_col(0)) / 2] = pack2<scalar_t>(acc[n][2 * h] * row_scale[h], acc[n][2 * h + 1] * row_scale[h]);
@@ -372,8 +427,13 @@ __device__ void store_stripe(const float (&acc)[D / 8][4], const float (&row_sca
 // reference.flash_forward's lines from `scores = ...` to `row_max = new_max`, except P @ V.
 // A lane holds 2 rows (h = 0, 1: rows g and g + 8); row_max is the row's running max (the same
 // in its 4 lanes), row_sum the lane's own share of the row's sum (added up once, at the end).
+// TRACK_ABS_MAX: abs_max is the lane's share of the row's max |scaled score| over visible keys
+// (the overflow diagnostic; reduced over the 4 lanes once, at the end). The signed row_max is
+// not that diagnostic: a row whose scores are all very negative has a small row_max.
+template <bool TRACK_ABS_MAX, bool MASK>
 __device__ void online_softmax(float (&s)[BLOCK_K / 8][4], float (&row_max)[2], float (&row_sum)[2],
-                               float (&alpha)[2], int q_row0, int k_start, int seq_len, float scale) {
+                               float (&abs_max)[2], float (&alpha)[2], int q_row0, int k_start, int seq_len,
+                               float scale) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int i = q_row0 + frag_row(2 * h);  // query position of this half's row
@@ -382,8 +442,10 @@ __device__ void online_softmax(float (&s)[BLOCK_K / 8][4], float (&row_max)[2], 
         for (int n = 0; n < BLOCK_K / 8; ++n)
 #pragma unroll
             for (int e = 2 * h; e < 2 * h + 2; ++e) {
-                // upcast: the scale multiplies fp32 scores, never 16-bit ones
-                s[n][e] = is_masked(i, k_start + 8 * n + frag_col(e), seq_len) ? -INFINITY : s[n][e] * scale;
+                const bool masked = MASK && is_masked(i, k_start + 8 * n + frag_col(e), seq_len);
+                const float scaled = s[n][e] * scale;  // upcast: the scale multiplies fp32 scores, never 16-bit ones
+                if constexpr (TRACK_ABS_MAX) abs_max[h] = masked ? abs_max[h] : fmaxf(abs_max[h], fabsf(scaled));
+                s[n][e] = masked ? -INFINITY : scaled;
                 tile_max = fmaxf(tile_max, s[n][e]);
             }
         const float new_max = fmaxf(row_max[h], quad_max(tile_max));
@@ -403,11 +465,18 @@ __device__ void online_softmax(float (&s)[BLOCK_K / 8][4], float (&row_max)[2], 
     }
 }
 
-template <int D, typename scalar_t>
-__global__ void __launch_bounds__(THREADS)
+// Blocks per SM the forward must fit in registers: 65,536 / (4 blocks x 128 threads) = 128
+// registers at D = 64 (16 warps per SM). Without the cap ptxas spends registers on keeping
+// strided row addresses (one per tile chunk) and lands at 136: 3 blocks. D = 128 keeps 3.
+__host__ __device__ constexpr int forward_min_blocks(int D) { return D == 64 ? 4 : 3; }
+
+// TRACK_ABS_MAX: also write each row's max |scaled score| over its visible keys to row_abs_max
+// (an instantiation of its own, so the training steps that do not ask pay nothing).
+template <int D, typename scalar_t, bool TRACK_ABS_MAX>
+__global__ void __launch_bounds__(THREADS, forward_min_blocks(D))
 attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                          const scalar_t* __restrict__ v, scalar_t* __restrict__ o, float* __restrict__ lse,
-                         float* __restrict__ row_max_out, int seq_len, float scale) {
+                         float* __restrict__ row_abs_max, const Layout layout, int seq_len, float scale) {
     using Smem = ForwardSmem<D>;
     extern __shared__ __align__(128) unsigned char smem[];
     scalar_t* q_tile = reinterpret_cast<scalar_t*>(smem + Smem::q_tile);
@@ -415,7 +484,10 @@ attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restr
     auto v_tile = [&](int buffer) { return reinterpret_cast<scalar_t*>(smem + Smem::v_tile(buffer)); };
 
     const int warp = threadIdx.x / 32;
-    const size_t head = (size_t)blockIdx.x * seq_len;  // first row of this (batch, head) among B*H*T rows
+    const size_t head_rows = (size_t)blockIdx.x * seq_len;  // this head's first entry in lse, row_abs_max
+    const HeadMatrix<const scalar_t> q_head = head_matrix(q, layout.q, layout.heads);
+    const HeadMatrix<const scalar_t> k_head = head_matrix(k, layout.k, layout.heads);
+    const HeadMatrix<const scalar_t> v_head = head_matrix(v, layout.v, layout.heads);
     // the last Q tiles see the most keys: hand them out first so the final wave is short tiles
     const int q_start = (gridDim.y - 1 - blockIdx.y) * BLOCK_Q;
     const int q_end = min(q_start + BLOCK_Q, seq_len);
@@ -424,17 +496,18 @@ attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restr
     // reference: row_max = -inf, row_sum = 0, o_acc = 0 (this lane's rows g, g + 8)
     float o_acc[D / 8][4] = {};
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
-    load_tile_async<BLOCK_Q, D>(q_tile, q + head * D, q_start, seq_len);
-    load_tile_async<BLOCK_K, D>(k_tile(0), k + head * D, 0, seq_len);
-    load_tile_async<BLOCK_K, D>(v_tile(0), v + head * D, 0, seq_len);
+    float abs_max[2] = {0.0f, 0.0f};  // TRACK_ABS_MAX only: this lane's share of max |score| per row
+    load_tile_async<BLOCK_Q, D>(q_tile, q_head, q_start, seq_len);
+    load_tile_async<BLOCK_K, D>(k_tile(0), k_head, 0, seq_len);
+    load_tile_async<BLOCK_K, D>(v_tile(0), v_head, 0, seq_len);
     cp_async_commit();
 
     // causal: K tiles starting after the tile's last query (q_end - 1) are fully masked: skipped
     int buffer = 0;  // which k_tile / v_tile holds this pass's keys
     for (int k_start = 0; k_start < q_end; k_start += BLOCK_K, buffer ^= 1) {
         if (k_start + BLOCK_K < q_end) {  // start loading the next K/V tile into the other buffer
-            load_tile_async<BLOCK_K, D>(k_tile(buffer ^ 1), k + head * D, k_start + BLOCK_K, seq_len);
-            load_tile_async<BLOCK_K, D>(v_tile(buffer ^ 1), v + head * D, k_start + BLOCK_K, seq_len);
+            load_tile_async<BLOCK_K, D>(k_tile(buffer ^ 1), k_head, k_start + BLOCK_K, seq_len);
+            load_tile_async<BLOCK_K, D>(v_tile(buffer ^ 1), v_head, k_start + BLOCK_K, seq_len);
         }
         cp_async_commit();   // one group per pass (empty on the last), so that:
         cp_async_wait<1>();  // everything but the newest group, the prefetch, has landed
@@ -442,7 +515,10 @@ attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restr
         float s[BLOCK_K / 8][4];  // (16, BLOCK_K) scores, then P, fp32
         warp_matmul_abt<D, BLOCK_K>(s, q_tile, k_tile(buffer), warp * STRIPE);  // s = q_tile @ k_tileᵀ
         float alpha[2];
-        online_softmax(s, row_max, row_sum, alpha, q_row0, k_start, seq_len, scale);
+        if (fragment_needs_mask(q_row0, STRIPE, k_start, BLOCK_K, seq_len))  // uniform per warp
+            online_softmax<TRACK_ABS_MAX, true>(s, row_max, row_sum, abs_max, alpha, q_row0, k_start, seq_len, scale);
+        else
+            online_softmax<TRACK_ABS_MAX, false>(s, row_max, row_sum, abs_max, alpha, q_row0, k_start, seq_len, scale);
 #pragma unroll
         for (int n = 0; n < D / 8; ++n)
 #pragma unroll
@@ -460,12 +536,14 @@ attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restr
         // sum > 0 for i < seq_len (key 0 is visible to every query); padding rows have 0: keep them finite
         inv_sum[h] = sum > 0.0f ? 1.0f / sum : 0.0f;
         const int i = q_row0 + frag_row(2 * h);
+        float row_abs = 0.0f;
+        if constexpr (TRACK_ABS_MAX) row_abs = quad_max(abs_max[h]);  // all lanes: the shuffle needs the warp
         if (i < seq_len && threadIdx.x % 4 == 0) {  // one lane of the 4 writes the row's scalars
-            lse[head + i] = row_max[h] + logf(sum);
-            if (row_max_out != nullptr) row_max_out[head + i] = row_max[h];
+            lse[head_rows + i] = row_max[h] + logf(sum);
+            if constexpr (TRACK_ABS_MAX) row_abs_max[head_rows + i] = row_abs;
         }
     }
-    store_stripe<D>(o_acc, inv_sum, o, head, q_row0, seq_len);  // o = o_acc / row_sum
+    store_stripe<D>(o_acc, inv_sum, head_matrix(o, layout.o, layout.heads), q_row0, seq_len);  // o = o_acc / row_sum
 }
 
 // ----------------------------------------------------------------------------------------
@@ -478,17 +556,21 @@ attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restr
 // dK, dV. The price is the extra recompute of q kᵀ and dO vᵀ.
 // ----------------------------------------------------------------------------------------
 
-// delta[row] = sum_d dO[row, d] * O[row, d] in fp32; one warp per row of the B*H*T rows.
-// reference: `delta = (do * o).sum(dim=-1)`.
+// delta[row] = sum_d dO[row, d] * O[row, d] in fp32; one warp per row of the B*H*T rows
+// (row = (b * heads + h) * seq_len + t). reference: `delta = (do * o).sum(dim=-1)`.
 template <int D, typename scalar_t>
 __global__ void __launch_bounds__(THREADS)
 attention_backward_delta_kernel(const scalar_t* __restrict__ o, const scalar_t* __restrict__ d_o,
-                                float* __restrict__ delta, long long total_rows) {
+                                float* __restrict__ delta, const Layout layout, int seq_len, long long total_rows) {
     const long long row = (long long)blockIdx.x * WARPS + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     if (row >= total_rows) return;  // whole warps leave together: row depends on the warp only
+    const long long batch_head = row / seq_len, t = row % seq_len;
+    const long long b = batch_head / layout.heads, h = batch_head % layout.heads;
+    const scalar_t* o_row = o + b * layout.o.batch + h * layout.o.head + t * layout.o.row;
+    const scalar_t* do_row = d_o + b * layout.d_o.batch + h * layout.d_o.head + t * layout.d_o.row;
     float acc = 0.0f;
-    for (int d = lane; d < D; d += 32) acc += to_float(d_o[row * D + d]) * to_float(o[row * D + d]);
+    for (int d = lane; d < D; d += 32) acc += to_float(do_row[d]) * to_float(o_row[d]);
     acc = warp_sum(acc);
     if (lane == 0) delta[row] = acc;
 }
@@ -498,7 +580,8 @@ attention_backward_delta_kernel(const scalar_t* __restrict__ o, const scalar_t* 
 // ROWS_ARE_KEYS: the dK/dV kernel computes transposed tiles (rows are keys, columns queries),
 // so lse and delta are indexed by column there and by row in the dQ kernel.
 // row_start, col_start: the positions of the tile's first row and column.
-template <bool ROWS_ARE_KEYS>
+// MASK: evaluate the causal/tail mask per element; false where fragment_needs_mask says none can be masked.
+template <bool ROWS_ARE_KEYS, bool MASK>
 __device__ void recompute_p_and_ds(float (&s)[BLOCK_K / 8][4], float (&dp)[BLOCK_K / 8][4], const float* lse_tile,
                                    const float* delta_tile, int row_start, int col_start, int seq_len, float scale) {
 #pragma unroll
@@ -510,7 +593,7 @@ __device__ void recompute_p_and_ds(float (&s)[BLOCK_K / 8][4], float (&dp)[BLOCK
             const int j = ROWS_ARE_KEYS ? row_start + local_row : col_start + local_col;  // key position
             const int q_local = ROWS_ARE_KEYS ? local_col : local_row;                    // index into lse/delta
             // upcast: scale and exp in fp32; lse already holds the row's max and sum
-            const float p = is_masked(i, j, seq_len) ? 0.0f : exp2f((s[n][e] * scale - lse_tile[q_local]) * LOG2E);
+            const float p = MASK && is_masked(i, j, seq_len) ? 0.0f : exp2f((s[n][e] * scale - lse_tile[q_local]) * LOG2E);
             dp[n][e] = p * (dp[n][e] - delta_tile[q_local]);  // dS = dL/d(scaled score), fp32
             s[n][e] = p;
         }
@@ -525,7 +608,8 @@ __global__ void __launch_bounds__(THREADS)
 attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                const scalar_t* __restrict__ v, const scalar_t* __restrict__ d_o,
                                const float* __restrict__ lse, const float* __restrict__ delta,
-                               scalar_t* __restrict__ dk, scalar_t* __restrict__ dv, int seq_len, float scale) {
+                               scalar_t* __restrict__ dk, scalar_t* __restrict__ dv, const Layout layout, int seq_len,
+                               float scale) {
     using Smem = DkDvSmem<D>;
     extern __shared__ __align__(128) unsigned char smem[];
     scalar_t* k_tile = reinterpret_cast<scalar_t*>(smem + Smem::k_tile);
@@ -536,7 +620,9 @@ attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* _
     auto delta_tile = [&](int buffer) { return reinterpret_cast<float*>(smem + Smem::delta_tile(buffer)); };
 
     const int warp = threadIdx.x / 32;
-    const size_t head = (size_t)blockIdx.x * seq_len;
+    const size_t head_rows = (size_t)blockIdx.x * seq_len;  // this head's first entry in lse, delta
+    const HeadMatrix<const scalar_t> q_head = head_matrix(q, layout.q, layout.heads);
+    const HeadMatrix<const scalar_t> do_head = head_matrix(d_o, layout.d_o, layout.heads);
     const int k_start = blockIdx.y * BLOCK_K;  // the first K tiles see the most queries: launch them first
     const int k_row0 = k_start + warp * STRIPE;  // this warp's first key position
     // causal: Q tiles that end before k_start see none of these keys: start at the one holding k_start
@@ -544,13 +630,13 @@ attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* _
 
     // the Q side of one pass: q, dO, lse, delta into `buffer`
     auto load_q_side = [&](int buffer, int q_start) {
-        load_tile_async<BLOCK_Q, D>(q_tile(buffer), q + head * D, q_start, seq_len);
-        load_tile_async<BLOCK_Q, D>(do_tile(buffer), d_o + head * D, q_start, seq_len);
-        load_rows_async<BLOCK_Q>(lse_tile(buffer), lse + head, q_start, seq_len);
-        load_rows_async<BLOCK_Q>(delta_tile(buffer), delta + head, q_start, seq_len);
+        load_tile_async<BLOCK_Q, D>(q_tile(buffer), q_head, q_start, seq_len);
+        load_tile_async<BLOCK_Q, D>(do_tile(buffer), do_head, q_start, seq_len);
+        load_rows_async<BLOCK_Q>(lse_tile(buffer), lse + head_rows, q_start, seq_len);
+        load_rows_async<BLOCK_Q>(delta_tile(buffer), delta + head_rows, q_start, seq_len);
     };
-    load_tile_async<BLOCK_K, D>(k_tile, k + head * D, k_start, seq_len);
-    load_tile_async<BLOCK_K, D>(v_tile, v + head * D, k_start, seq_len);
+    load_tile_async<BLOCK_K, D>(k_tile, head_matrix(k, layout.k, layout.heads), k_start, seq_len);
+    load_tile_async<BLOCK_K, D>(v_tile, head_matrix(v, layout.v, layout.heads), k_start, seq_len);
     load_q_side(0, first_q_start);
     cp_async_commit();
     float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};  // this warp's (16, D) dK and dV, fp32
@@ -566,7 +652,11 @@ attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* _
         float s[BLOCK_Q / 8][4], dp[BLOCK_Q / 8][4];  // sᵀ and dpᵀ: (16 keys, BLOCK_Q queries)
         warp_matmul_abt<D, BLOCK_Q>(s, k_tile, q_now, warp * STRIPE);   // sᵀ = k_tile @ q_tileᵀ
         warp_matmul_abt<D, BLOCK_Q>(dp, v_tile, do_now, warp * STRIPE);  // dpᵀ = v_tile @ do_tileᵀ
-        recompute_p_and_ds<true>(s, dp, lse_tile(buffer), delta_tile(buffer), k_start, q_start, seq_len, scale);
+        // warp's keys [k_row0, k_row0 + 16) against queries [q_start, q_start + 64); uniform per warp
+        if (fragment_needs_mask(q_start, BLOCK_Q, k_row0, STRIPE, seq_len))
+            recompute_p_and_ds<true, true>(s, dp, lse_tile(buffer), delta_tile(buffer), k_start, q_start, seq_len, scale);
+        else
+            recompute_p_and_ds<true, false>(s, dp, lse_tile(buffer), delta_tile(buffer), k_start, q_start, seq_len, scale);
         uint32_t a[BLOCK_Q / 16][4];
         to_a_fragments<BLOCK_Q, scalar_t>(a, s);               // pᵀ in 16 bits
         warp_matmul_ab<BLOCK_Q, D, scalar_t>(dv_acc, a, do_now);  // dv += pᵀ @ do_tile
@@ -576,8 +666,8 @@ attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* _
     }
 
     const float one[2] = {1.0f, 1.0f}, by_scale[2] = {scale, scale};  // dK = scale dSᵀ Q, in fp32
-    store_stripe<D>(dv_acc, one, dv, head, k_row0, seq_len);
-    store_stripe<D>(dk_acc, by_scale, dk, head, k_row0, seq_len);
+    store_stripe<D>(dv_acc, one, head_matrix(dv, layout.dv, layout.heads), k_row0, seq_len);
+    store_stripe<D>(dk_acc, by_scale, head_matrix(dk, layout.dk, layout.heads), k_row0, seq_len);
 }
 
 // dQ for one Q tile: one block per (Q tile, batch*head), looping over the K tiles it can see.
@@ -595,8 +685,8 @@ __global__ void __launch_bounds__(THREADS)
 attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                              const scalar_t* __restrict__ v, const scalar_t* __restrict__ d_o,
                              const float* __restrict__ lse, const float* __restrict__ delta,
-                             const float* __restrict__ k_mean, scalar_t* __restrict__ dq, int seq_len,
-                             float scale) {
+                             const float* __restrict__ k_mean, scalar_t* __restrict__ dq, const Layout layout,
+                             int seq_len, float scale) {
     using Smem = DqSmem<D>;
     extern __shared__ __align__(128) unsigned char smem[];
     scalar_t* q_tile = reinterpret_cast<scalar_t*>(smem + Smem::q_tile);
@@ -608,23 +698,25 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
     scalar_t* kc_tile = reinterpret_cast<scalar_t*>(smem + Smem::kc_tile);  // this pass's 16-bit(k - k_mean)
 
     const int warp = threadIdx.x / 32;
-    const size_t head = (size_t)blockIdx.x * seq_len;
+    const size_t head_rows = (size_t)blockIdx.x * seq_len;  // this head's first entry in lse, delta
+    const HeadMatrix<const scalar_t> k_head = head_matrix(k, layout.k, layout.heads);
+    const HeadMatrix<const scalar_t> v_head = head_matrix(v, layout.v, layout.heads);
     const int q_start = (gridDim.y - 1 - blockIdx.y) * BLOCK_Q;  // the last Q tiles see the most K tiles: first
     const int q_end = min(q_start + BLOCK_Q, seq_len);
     const int q_row0 = q_start + warp * STRIPE;
 
     // the K side of one pass: k and v, into `buffer`
     auto load_k_side = [&](int buffer, int k_start) {
-        load_tile_async<BLOCK_K, D>(k_tile(buffer), k + head * D, k_start, seq_len);
-        load_tile_async<BLOCK_K, D>(v_tile(buffer), v + head * D, k_start, seq_len);
+        load_tile_async<BLOCK_K, D>(k_tile(buffer), k_head, k_start, seq_len);
+        load_tile_async<BLOCK_K, D>(v_tile(buffer), v_head, k_start, seq_len);
     };
     float mean[8];  // the head's mean key, at the 8 columns this thread centers (center_own_chunks)
 #pragma unroll
     for (int e = 0; e < 8; ++e) mean[e] = k_mean[(size_t)blockIdx.x * D + (threadIdx.x % (D / 8)) * 8 + e];
-    load_tile_async<BLOCK_Q, D>(q_tile, q + head * D, q_start, seq_len);
-    load_tile_async<BLOCK_Q, D>(do_tile, d_o + head * D, q_start, seq_len);
-    load_rows_async<BLOCK_Q>(lse_tile, lse + head, q_start, seq_len);
-    load_rows_async<BLOCK_Q>(delta_tile, delta + head, q_start, seq_len);
+    load_tile_async<BLOCK_Q, D>(q_tile, head_matrix(q, layout.q, layout.heads), q_start, seq_len);
+    load_tile_async<BLOCK_Q, D>(do_tile, head_matrix(d_o, layout.d_o, layout.heads), q_start, seq_len);
+    load_rows_async<BLOCK_Q>(lse_tile, lse + head_rows, q_start, seq_len);
+    load_rows_async<BLOCK_Q>(delta_tile, delta + head_rows, q_start, seq_len);
     load_k_side(0, 0);
     cp_async_commit();
     float dq_acc[D / 8][4] = {};  // this warp's (16, D) dQ, fp32
@@ -639,7 +731,10 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
         float s[BLOCK_K / 8][4], dp[BLOCK_K / 8][4];  // (16 queries, BLOCK_K keys)
         warp_matmul_abt<D, BLOCK_K>(s, q_tile, k_tile(buffer), warp * STRIPE);    // s = q_tile @ k_tileᵀ
         warp_matmul_abt<D, BLOCK_K>(dp, do_tile, v_tile(buffer), warp * STRIPE);  // dp = do_tile @ v_tileᵀ
-        recompute_p_and_ds<false>(s, dp, lse_tile, delta_tile, q_start, k_start, seq_len, scale);
+        if (fragment_needs_mask(q_row0, STRIPE, k_start, BLOCK_K, seq_len))  // uniform per warp
+            recompute_p_and_ds<false, true>(s, dp, lse_tile, delta_tile, q_start, k_start, seq_len, scale);
+        else
+            recompute_p_and_ds<false, false>(s, dp, lse_tile, delta_tile, q_start, k_start, seq_len, scale);
         uint32_t a[BLOCK_K / 16][4];
         to_a_fragments<BLOCK_K, scalar_t>(a, dp);                      // ds in 16 bits
         warp_matmul_ab<BLOCK_K, D, scalar_t>(dq_acc, a, kc_tile);  // dq += ds @ (k_tile - k_mean)
@@ -647,7 +742,7 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
     }
 
     const float by_scale[2] = {scale, scale};  // dQ = scale dS (K - k_mean), in fp32
-    store_stripe<D>(dq_acc, by_scale, dq, head, q_row0, seq_len);
+    store_stripe<D>(dq_acc, by_scale, head_matrix(dq, layout.dq, layout.heads), q_row0, seq_len);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -659,7 +754,7 @@ enum GustStatus {
     GUST_OK = 0,
     GUST_BAD_HEAD_DIM = -1,      // head_dim is not 64 or 128
     GUST_BAD_DTYPE = -2,         // dtype flag is not GUST_FP16 or GUST_BF16
-    GUST_MISALIGNED = -3,        // a pointer is not 16-byte aligned (the tile loads are 16 bytes wide)
+    GUST_MISALIGNED = -3,        // a pointer or stride is not 16-byte aligned (the tile loads are 16 bytes wide)
     GUST_BAD_SIZE = -4,          // negative sizes, or more Q tiles than a grid dimension holds
     GUST_SMEM_TOO_SMALL = -5,    // the device cannot give a block the shared memory it needs
 };
@@ -674,23 +769,24 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
 }
 
 template <int D, typename scalar_t>
-int launch_forward(const void* q, const void* k, const void* v, void* o, float* lse, float* row_max,
-                   int batch_heads, int seq_len, float scale, cudaStream_t stream) {
+int launch_forward(const void* q, const void* k, const void* v, void* o, float* lse, float* row_abs_max,
+                   const Layout& layout, int batch_heads, int seq_len, float scale, cudaStream_t stream) {
     constexpr int smem_bytes = ForwardSmem<D>::bytes;
-    auto kernel = attention_forward_kernel<D, scalar_t>;
+    auto kernel = row_abs_max != nullptr ? attention_forward_kernel<D, scalar_t, true>
+                                         : attention_forward_kernel<D, scalar_t, false>;
     cudaError_t err = allow_smem(kernel, smem_bytes);
     if (err != cudaSuccess) return err;
     const dim3 grid(batch_heads, ceil_div(seq_len, BLOCK_Q));  // x: (batch, head); y: Q tile
     kernel<<<grid, THREADS, smem_bytes, stream>>>(static_cast<const scalar_t*>(q), static_cast<const scalar_t*>(k),
                                             static_cast<const scalar_t*>(v), static_cast<scalar_t*>(o), lse,
-                                            row_max, seq_len, scale);
+                                            row_abs_max, layout, seq_len, scale);
     return cudaGetLastError();
 }
 
 template <int D, typename scalar_t>
 int launch_backward(const void* q, const void* k, const void* v, const void* o, const void* d_o,
                     const float* lse, const float* k_mean, float* delta, void* dq, void* dk, void* dv,
-                    int batch_heads, int seq_len, float scale, cudaStream_t stream) {
+                    const Layout& layout, int batch_heads, int seq_len, float scale, cudaStream_t stream) {
     const scalar_t* q_ = static_cast<const scalar_t*>(q);
     const scalar_t* k_ = static_cast<const scalar_t*>(k);
     const scalar_t* v_ = static_cast<const scalar_t*>(v);
@@ -698,7 +794,8 @@ int launch_backward(const void* q, const void* k, const void* v, const void* o, 
     const long long total_rows = (long long)batch_heads * seq_len;
     auto delta_kernel = attention_backward_delta_kernel<D, scalar_t>;
     const unsigned delta_blocks = (unsigned)((total_rows + WARPS - 1) / WARPS);  // a warp per row
-    delta_kernel<<<delta_blocks, THREADS, 0, stream>>>(static_cast<const scalar_t*>(o), do_, delta, total_rows);
+    delta_kernel<<<delta_blocks, THREADS, 0, stream>>>(static_cast<const scalar_t*>(o), do_, delta, layout, seq_len,
+                                                       total_rows);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
 
@@ -706,13 +803,13 @@ int launch_backward(const void* q, const void* k, const void* v, const void* o, 
     auto dkdv_kernel = attention_backward_dkdv_kernel<D, scalar_t>;
     if ((err = allow_smem(dkdv_kernel, DkDvSmem<D>::bytes)) != cudaSuccess) return err;
     dkdv_kernel<<<grid, THREADS, DkDvSmem<D>::bytes, stream>>>(q_, k_, v_, do_, lse, delta, static_cast<scalar_t*>(dk),
-                                                         static_cast<scalar_t*>(dv), seq_len, scale);
+                                                         static_cast<scalar_t*>(dv), layout, seq_len, scale);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
     auto dq_kernel = attention_backward_dq_kernel<D, scalar_t>;
     if ((err = allow_smem(dq_kernel, DqSmem<D>::bytes)) != cudaSuccess) return err;
     dq_kernel<<<grid, THREADS, DqSmem<D>::bytes, stream>>>(q_, k_, v_, do_, lse, delta, k_mean,
-                                                     static_cast<scalar_t*>(dq), seq_len, scale);
+                                                     static_cast<scalar_t*>(dq), layout, seq_len, scale);
     return cudaGetLastError();
 }
 
@@ -740,9 +837,26 @@ int dispatch(int head_dim, int dtype, Fn fn) {
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Sizes the grid can hold: batch*heads on x (up to 2^31 - 1), Q tiles on y (up to 65,535).
-int check_sizes(int batch_heads, int seq_len) {
-    if (batch_heads < 0 || seq_len < 0) return GUST_BAD_SIZE;
-    if (ceil_div(seq_len, BLOCK_Q) > 65535) return GUST_BAD_SIZE;
+int check_sizes(int batch, int heads, int seq_len) {
+    if (batch < 0 || heads <= 0 || seq_len < 0) return GUST_BAD_SIZE;
+    if ((long long)batch * heads > 2147483647LL || ceil_div(seq_len, BLOCK_Q) > 65535) return GUST_BAD_SIZE;
+    return GUST_OK;
+}
+
+// A Layout from `count` (batch, head, row) stride triples in Layout's order (q, k, v, o, d_o, dq,
+// dk, dv); the rest stay 0. Every 16-byte tile load and 4-byte pair store stays aligned only if
+// each stride is a multiple of 8 elements (16 bytes): GUST_MISALIGNED otherwise. Row offsets
+// within a head must fit in 32 bits (HeadMatrix): GUST_BAD_SIZE otherwise.
+int make_layout(Layout* layout, const long long* strides, int count, int heads, int seq_len) {
+    Strides* fields[] = {&layout->q, &layout->k, &layout->v, &layout->o, &layout->d_o, &layout->dq, &layout->dk, &layout->dv};
+    *layout = Layout{};
+    layout->heads = heads;
+    for (int i = 0; i < count; ++i) {
+        *fields[i] = Strides{strides[3 * i], strides[3 * i + 1], strides[3 * i + 2]};
+        for (int j = 0; j < 3; ++j)
+            if (strides[3 * i + j] % 8 != 0) return GUST_MISALIGNED;
+        if (strides[3 * i + 2] < 0 || (long long)seq_len * strides[3 * i + 2] > 2147483647LL) return GUST_BAD_SIZE;
+    }
     return GUST_OK;
 }
 
@@ -750,40 +864,50 @@ int check_sizes(int batch_heads, int seq_len) {
 
 extern "C" {
 
-// Forward. q, k, v, o: (batch_heads, seq_len, head_dim) 16-bit, contiguous, 16-byte aligned.
-// lse: (batch_heads, seq_len) fp32, written. row_max: same shape, or null; if given, receives
-// each row's largest scaled score (a cheap diagnostic of how close scores get to overflow).
-// dtype: 0 fp16, 1 bf16. stream: a cudaStream_t. Returns 0 or an error code (see error_string).
-int gust_attention_forward(const void* q, const void* k, const void* v, void* o, void* lse, void* row_max,
-                           int batch_heads, int seq_len, int head_dim, float scale, int dtype, void* stream) {
-    if (int bad = check_sizes(batch_heads, seq_len)) return bad;
+// Forward. q, k, v, o: (batch, heads, seq_len, head_dim) 16-bit views, 16-byte aligned, with
+// element strides[0..11] = (batch, head, row) of q, k, v, o in turn (head_dim contiguous; each
+// stride a multiple of 8). lse: (batch * heads, seq_len) fp32, written. row_abs_max: same shape,
+// or null; if given, receives each row's largest |scaled score| over its visible keys (how close
+// scores get to overflow). dtype: 0 fp16, 1 bf16. stream: a cudaStream_t. Returns 0 or an
+// error code (see error_string).
+int gust_attention_forward(const void* q, const void* k, const void* v, void* o, void* lse, void* row_abs_max,
+                           const long long* strides, int batch, int heads, int seq_len, int head_dim, float scale,
+                           int dtype, void* stream) {
+    if (int bad = check_sizes(batch, heads, seq_len)) return bad;
     if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(o)) return GUST_MISALIGNED;
-    if (batch_heads == 0 || seq_len == 0) return GUST_OK;  // nothing to do; an empty grid is a launch error
+    Layout layout;
+    if (int bad = make_layout(&layout, strides, 4, heads, seq_len)) return bad;
+    if (batch == 0 || seq_len == 0) return GUST_OK;  // nothing to do; an empty grid is a launch error
     return dispatch(head_dim, dtype, [&](auto head_dim_tag, auto type_tag) {
         constexpr int D = decltype(head_dim_tag)::value;
         using scalar_t = typename decltype(type_tag)::type;
-        return launch_forward<D, scalar_t>(q, k, v, o, static_cast<float*>(lse), static_cast<float*>(row_max),
-                                           batch_heads, seq_len, scale, static_cast<cudaStream_t>(stream));
+        return launch_forward<D, scalar_t>(q, k, v, o, static_cast<float*>(lse), static_cast<float*>(row_abs_max),
+                                           layout, batch * heads, seq_len, scale, static_cast<cudaStream_t>(stream));
     });
 }
 
-// Backward. q, k, v, o, d_o (the output's gradient): as in the forward; lse: the forward's.
-// k_mean: (batch_heads, head_dim) fp32, each head's mean key over the sequence (see the dQ
-// kernel for why). delta: (batch_heads, seq_len) fp32 scratch. dq, dk, dv: outputs, like q.
+// Backward. q, k, v, o, d_o (the output's gradient), dq, dk, dv (outputs): views as in the
+// forward, with strides[0..23] = (batch, head, row) of q, k, v, o, d_o, dq, dk, dv in turn; lse:
+// the forward's. k_mean: (batch * heads, head_dim) fp32, each head's mean key over the sequence
+// (see the dQ kernel for why). delta: (batch * heads, seq_len) fp32 scratch.
 int gust_attention_backward(const void* q, const void* k, const void* v, const void* o, const void* d_o,
                             const void* lse, const void* k_mean, void* delta, void* dq, void* dk, void* dv,
-                            int batch_heads, int seq_len, int head_dim, float scale, int dtype, void* stream) {
-    if (int bad = check_sizes(batch_heads, seq_len)) return bad;
+                            const long long* strides, int batch, int heads, int seq_len, int head_dim, float scale,
+                            int dtype, void* stream) {
+    if (int bad = check_sizes(batch, heads, seq_len)) return bad;
     const void* tiles[] = {q, k, v, o, d_o, dq, dk, dv};
     for (const void* p : tiles)
         if (!aligned16(p)) return GUST_MISALIGNED;
-    if (batch_heads == 0 || seq_len == 0) return GUST_OK;
+    Layout layout;
+    if (int bad = make_layout(&layout, strides, 8, heads, seq_len)) return bad;
+    if (batch == 0 || seq_len == 0) return GUST_OK;
     return dispatch(head_dim, dtype, [&](auto head_dim_tag, auto type_tag) {
         constexpr int D = decltype(head_dim_tag)::value;
         using scalar_t = typename decltype(type_tag)::type;
         return launch_backward<D, scalar_t>(q, k, v, o, d_o, static_cast<const float*>(lse),
                                             static_cast<const float*>(k_mean), static_cast<float*>(delta), dq, dk,
-                                            dv, batch_heads, seq_len, scale, static_cast<cudaStream_t>(stream));
+                                            dv, layout, batch * heads, seq_len, scale,
+                                            static_cast<cudaStream_t>(stream));
     });
 }
 
@@ -802,7 +926,7 @@ int gust_attention_check_device(int head_dim) {
                            : gust_attention_smem_bytes(head_dim, 0);
     if (needed < 0) return needed;
     cudaFuncAttributes attributes;
-    cudaError_t err = cudaFuncGetAttributes(&attributes, attention_forward_kernel<64, __half>);
+    cudaError_t err = cudaFuncGetAttributes(&attributes, attention_forward_kernel<64, __half, false>);
     if (err != cudaSuccess) return err;
     int device = 0, optin_bytes = 0;
     if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
@@ -816,8 +940,8 @@ const char* gust_attention_error_string(int code) {
         case GUST_OK: return "no error";
         case GUST_BAD_HEAD_DIM: return "head size must be 64 or 128";
         case GUST_BAD_DTYPE: return "dtype must be float16 or bfloat16";
-        case GUST_MISALIGNED: return "a tensor's data pointer is not 16-byte aligned";
-        case GUST_BAD_SIZE: return "sizes out of range (negative, or T over 65,535 * 64)";
+        case GUST_MISALIGNED: return "a tensor's data pointer or a stride is not 16-byte aligned";
+        case GUST_BAD_SIZE: return "sizes out of range (negative, no heads, B * H over 2^31 - 1, or T over 65,535 * 64)";
         case GUST_SMEM_TOO_SMALL: return "this GPU cannot give a block enough shared memory";
         default: return code > 0 ? cudaGetErrorString(static_cast<cudaError_t>(code)) : "unknown gust error";
     }

@@ -1,8 +1,9 @@
 """ctypes bindings: call a built attention library's extern "C" functions on torch tensors.
 
-For: passing raw pointers, sizes and the stream to attention.cu's launchers, and turning their
-error codes into one-line exceptions. The same calls drive the real CUDA library and the CPU
-emulation that the tests build (emulate.py); both export the same four functions.
+For: passing raw pointers, strides, sizes and the stream to attention.cu's launchers, and turning
+their error codes into one-line exceptions. No tensor math happens here (the caller allocates
+every output and computes k_mean). The same calls drive the real CUDA library and the CPU
+emulation that the tests build (emulate.py); both export the same functions.
 Not for: checking shapes or dtypes (__init__.py does that), building (build.py), or autograd.
 """
 
@@ -18,9 +19,10 @@ def load(path) -> ctypes.CDLL:
     """Opens the shared library at `path` and declares its functions' C signatures."""
     lib = ctypes.CDLL(str(path))
     pointer, integer, real = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.gust_attention_forward.argtypes = [pointer] * 6 + [integer, integer, integer, real, integer, pointer]
+    sizes = [pointer, integer, integer, integer, integer, real, integer, pointer]  # strides, B, H, T, D, scale, dtype, stream
+    lib.gust_attention_forward.argtypes = [pointer] * 6 + sizes
     lib.gust_attention_forward.restype = integer
-    lib.gust_attention_backward.argtypes = [pointer] * 11 + [integer, integer, integer, real, integer, pointer]
+    lib.gust_attention_backward.argtypes = [pointer] * 11 + sizes
     lib.gust_attention_backward.restype = integer
     lib.gust_attention_check_device.argtypes = [integer]
     lib.gust_attention_check_device.restype = integer
@@ -42,25 +44,44 @@ def _pointer(tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr() if tensor is not None else 0)  # None -> NULL
 
 
-def forward_into(lib, q, k, v, scale: float, o, lse, row_max=None, stream: int = 0) -> None:
-    """Runs the forward kernel, writing o (B, H, T, D) and lse (B, H, T), and row_max if given.
+def _strides(*tensors):
+    """The (batch, head, row) element strides of each (B, H, T, D) tensor, as one C long long array.
 
-    Every tensor must already be contiguous, 16-byte aligned and on the library's device;
-    stream is a cudaStream_t as an int (0: the legacy default stream).
+    A size-1 dimension's stride is never used to step, so it goes in as 0 (torch may give it any value).
+    """
+    values = []
+    for tensor in tensors:
+        if tensor.stride(3) != 1 and tensor.shape[3] > 1:
+            raise ValueError(f"attention_cuda: the head dimension must be contiguous; got strides {tensor.stride()}")
+        values += [tensor.stride(dim) if tensor.shape[dim] > 1 else 0 for dim in range(3)]
+    return (ctypes.c_longlong * len(values))(*values)
+
+
+def forward_into(lib, q, k, v, scale: float, o, lse, row_abs_max=None, stream: int = 0) -> None:
+    """Runs the forward kernel, writing o (B, H, T, D) and lse (B, H, T), and if given row_abs_max
+    (B, H, T): each row's max |scaled score| over its visible keys.
+
+    q, k, v, o: any (B, H, T, D) views with a contiguous last dimension, 16-byte aligned data and
+    strides that are multiples of 8 elements (views of c_attn's (B, T, 3C) output qualify); lse
+    and row_abs_max contiguous fp32. All on the library's device; stream is a cudaStream_t as an
+    int (0: the legacy default stream).
     """
     B, H, T, D = q.shape
     code = lib.gust_attention_forward(
-        _pointer(q), _pointer(k), _pointer(v), _pointer(o), _pointer(lse), _pointer(row_max),
-        B * H, T, D, float(scale), DTYPE_FLAGS[q.dtype], ctypes.c_void_p(stream))
+        _pointer(q), _pointer(k), _pointer(v), _pointer(o), _pointer(lse), _pointer(row_abs_max),
+        _strides(q, k, v, o), B, H, T, D, float(scale), DTYPE_FLAGS[q.dtype], ctypes.c_void_p(stream))
     check_code(lib, code, "forward")
 
 
-def backward_into(lib, q, k, v, o, lse, do, scale: float, dq, dk, dv, delta, stream: int = 0) -> None:
-    """Runs the backward kernels, writing dq, dk, dv (B, H, T, D); delta (B, H, T) fp32 is scratch."""
+def backward_into(lib, q, k, v, o, lse, do, k_mean, scale: float, dq, dk, dv, delta, stream: int = 0) -> None:
+    """Runs the backward kernels, writing dq, dk, dv (B, H, T, D); delta (B, H, T) fp32 is scratch.
+
+    The 16-bit tensors are views as in forward_into; k_mean: (B, H, D) fp32 contiguous, each
+    head's mean key (the dQ kernel centers keys on it).
+    """
     B, H, T, D = q.shape
-    k_mean = k.mean(dim=2, dtype=torch.float32)  # (B, H, D) each head's mean key: the dQ kernel's centering
     code = lib.gust_attention_backward(
         _pointer(q), _pointer(k), _pointer(v), _pointer(o), _pointer(do), _pointer(lse), _pointer(k_mean),
-        _pointer(delta), _pointer(dq), _pointer(dk), _pointer(dv),
-        B * H, T, D, float(scale), DTYPE_FLAGS[q.dtype], ctypes.c_void_p(stream))
+        _pointer(delta), _pointer(dq), _pointer(dk), _pointer(dv), _strides(q, k, v, o, do, dq, dk, dv),
+        B, H, T, D, float(scale), DTYPE_FLAGS[q.dtype], ctypes.c_void_p(stream))
     check_code(lib, code, "backward")

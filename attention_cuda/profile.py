@@ -12,11 +12,23 @@ import math
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import attention_cuda
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def kernel_rows(events) -> list:
+    """The GPU's own rows of key_averages(): kernels, memsets, copies; largest first.
+
+    A CPU op's row (gust::flash_attention_backward, aten::mean, autograd nodes) carries as its
+    "self device time" the kernels it launched, which have rows of their own: summing both
+    counted those kernels twice. The profiler's own "Activity Buffer Request" is not our work."""
+    rows = [e for e in events if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0
+            and not e.key.startswith("Activity Buffer")]
+    return sorted(rows, key=lambda e: -e.self_device_time_total)
 
 
 def fwd_bwd(q, k, v, do, scale):
@@ -39,10 +51,10 @@ def profile_shape(B: int, H: int, dtype, iters: int, T: int = 1024, D: int = 64)
         for _ in range(iters):
             fwd_bwd(q, k, v, do, scale)
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    events.sort(key=lambda e: -e.self_device_time_total)
+    events = kernel_rows(prof.key_averages())
     gpu_ms = sum(e.self_device_time_total for e in events) / 1e3 / iters
-    print(f"\nB={B} H={H} T={T} D={D} {dtype}: wall {wall_ms:.3f} ms per fwd+bwd, GPU busy {gpu_ms:.3f} ms")
+    print(f"\nB={B} H={H} T={T} D={D} {dtype}: wall {wall_ms:.3f} ms per fwd+bwd (back-to-back), "
+          f"GPU kernels {gpu_ms:.3f} ms (sum of kernel rows only)")
     for e in events[:12]:
         us = e.self_device_time_total / iters
         print(f"  {us:9.1f} us  x{e.count // iters:<3d} {e.key[:110]}")
@@ -54,6 +66,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("attention_cuda.profile: no CUDA device (torch.cuda.is_available() is False); run it on a GPU")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
     for shape in args.shapes.split(","):
         B, H = (int(x) for x in shape.split("x"))

@@ -7,6 +7,10 @@ dtype) and is slow; it is a specification and a test oracle, not a fast path.
 Numerics follow the kernel's "upcast" rule: 16-bit inputs are multiplied with fp32 results,
 scale and softmax happen in fp32, and P and dS are rounded to the input dtype right where the
 kernel feeds them to the tensor cores. fp64 inputs stay fp64 throughout.
+
+It also holds the folder's one textbook oracle (causal_scores, causal_attention, max_abs_score):
+the (T, T) formula that __init__.py's CPU path and gpu_check.py compare against. The tests keep
+their own copy on purpose: a test must not trust the code it checks.
 """
 
 import math
@@ -27,6 +31,35 @@ def _causal_mask(q_start: int, q_end: int, k_start: int, k_end: int, device) -> 
     rows = torch.arange(q_start, q_end, device=device)  # query positions i
     cols = torch.arange(k_start, k_end, device=device)  # key positions j
     return cols[None, :] > rows[:, None]  # (bq, bk)
+
+
+def causal_scores(q, k, scale: float) -> torch.Tensor:
+    """scale * q kᵀ with the future (j > i) set to -inf, in q's dtype: (B, H, T, T).
+
+    The textbook formula every tiled result here is checked against; upcast q, k first
+    (e.g. .double()) to get exact-math scores.
+    """
+    T = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T)
+    return scores.masked_fill(_causal_mask(0, T, 0, T, q.device), -math.inf)
+
+
+def causal_attention(q, k, v, scale: float):
+    """softmax(causal_scores) v, in the inputs' dtype: (y (B, H, T, D), lse (B, H, T))."""
+    scores = causal_scores(q, k, scale)
+    return torch.softmax(scores, dim=-1) @ v, torch.logsumexp(scores, dim=-1)
+
+
+def max_abs_score(q, k, scale: float) -> torch.Tensor:
+    """(B, H) max |scale * q·k| over the causal entries (j <= i), in fp32 or wider.
+
+    The overflow diagnostic every attention path reports: it is large when scores near fp16's
+    65,504 either way, which the signed row max misses when the largest scores are negative.
+    """
+    acc = _accumulator_dtype(q.dtype)
+    with torch.no_grad():
+        scores = causal_scores(q.to(acc), k.to(acc), scale)  # (B, H, T, T), -inf in the future
+        return scores.masked_fill(scores == -math.inf, 0.0).abs().amax(dim=(-2, -1))
 
 
 def flash_forward(q, k, v, scale: float, block_q: int = BLOCK_Q, block_k: int = BLOCK_K):

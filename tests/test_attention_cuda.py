@@ -34,6 +34,21 @@ def naive_grads_fp64(q, k, v, do, scale):
     return [t.grad for t in leaves]
 
 
+def max_abs_score_fp64(q, k, scale):
+    """(B, H, T): each row's max |scale q_i·k_j| over j <= i, in fp64 (the diagnostic's definition)."""
+    T = q.shape[-2]
+    scores = (q.double() @ k.double().transpose(-2, -1)) * scale  # (B, H, T, T)
+    return scores.abs().masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), 0.0).amax(dim=-1)
+
+
+def negative_score_inputs(shape, dtype, seed=0):
+    """q and k share a component of opposite sign (11 and -11): every q·k is about -121 ± a few,
+    so the score of largest magnitude is negative and the signed row max is a different number."""
+    q, k, v, do = random_inputs(*shape, torch.float64, seed=seed)
+    q[..., 0], k[..., 0] = 11.0, -11.0
+    return [t.to(dtype) for t in (q, k, v, do)]
+
+
 def relative_error(out, ref) -> float:
     """||out - ref|| / ||ref||; the absolute error where ref is exactly 0 (dq, dk at T = 1)."""
     ref_norm = ref.double().norm().item()
@@ -132,7 +147,8 @@ def run_emulated(q, k, v, do, scale):
     launch.forward_into(lib, q, k, v, scale, o, lse, row_max)
     grads = [guarded(q.shape, q.dtype) for _ in range(3)]
     delta, _ = guarded((B, H, T), torch.float32)
-    launch.backward_into(lib, q, k, v, o, lse, do, scale, *(g for g, _ in grads), delta)
+    k_mean = k.mean(dim=2, dtype=torch.float32)  # (B, H, D): the dQ kernel's centering
+    launch.backward_into(lib, q, k, v, o, lse, do, k_mean, scale, *(g for g, _ in grads), delta)
     assert all(guard_intact(b) for b in (o_buf, lse_buf, max_buf, *(b for _, b in grads))), "write out of bounds"
     return o, lse, row_max, [g for g, _ in grads]
 
@@ -151,8 +167,7 @@ def test_emulated_kernel_matches_twin_and_fp64(dtype, tolerance, shape):
     y_ref, lse_ref = naive_attention_fp64(q, k, v, scale)
     assert relative_error(o, y_ref) < tolerance and relative_error(lse, lse_ref) < 1e-5
     T = shape[2]
-    scores = (q.double() @ k.double().transpose(-2, -1) * scale).masked_fill(torch.ones(T, T).triu(1).bool(), -math.inf)
-    assert torch.allclose(row_max.double(), scores.amax(dim=-1), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(row_max.double(), max_abs_score_fp64(q, k, scale), rtol=1e-5, atol=1e-5)
     grads_twin = reference.flash_backward(q, k, v, o_twin, lse_twin, do, scale)
     for name, grad, twin, exact in zip("qkv", grads, grads_twin, naive_grads_fp64(q, k, v, do, scale)):
         if T == 1 and name != "v":  # exactly 0 in exact math; the kernel leaves fp32 rounding noise
@@ -160,6 +175,56 @@ def test_emulated_kernel_matches_twin_and_fp64(dtype, tolerance, shape):
             continue
         assert relative_error(grad, twin) < 1e-3, f"d{name} vs twin"
         assert relative_error(grad, exact) < tolerance, f"d{name} vs fp64"
+
+
+ROW_PAD = 8  # NaN elements after each (B, T) row of the strided buffers: a read poisons, a write shows
+
+
+def padded_rows(B, T, width, dtype):
+    """A (B, T, width) view whose rows are ROW_PAD elements longer in memory, all NaN, inside a guard."""
+    storage, buffer = guarded((B, T, width + ROW_PAD), dtype)
+    return storage[..., :width], storage, buffer
+
+
+def heads_of(x, H):
+    """(B, T, H * D) -> (B, H, T, D) view, written out here rather than taken from attention_cuda."""
+    B, T, width = x.shape
+    return x.unflatten(-1, (H, width // H)).transpose(1, 2)
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("B, H, T, D", [(2, 2, 37, 64), (1, 2, 70, 128)])
+def test_emulated_kernel_reads_qkv_and_writes_y_in_place(dtype, tolerance, B, H, T, D):
+    """q, k, v read straight out of a (B, T, 3C) buffer, y written into a (B, T, C) one, dq, dk,
+    dv into a (B, T, 3C) one, all with padded rows: fp64-correct, bitwise equal to the contiguous
+    launch, and nothing outside the views is read or written."""
+    lib = pytest.importorskip("attention_cuda.emulate").library()
+    C, scale = H * D, 1 / math.sqrt(D) / 2
+    generator = torch.Generator().manual_seed(3)
+    qkv, qkv_storage, qkv_buffer = padded_rows(B, T, 3 * C, dtype)
+    qkv.copy_(torch.randn(B, T, 3 * C, generator=generator))
+    dy, _, _ = padded_rows(B, T, C, dtype)
+    dy.copy_(torch.randn(B, T, C, generator=generator))
+    y, y_storage, y_buffer = padded_rows(B, T, C, dtype)
+    dqkv, dqkv_storage, dqkv_buffer = padded_rows(B, T, 3 * C, dtype)
+    q, k, v = (heads_of(qkv[..., i * C:(i + 1) * C], H) for i in range(3))
+    grads = [heads_of(dqkv[..., i * C:(i + 1) * C], H) for i in range(3)]
+    lse, row_abs_max = torch.empty(B, H, T), torch.empty(B, H, T)
+    launch.forward_into(lib, q, k, v, scale, heads_of(y, H), lse, row_abs_max)
+    launch.backward_into(lib, q, k, v, heads_of(y, H), lse, heads_of(dy, H), k.mean(dim=2, dtype=torch.float32),
+                         scale, *grads, torch.empty(B, H, T))
+    for name, storage, buffer in [("y", y_storage, y_buffer), ("dqkv", dqkv_storage, dqkv_buffer),
+                                  ("qkv", qkv_storage, qkv_buffer)]:
+        assert guard_intact(buffer) and storage[..., -ROW_PAD:].isnan().all(), f"{name}: write outside the view"
+    assert torch.isfinite(y).all() and torch.isfinite(dqkv).all(), "unwritten or poisoned output"
+    y_ref, _ = naive_attention_fp64(q, k, v, scale)  # (B, H, T, D)
+    assert relative_error(heads_of(y, H), y_ref) < tolerance
+    for name, grad, grad_ref in zip("qkv", grads, naive_grads_fp64(q, k, v, heads_of(dy, H), scale)):
+        assert relative_error(grad, grad_ref) < tolerance, f"d{name} vs fp64"
+    o, lse_c, row_abs_max_c, grads_c = run_emulated(*(t.contiguous() for t in (q, k, v, heads_of(dy, H))), scale)
+    assert torch.equal(heads_of(y, H), o) and torch.equal(lse, lse_c) and torch.equal(row_abs_max, row_abs_max_c)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_c)), "strided and contiguous launches differ"
 
 
 @needs_gxx
@@ -170,6 +235,21 @@ def test_emulated_kernel_survives_scores_past_fp16_range():
     assert relative_error(o, y_ref) < 1e-2
     for name, grad, grad_ref in zip("qkv", grads, naive_grads_fp64(q, k, v, do, 1 / 8)):
         assert relative_error(grad, grad_ref) < 1e-2, f"d{name}"
+
+
+@needs_gxx
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_max_score_is_max_abs_not_signed_max(dtype):
+    """The kernel's by-product is max |score| per row (after scaling, before softmax, causal
+    entries only), held to fp64; with every score negative the signed row max is far from it."""
+    q, k, v, do = negative_score_inputs((1, 2, 70, 64), dtype)
+    scale = 1 / 8
+    _, _, row_abs_max, _ = run_emulated(q, k, v, do, scale)
+    expected = max_abs_score_fp64(q, k, scale)  # (B, H, T)
+    assert torch.allclose(row_abs_max.double(), expected, rtol=1e-5, atol=1e-5)
+    T = q.shape[2]
+    signed = (q.double() @ k.double().transpose(-2, -1) * scale).masked_fill(torch.ones(T, T).triu(1).bool(), -math.inf)
+    assert (signed.amax(dim=-1) < 0).all() and (expected > 10).all()  # the case a signed max gets wrong
 
 
 @needs_gxx
@@ -197,17 +277,125 @@ def test_op_on_cpu_runs_the_twin_with_autograd():
     assert relative_error(y.detach(), y_ref) < 1e-10
     for grad, grad_ref in zip((q.grad, k.grad, v.grad), naive_grads_fp64(q, k, v, do, scale)):
         assert relative_error(grad, grad_ref) < 1e-10
-    _, max_score = attention_cuda.attention_with_max_score(q.detach(), k.detach(), v.detach(), scale)
+
+
+def test_op_max_score_on_cpu_is_max_abs_score():
+    q, k, v, _ = negative_score_inputs((2, 3, 37, 16), torch.float32)
+    y, max_score = attention_cuda.attention_with_max_score(q, k, v, 0.25)
     assert max_score.shape == (2, 3)
+    assert torch.allclose(max_score.double(), max_abs_score_fp64(q, k, 0.25).amax(dim=-1), rtol=1e-6)
+    assert relative_error(y, naive_attention_fp64(q, k, v, 0.25)[0]) < 1e-5
 
 
-@pytest.mark.skipif(not hasattr(torch.library, "custom_op"), reason="torch.library.custom_op needs torch >= 2.4")
+def qkv_reference_fp64(qkv, H, scale):
+    """y (B, T, C) from c_attn's (B, T, 3C) output by nanoGPT's split-and-transpose, in fp64."""
+    B, T, C3 = qkv.shape
+    q, k, v = (heads_of(part, H) for part in qkv.double().split(C3 // 3, dim=2))
+    return naive_attention_fp64(q, k, v, scale)[0].transpose(1, 2).reshape(B, T, C3 // 3)
+
+
+def test_op_qkv_on_cpu_matches_fp64_with_autograd():
+    B, T, H, D = 2, 37, 3, 16
+    generator = torch.Generator().manual_seed(5)
+    qkv = torch.randn(B, T, 3 * H * D, generator=generator, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(B, T, H * D, generator=generator, dtype=torch.float64)
+    y = attention_cuda.attention_qkv(qkv, H, 0.3)
+    assert y.shape == (B, T, H * D)
+    y.backward(dy)
+    leaf = qkv.detach().clone().requires_grad_()
+    y_ref = qkv_reference_fp64(leaf, H, 0.3)
+    y_ref.backward(dy)
+    assert relative_error(y.detach(), y_ref.detach()) < 1e-10
+    assert qkv.grad.shape == qkv.shape and relative_error(qkv.grad, leaf.grad) < 1e-10
+    q, k, _, _ = negative_score_inputs((B, H, T, D), torch.float64)
+    qkv_negative = torch.cat([t.transpose(1, 2).reshape(B, T, H * D) for t in (q, k, k)], dim=2)
+    _, max_score = attention_cuda.attention_qkv_with_max_score(qkv_negative, H, 0.3)
+    assert torch.allclose(max_score, max_abs_score_fp64(q, k, 0.3).amax(dim=-1), rtol=1e-10)
+
+
+@needs_gxx
+def test_op_qkv_through_the_emulated_kernel_matches_fp64():
+    """The public op end to end (custom op, autograd, strided launch) on attention.cu's own code:
+    y, d(qkv) and max |score| against fp64 written here. Tiny: the emulation is slow."""
+    B, T, H, D = 1, 37, 2, 64
+    generator = torch.Generator().manual_seed(11)
+    qkv = torch.randn(B, T, 3 * H * D, generator=generator).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(B, T, H * D, generator=generator)
+    with attention_cuda.emulated_on_cpu():
+        y, max_score = attention_cuda.attention_qkv_with_max_score(qkv, H, 0.1)
+        (y.float() * weight).sum().backward()
+        with pytest.raises(ValueError, match="head size 16 unsupported"):  # the CUDA path's checks: not the twin
+            attention_cuda.attention_qkv(torch.zeros(1, 4, 3 * 2 * 16, dtype=torch.bfloat16), 2, 1.0)
+    leaf = qkv.detach().double().requires_grad_()
+    y_ref = qkv_reference_fp64(leaf, H, 0.1)
+    (y_ref * weight.double()).sum().backward()
+    assert relative_error(y.detach(), y_ref.detach()) < 1e-2 and relative_error(qkv.grad, leaf.grad) < 1e-2
+    q, k = (heads_of(part, H) for part in qkv.detach().split(H * D, dim=2)[:2])
+    assert torch.allclose(max_score.double(), max_abs_score_fp64(q, k, 0.1).amax(dim=-1), rtol=1e-5)
+
+
+def test_op_qkv_rejects_a_width_that_is_not_three_heads():
+    with pytest.raises(ValueError, match=r"qkv must be \(B, T, 3 \* n_head \* D\)"):
+        attention_cuda.attention_qkv(torch.zeros(1, 4, 3 * 16 + 1), 2, 1.0)
+
+
 def test_op_traces_as_one_opaque_op_under_torch_compile():
     q, k, v, do = random_inputs(1, 2, 20, 8, torch.float64)
     q.requires_grad_()
     compiled = torch.compile(lambda q, k, v: attention_cuda.attention(q, k, v, 0.5), backend="aot_eager", fullgraph=True)
     compiled(q, k, v).backward(do)
     assert relative_error(q.grad, naive_grads_fp64(q, k, v, do, 0.5)[0]) < 1e-10
+
+
+class TinyAttentionBlock(torch.nn.Module):
+    """c_attn -> attention_qkv (with the max-score by-product) -> c_proj, as model.py would wire it."""
+
+    def __init__(self, C=32, H=2):
+        super().__init__()
+        self.c_attn, self.c_proj, self.n_head = torch.nn.Linear(C, 3 * C), torch.nn.Linear(C, C), H
+
+    def forward(self, x):
+        y, max_score = attention_cuda.attention_qkv_with_max_score(self.c_attn(x), self.n_head, 0.25)
+        return self.c_proj(y), max_score.max()
+
+
+def test_compiled_block_has_no_graph_break_at_the_op():
+    """torch.compile sees each op as one node: dynamo finds one graph, no breaks (the op's fake
+    implementation gives it shapes without running anything), and the compiled forward and
+    backward equal the eager ones."""
+    torch.manual_seed(0)
+    block, x = TinyAttentionBlock(), torch.randn(2, 9, 32)
+    explanation = torch._dynamo.explain(block)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    ops = {str(node.target) for graph in explanation.graphs for node in graph.graph.nodes if node.op == "call_function"}
+    assert "gust.attention_qkv.default" in ops, ops
+    eager_out, eager_max = block(x)
+    eager_out.sum().backward()
+    eager_grad = block.c_attn.weight.grad.clone()
+    block.zero_grad()
+    compiled_out, compiled_max = torch.compile(block, backend="aot_eager", fullgraph=True)(x)
+    compiled_out.sum().backward()
+    assert torch.allclose(compiled_out, eager_out) and torch.equal(compiled_max, eager_max)
+    assert torch.allclose(block.c_attn.weight.grad, eager_grad)
+
+
+def test_fake_implementations_give_shapes_on_meta_tensors():
+    """What the compiler sees of a CUDA call without running the kernel: the fakes' shapes and dtypes."""
+    qkv = torch.empty(2, 1024, 3 * 768, dtype=torch.bfloat16, device="meta")
+    y, max_score = attention_cuda.attention_qkv_with_max_score(qkv, 12, 0.125)
+    assert (y.shape, y.dtype, y.device.type) == ((2, 1024, 768), torch.bfloat16, "meta")
+    assert (max_score.shape, max_score.dtype) == ((2, 12), torch.float32)
+    q = torch.empty(2, 12, 1024, 64, dtype=torch.float16, device="meta")
+    assert attention_cuda.attention(q, q, q, 0.125).shape == (2, 12, 1024, 64)
+
+
+@pytest.mark.parametrize("op_name, make_args", [
+    ("attention_qkv", lambda: (torch.randn(2, 5, 3 * 2 * 8, dtype=torch.float64, requires_grad=True), 2, 0.3, True)),
+    ("flash_attention", lambda: (*(t.requires_grad_() for t in random_inputs(1, 2, 5, 8, torch.float64)[:3]), 0.3, False)),
+])
+def test_ops_pass_torch_library_opcheck(op_name, make_args):
+    """torch's own check of a custom op: schema, fake vs real outputs, autograd registration."""
+    torch.library.opcheck(getattr(torch.ops.gust, op_name).default, make_args())
 
 
 def test_op_rejects_mismatched_shapes():
@@ -220,6 +408,21 @@ def test_op_rejects_mismatched_shapes():
 def test_available_is_false_without_a_gpu():
     assert attention_cuda.available() is False
     assert "no CUDA device" in attention_cuda.unavailable_reason()
+
+
+def test_profile_sums_kernel_rows_only():
+    """An op's row carries its kernels' device time too: only the GPU's own rows may be summed."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from attention_cuda.profile import kernel_rows
+
+    row = lambda key, device, us: SimpleNamespace(key=key, device_type=device, self_device_time_total=us)  # noqa: E731
+    events = [row("gust::flash_attention_backward", DeviceType.CPU, 355.0), row("dkdv_kernel", DeviceType.CUDA, 207.0),
+              row("dq_kernel", DeviceType.CUDA, 148.0), row("Activity Buffer Request", DeviceType.CUDA, 7.8),
+              row("aten::mean", DeviceType.CPU, 11.5), row("idle", DeviceType.CUDA, 0.0)]
+    assert [e.key for e in kernel_rows(events)] == ["dkdv_kernel", "dq_kernel"]
 
 
 # ---- nvcc: compile-only, as CI can ----
