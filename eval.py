@@ -4,7 +4,6 @@ Windows of `context` tokens start every `stride` tokens; each window scores only
 window scored, so every token after the first is scored exactly once (score_windows). stride == context
 gives disjoint windows; context 1024 / stride 512 is the WikiText-103 convention. Under torchrun the
 batches are dealt out to ranks and the sums all-reduced in float64, so N ranks report what 1 rank does.
-Also home of "checkpoint or run dir → model" (find_checkpoint, load_gust), shared with sample.py and hf_bridge.py.
 Not in here: training, sampling, weight conversion.
 """
 import json
@@ -21,8 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import checkpoint
-from model import GPT, GPTConfig
+from checkpoint import find_checkpoint, load_gust
+from model import GPT
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -99,27 +98,6 @@ def batch_windows(windows: list, batch_size: int) -> list[list]:
 
 # ----------------------------------------------------------------------------- models and tokens
 
-def find_checkpoint(checkpoint_dir: Path | None, run_dir: Path | None) -> Path:
-    """The checkpoint named, or the newest complete one in run_dir; a one-line error if there is none."""
-    if checkpoint_dir is not None:
-        if not (checkpoint_dir / checkpoint.MANIFEST).is_file() and (checkpoint_dir / "checkpoints").is_dir():
-            raise ValueError(f"--checkpoint {checkpoint_dir}: a run directory, not a checkpoint — pass --run-dir")
-        return checkpoint_dir
-    ckpt = checkpoint.latest_complete(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint — train first with `make train`")
-    return ckpt
-
-
-def load_gust(ckpt: Path) -> tuple[GPT, dict]:
-    """The model of a verified checkpoint in eval mode, and the checkpoint's whole state."""
-    state = checkpoint.load(ckpt)
-    # auto: the fused kernel where it works, else sdpa — a run trained with attn_impl cuda still loads on a CPU
-    model = GPT(GPTConfig(**dict(state["config"]["model"], attn_impl="auto")))
-    model.load_state_dict(state["model"])
-    return model.eval(), state
-
-
 def text_tokens(paths, tokenizer) -> tuple[np.ndarray, int]:
     """Token ids of the documents under paths, <|endoftext|> between documents (as data.py prepare); and their UTF-8 bytes."""
     from data import EOT, read_documents
@@ -195,7 +173,7 @@ def score(model: GPT, tokens: np.ndarray, batches: list, device: torch.device, a
     return nll_sum, n_scored
 
 
-def evaluate(cfg: EvalConfig, rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu")) -> dict:
+def score_perplexity(cfg: EvalConfig, rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu")) -> dict:
     """Load, window, score, all-reduce; the result every rank agrees on."""
     model, tokens, n_bytes, source = load_model_and_data(cfg)
     total_tokens = len(tokens)
@@ -229,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     if world_size > 1:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     try:
-        result = evaluate(cfg, rank, world_size, device)
+        result = score_perplexity(cfg, rank, world_size, device)
     finally:
         if world_size > 1:
             dist.destroy_process_group()
