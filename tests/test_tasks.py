@@ -43,6 +43,10 @@ HELLASWAG = [  # the public jsonl's fields (ctx, endings without a leading space
                                                           "jumps.", "eats a sandwich with a fork and knife."], "label": 1},
     {"ctx": "The chef slices onions", "endings": ["quickly.", "and cries.", "into thin rings for the salad.",
                                                   "on a wooden board."], "label": 2},
+    {"ctx": "A boy throws a ball. The dog", "endings": ["runs.", "chases it across the yard.", "barks.", "sits."],
+     "label": 0},
+    {"ctx": "Two men are playing chess in a park. One", "endings": ["wins.", "moves a knight.", "laughs.",
+                                                                   "takes the queen with a pawn."], "label": 3},
 ]
 LAMBADA = [  # OpenAI's variant: one passage per line, the target is its last word
     "In my palm is a clear stone, and inside it is a small ivory statuette. A guardian angel. "
@@ -52,7 +56,7 @@ LAMBADA = [  # OpenAI's variant: one passage per line, the target is its last wo
     "Give me a minute to change and I'll meet you at the docks. She'd forced those words through her teeth. "
     "I'll meet you at the docks",
     "The dog barked at the mailman every single morning, and every morning the mailman waved at the dog",
-    "He poured the coffee into two cups and handed one to his sister",
+    "He poured the coffee into two cups and handed one to the old wizard, who muttered abracadabra",  # 4 tokens
 ]
 WIKITEXT = (  # wiki.test.raw's format: headings, " @-@ ", " @,@ ", spaced punctuation, blank lines
     " \n = Robert Boulter = \n \n Robert Boulter is an English film , television and theatre actor . He had a "
@@ -102,7 +106,10 @@ def hf(tmp_path_factory):
 def reference_continuation(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
     """Summed log-probability of continuation's tokens after context's, and whether greedy decoding gets all of
     them; the context keeps only its last BLOCK + 1 - len(continuation) tokens when the whole does not fit."""
-    ctx, cont = tokenizer(context)["input_ids"], tokenizer(continuation)["input_ids"]
+    return reference_ids(model, tokenizer(context)["input_ids"], tokenizer(continuation)["input_ids"])
+
+
+def reference_ids(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
     keep = min(len(ctx), BLOCK + 1 - len(cont))
     inputs = ctx[len(ctx) - keep:] + cont[:-1]
     with torch.no_grad():
@@ -148,11 +155,15 @@ def run_eval(hf_dir: Path, *args) -> dict:
 def test_hellaswag_matches_a_per_example_huggingface_loop(hf, files):
     hf_dir, model, tokenizer = hf
     lls, acc, acc_norm = reference_hellaswag(model, tokenizer)
-    # the data can tell the conventions apart: per byte, per token and plain sums pick different endings
+    # the data can tell the conventions apart: per byte, per token and per byte counting the space pick differently
     per_token = [[s / len(tokenizer(" " + e)["input_ids"]) for s, e in zip(row_lls, row["endings"])]
                  for row_lls, row in zip(lls, HELLASWAG)]
     per_byte = [[s / len(e.encode()) for s, e in zip(row_lls, row["endings"])] for row_lls, row in zip(lls, HELLASWAG)]
-    assert [r.index(max(r)) for r in per_token] != [r.index(max(r)) for r in per_byte]
+    per_byte_and_space = [[s / (len(e.encode()) + 1) for s, e in zip(row_lls, row["endings"])]
+                          for row_lls, row in zip(lls, HELLASWAG)]
+    picks = [[r.index(max(r)) for r in scores] for scores in (per_byte, per_token, per_byte_and_space)]
+    assert picks[0] != picks[1] and picks[0] != picks[2]
+    assert 0 < acc < 1 and 0 < acc_norm < 1
 
     result = run_eval(hf_dir, "--task", "hellaswag", "--file", str(files["hellaswag"]))["tasks"]["hellaswag"]
     assert (result["acc"], result["acc_norm"], result["count"]) == (acc, acc_norm, len(HELLASWAG))
@@ -179,7 +190,7 @@ def test_lambada_matches_a_per_example_huggingface_loop(hf, files):
         n_tokens += len(tokenizer(" " + word)["input_ids"])
     result = run_eval(hf_dir, "--task", "lambada", "--file", str(files["lambada"]))["tasks"]["lambada"]
     assert result["acc"] == sum(greedy) / len(LAMBADA) and result["count"] == len(LAMBADA)
-    assert result["target_tokens"] == n_tokens
+    assert result["target_tokens"] == n_tokens > len(LAMBADA)  # a word of several tokens: per word ≠ per token
     assert result["ppl"] == pytest.approx(math.exp(-sum(lls) / len(LAMBADA)), rel=1e-5)
     assert result["token_ppl"] == pytest.approx(math.exp(-sum(lls) / n_tokens), rel=1e-5)
 
@@ -197,6 +208,29 @@ def test_lambada_accuracy_counts_a_word_only_when_all_its_tokens_are_greedy(hf, 
     (tmp_path / "one.jsonl").write_text(json.dumps({"text": text}) + "\n")
     result = run_eval(hf_dir, "--task", "lambada", "--file", str(tmp_path / "one.jsonl"))["tasks"]["lambada"]
     assert result["acc"] == float(expected)
+
+
+def test_a_continuation_is_greedy_only_when_every_one_of_its_tokens_is(hf):
+    hf_dir, model, tokenizer = hf
+    context = tokenizer("The dog barked at the mailman every single")["input_ids"]
+
+    def ranked_after(ids: list[int]) -> list[int]:  # next tokens, most likely first
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0, -1].argsort(descending=True).tolist()
+
+    def greedy(ids: list[int], n: int) -> list[int]:
+        for _ in range(n):
+            ids = ids + ranked_after(ids)[:1]
+        return ids[-n:]
+
+    all_greedy = greedy(context, 3)
+    second_best = ranked_after(context)[1]
+    first_missed = [second_best] + greedy(context + [second_best], 2)  # the last two greedy, the first not
+    last_missed = all_greedy[:2] + [ranked_after(context + all_greedy[:2])[1]]
+    requests = [(context, cont) for cont in (all_greedy, first_missed, last_missed)]
+    assert [reference_ids(model, *request)[1] for request in requests] == [True, False, False]
+    scorer = gust_eval.Scorer(hf_bridge.import_hf(hf_dir), torch.device("cpu"), batch_size=2)
+    assert gust_eval.continuation_logprobs(scorer, requests)[:, 1].tolist() == [1.0, 0.0, 0.0]
 
 
 def test_wikitext_matches_token_by_token_huggingface_scoring(hf, files):
@@ -323,7 +357,7 @@ def test_training_loop_logs_the_benchmarks_eval_py_reports_for_the_same_checkpoi
     for key in ("hellaswag_acc", "hellaswag_acc_norm", "lambada_acc", "lambada_ppl", "wikitext_word_ppl",
                 "wikitext_token_ppl", "wikitext_bits_per_byte"):
         assert all(key in row for row in evals), key
-    # a second path to the same numbers: eval.py on the step-4 checkpoint, the run's tokenizer, one example at a time
+    # a second path to the same numbers: eval.py on the step-4 checkpoint, the run's tokenizer, one sequence a forward
     result = gust_eval.main(["--run-dir", str(tmp_path / "run"), "--device", "cpu", "--batch-size", "1",
                              "--all-tasks", *specs])["tasks"]
     last = evals[-1]
@@ -331,6 +365,14 @@ def test_training_loop_logs_the_benchmarks_eval_py_reports_for_the_same_checkpoi
         for key, value in numbers.items():
             if key not in ("file", "sha256"):
                 assert last[f"{name}_{key}"] == pytest.approx(value, rel=1e-6), (name, key)
+
+
+@pytest.mark.parametrize("n_batches,world_size", [(5, 2), (1, 2), (7, 3), (4, 4), (2, 3)])
+def test_every_rank_runs_as_many_forwards_and_each_batch_is_scored_once(n_batches, world_size):
+    """Under fsdp each forward gathers weights on every rank: a rank with fewer batches must still join."""
+    rounds = [gust_eval.forward_rounds(n_batches, rank, world_size) for rank in range(world_size)]
+    assert len({len(r) for r in rounds}) == 1 and len(rounds[0]) == -(-n_batches // world_size)
+    assert sorted(i for r in rounds for i in r if i is not None) == list(range(n_batches))
 
 
 def test_plot_draws_the_benchmark_panels_only_when_they_were_logged():
