@@ -350,7 +350,7 @@ def continuation_logprobs(scorer: Scorer, requests: list[tuple[list[int], list[i
             targets = torch.tensor(rows[i][-n_cont:], device=scorer.device)  # (n_cont,)
             predicted = logprobs[row, n_inputs - n_cont:n_inputs]  # (n_cont, vocab): the positions predicting them
             out[i, 0] = predicted.gather(1, targets[:, None]).double().sum()
-            out[i, 1] = float(bool((predicted.argmax(-1) == targets).all()))
+            out[i, 1] = (predicted.argmax(-1) == targets).all()  # a tensor, not a bool: no device sync per row
     if scorer.world_size > 1:
         dist.all_reduce(out)  # each row was filled by one rank, the others add 0.0: exact
     return out
@@ -559,6 +559,10 @@ def score_benchmarks(cfg: EvalConfig, rank: int = 0, world_size: int = 1,
     results = {}
     for name, path in specs:
         task = load_task(name, path, tokenizer, model.config.block_size, cfg.max_examples, cfg.context, cfg.stride)
+        largest = int(task.tokens.max()) if isinstance(task, WikiText) else max(max(c + t) for c, t in task.requests)
+        if largest >= model.config.vocab_size:
+            raise UserError(f"{path}: token id {largest} >= the model's vocab_size {model.config.vocab_size} — wrong "
+                            "tokenizer for this model? (pass --data-dir)")
         results[name] = {"file": str(path), "sha256": sha256_file(path), **task.score(scorer)}
     return {"tasks": results, "model": made_from,
             "eval": {"precision": cfg.precision, "device": device.type, "world_size": world_size,

@@ -340,6 +340,15 @@ def test_bad_task_flags_fail_in_one_line(hf, files):
         run_eval(hf[0], "--task", "lambada")
 
 
+def test_a_tokenizer_the_model_cannot_read_fails_in_one_line(tmp_path, files):
+    small = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=300, n_positions=BLOCK, n_embd=16,
+                                                                 n_layer=1, n_head=2))
+    small.save_pretrained(tmp_path / "small")  # no tokenizer files: eval.py falls back to GPT-2's 50257 tokens
+    with pytest.raises(UserError, match=r"lambada_test\.jsonl: token id \d+ >= the model's vocab_size 300"):
+        run_eval(tmp_path / "small", "--gpt2-vocab-dir", str(GPT2_VOCAB), "--task", "lambada",
+                 "--file", str(files["lambada"]))
+
+
 # ----------------------------------------------------------------------------- in the training loop
 
 def test_training_loop_logs_the_benchmarks_eval_py_reports_for_the_same_checkpoint(tiny_data, files, tmp_path):
