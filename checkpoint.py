@@ -159,3 +159,28 @@ def _prune(run_dir: Path, keep_last: int):
             continue  # broken ones are left for a person to look at
     for ckpt in unkept[keep_last:]:
         shutil.rmtree(ckpt, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- checkpoint or run dir → model
+
+def find_checkpoint(checkpoint_dir: Path | None, run_dir: Path | None) -> Path:
+    """The checkpoint named, or the newest complete one in run_dir; a one-line error if there is none."""
+    if checkpoint_dir is not None:
+        if not (checkpoint_dir / MANIFEST).is_file() and (checkpoint_dir / "checkpoints").is_dir():
+            raise ValueError(f"--checkpoint {checkpoint_dir}: a run directory, not a checkpoint — pass --run-dir")
+        return checkpoint_dir
+    ckpt = latest_complete(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint — train first with `make train`")
+    return ckpt
+
+
+def load_gust(ckpt: Path):
+    """The GPT of a verified checkpoint in eval mode, and the checkpoint's whole state (eval.py, sample.py, hf_bridge.py)."""
+    from model import GPT, GPTConfig  # here, not at the top: writing and verifying checkpoints needs no model
+
+    state = load(ckpt)
+    # auto: the fused kernel where it works, else sdpa — a run trained with attn_impl cuda still loads on a CPU
+    model = GPT(GPTConfig(**dict(state["config"]["model"], attn_impl="auto")))
+    model.load_state_dict(state["model"])
+    return model.eval(), state

@@ -133,7 +133,7 @@ def export_hf(source: "GPT | Path", out_dir: Path, data_dir: Path | None = None)
 
     source is a GPT or a checkpoint directory; a checkpoint's own data dir is used when data_dir is None.
     """
-    from eval import load_gust  # eval.py owns "checkpoint → model"; imported here to keep import order one-way
+    from checkpoint import load_gust
 
     try:
         from safetensors.torch import save_file

@@ -1,10 +1,12 @@
 """Training curves of one or more runs as one PNG: `python plot.py runs/a [runs/b ...] --out plot.png`.
 
 Reads each run's metrics.jsonl (rows with "val_bpb" are evals, the rest training steps) and draws
-loss, val bits/byte, learning rate, gradient norm, loss scale and, when logged, max |attention score|
+loss, val bits/byte, learning rate, gradient norm, loss scale and, when logged, max |attention score| and
+the benchmarks of --eval-tasks (HellaSwag acc_norm, LAMBADA accuracy, WikiText-103 word perplexity)
 against step. Not in here: computing any metric (train.py logs them, eval.py scores checkpoints).
 """
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,12 @@ PANELS = (  # (metrics key, title, which rows, log-scale y)
     ("grad_norm", "gradient norm (before clipping)", "train", True),
     ("loss_scale", "loss scale", "train", True),
     ("attn_max_score", "max |attention score| (over layers)", "train", True),
+    ("hellaswag_acc_norm", "HellaSwag acc_norm", "eval", False),
+    ("lambada_acc", "LAMBADA accuracy (last word, greedy)", "eval", False),
+    ("wikitext_word_ppl", "WikiText-103 word perplexity", "eval", True),
 )
+OPTIONAL_PANELS = ("attn_max_score", "hellaswag_acc_norm", "lambada_acc", "wikitext_word_ppl")
+"""Drawn only when some run logged them (diagnostics and --eval-tasks are optional)."""
 
 
 @dataclass
@@ -58,6 +65,14 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
+def shown_panels(metrics: dict) -> list[tuple]:
+    """PANELS, less the optional ones no run logged; metrics maps a run to its (train rows, eval rows)."""
+    def logged(key, which):
+        return any(series(train if which == "train" else evals, key)[0] for train, evals in metrics.values())
+
+    return [panel for panel in PANELS if panel[0] not in OPTIONAL_PANELS or logged(panel[0], panel[2])]
+
+
 def plot(run_dirs, out: Path) -> Path:
     try:
         import matplotlib
@@ -69,9 +84,9 @@ def plot(run_dirs, out: Path) -> Path:
     if not run_dirs:
         raise ValueError("name at least one run directory: python plot.py runs/a [runs/b ...] --out plot.png")
     metrics = {str(run): read_metrics(run) for run in run_dirs}
-    panels = [p for p in PANELS if p[0] != "attn_max_score" or
-              any(series(train, "attn_max_score")[0] for train, _ in metrics.values())]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), squeeze=False)
+    panels = shown_panels(metrics)
+    n_rows = math.ceil(len(panels) / 3)
+    fig, axes = plt.subplots(n_rows, 3, figsize=(15, 4 * n_rows), squeeze=False)
     for ax, (key, title, which, log_y) in zip(axes.flat, panels):
         for run, (train, evals) in metrics.items():
             steps, values = series(train if which == "train" else evals, key)

@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from eval import find_checkpoint, load_gust
+from checkpoint import find_checkpoint, load_gust
 
 
 @dataclass

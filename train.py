@@ -307,6 +307,10 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None]:
 def train(cfg: TrainConfig) -> dict:
     run, step, opt_step, ckpt = build_run(cfg)
     rt = run.rt
+    tasks = None
+    if cfg.eval_tasks:  # benchmark files read and tokenised once, before anything is written
+        from eval import load_tasks, score_tasks
+        tasks = load_tasks(cfg.eval_tasks, cfg.data.dir, cfg.model.block_size)
     if rt.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(run.run_dir / "config.json", json.dumps(to_json(cfg), indent=2))
@@ -345,6 +349,9 @@ def train(cfg: TrainConfig) -> dict:
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             result = evaluate(run.model, run.val_split, cfg, run.ctx, rt,
                               cfg.final_eval_batches if step == cfg.max_steps else cfg.eval_batches)
+            if tasks:  # the raw model: fsdp's gathers still run, DDP and compile are for training
+                result.update(score_tasks(tasks, run.raw_model, rt.device, run.ctx, rt.rank, rt.world_size,
+                                          cfg.micro_batch_size))
             log.log({"step": step, **result}, f"step {step:>7} | val loss {result['val_loss']:.4f} | "
                                               f"val bits/byte {result['val_bpb']:.4f}")
         rolling = cfg.checkpoint.schedule == "every" and step % cfg.checkpoint.every == 0

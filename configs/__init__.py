@@ -140,6 +140,9 @@ class TrainConfig:
     """Micro-batches per periodic eval (0 = the whole val split)."""
     final_eval_batches: int = 0
     """Micro-batches for the eval at the last step (0 = the whole val split, the number to report)."""
+    eval_tasks: tuple[str, ...] = ()
+    """Benchmarks scored at every eval, as name:path pairs (hellaswag:hellaswag_val.jsonl lambada:lambada_test.jsonl
+    wikitext:wiki.test.raw); their numbers (hellaswag_acc_norm, lambada_acc, …) join the val row of metrics.jsonl."""
     log_interval: int = 10
     """Write a metrics row and a console line every this many steps."""
     diag_interval: int = 100
