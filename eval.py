@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import checkpoint
+from errors import UserError, run_cli
 from model import GPT, GPTConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,9 +73,9 @@ def score_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, i
     scored. Token 0 is never a target; every later token is scored exactly once.
     """
     if not 1 <= stride <= context:
-        raise ValueError(f"--stride {stride} must be between 1 and --context {context}")
+        raise UserError(f"--stride {stride} must be between 1 and --context {context}")
     if n_tokens < 2:
-        raise ValueError(f"{n_tokens} token(s) to score: at least 2 are needed (one to predict from, one to predict)")
+        raise UserError(f"{n_tokens} token(s) to score: at least 2 are needed (one to predict from, one to predict)")
     windows, scored_until = [], 1  # targets [1, scored_until) are done
     for begin in range(0, n_tokens - 1, stride):
         end = min(begin + context + 1, n_tokens)
@@ -103,11 +104,11 @@ def find_checkpoint(checkpoint_dir: Path | None, run_dir: Path | None) -> Path:
     """The checkpoint named, or the newest complete one in run_dir; a one-line error if there is none."""
     if checkpoint_dir is not None:
         if not (checkpoint_dir / checkpoint.MANIFEST).is_file() and (checkpoint_dir / "checkpoints").is_dir():
-            raise ValueError(f"--checkpoint {checkpoint_dir}: a run directory, not a checkpoint — pass --run-dir")
+            raise UserError(f"--checkpoint {checkpoint_dir}: a run directory, not a checkpoint — pass --run-dir")
         return checkpoint_dir
     ckpt = checkpoint.latest_complete(run_dir)
     if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint — train first with `make train`")
+        raise UserError(f"{run_dir}: no complete checkpoint — train first with `make train`")
     return ckpt
 
 
@@ -126,7 +127,7 @@ def text_tokens(paths, tokenizer) -> tuple[np.ndarray, int]:
 
     eot_id = tokenizer.token_to_id(EOT)
     if eot_id is None:
-        raise ValueError(f"the tokenizer has no {EOT} token to separate documents")
+        raise UserError(f"the tokenizer has no {EOT} token to separate documents")
     texts = [text for _, text in read_documents(paths)]
     ids = []
     for i, encoding in enumerate(tokenizer.encode_batch(texts)):
@@ -151,13 +152,13 @@ def load_model_and_data(cfg: EvalConfig) -> tuple[GPT, np.ndarray, int, str]:
     from data import TokenSplit, load_tokenizer
 
     if sum(x is not None for x in (cfg.checkpoint, cfg.run_dir, cfg.hf_dir)) != 1:
-        raise ValueError("pass exactly one of --checkpoint, --run-dir, --hf-dir")
+        raise UserError("pass exactly one of --checkpoint, --run-dir, --hf-dir")
     if cfg.hf_dir is not None:
         from hf_bridge import import_hf
 
         model, data_dir = import_hf(cfg.hf_dir), cfg.data_dir
         if data_dir is None and not cfg.text:
-            raise ValueError("--hf-dir needs --text or --data-dir (a prepared split) to score")
+            raise UserError("--hf-dir needs --text or --data-dir (a prepared split) to score")
     else:
         model, state = load_gust(find_checkpoint(cfg.checkpoint, cfg.run_dir))
         data_dir = cfg.data_dir or Path(state["config"]["data"]["dir"])
@@ -166,7 +167,7 @@ def load_model_and_data(cfg: EvalConfig) -> tuple[GPT, np.ndarray, int, str]:
         tokens, n_bytes = text_tokens(cfg.text, tokenizer)
         source = ", ".join(map(str, cfg.text))
         if tokens.max() >= model.config.vocab_size:
-            raise ValueError(f"{source}: token id {tokens.max()} >= the model's vocab_size {model.config.vocab_size} "
+            raise UserError(f"{source}: token id {tokens.max()} >= the model's vocab_size {model.config.vocab_size} "
                              "— wrong tokenizer for this model? (pass --data-dir)")
     else:  # TokenSplit checks the sidecar, sha256 and token ids; block 1 accepts a split of any length
         split = TokenSplit(data_dir, cfg.split, 1, model.config.vocab_size)
@@ -203,7 +204,7 @@ def evaluate(cfg: EvalConfig, rank: int = 0, world_size: int = 1, device: torch.
         tokens = tokens[:cfg.max_tokens]
     context = cfg.context or model.config.block_size
     if context > model.config.block_size:
-        raise ValueError(f"--context {context} exceeds the model's block_size {model.config.block_size}")
+        raise UserError(f"--context {context} exceeds the model's block_size {model.config.block_size}")
     windows = score_windows(len(tokens), context, cfg.stride or context)
     model.to(device).set_attn_impl(device)  # resolve "auto" once, not on every forward
     autocast = torch.autocast(device.type, dtype=DTYPES[cfg.precision]) if cfg.precision != "fp32" else nullcontext()
@@ -242,8 +243,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"gust: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)
