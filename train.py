@@ -344,6 +344,7 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None, dict]:
 def train(cfg: TrainConfig) -> dict:
     """Check the config, take the run directory's lock (rank 0: the one writer), then build the run and loop."""
     check_ranges(cfg)  # parse_config checked already; this covers a TrainConfig built in code (tests, scripts)
+    check_batch_sizes(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # here too: bad input is refused before the lock
     holding = rundir.lock(cfg.run_dir()) if int(os.environ.get("RANK", 0)) == 0 else None  # before any write
     try:
         return _train(cfg)
