@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import checkpoint
@@ -43,6 +44,23 @@ def lock(run_dir: Path):
                f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime())}\n")
     file.flush()
     return file
+
+
+@contextmanager
+def holding(run_dir: Path):
+    """lock() for the life of a with block. A run that fails before writing anything into a directory it created
+    takes the directory away again: bad input leaves no trace."""
+    created = not run_dir.exists()
+    file = lock(run_dir)
+    try:
+        yield file
+    except BaseException:
+        if created and [path.name for path in run_dir.iterdir()] == [LOCK]:
+            (run_dir / LOCK).unlink()
+            run_dir.rmdir()
+        raise
+    finally:
+        file.close()  # in-process callers (tests) may start the next run on this directory
 
 
 def remove_leftovers(run_dir: Path) -> list[Path]:

@@ -345,12 +345,9 @@ def train(cfg: TrainConfig) -> dict:
     """Check the config, take the run directory's lock (rank 0: the one writer), then build the run and loop."""
     check_ranges(cfg)  # parse_config checked already; this covers a TrainConfig built in code (tests, scripts)
     check_batch_sizes(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # here too: bad input is refused before the lock
-    holding = rundir.lock(cfg.run_dir()) if int(os.environ.get("RANK", 0)) == 0 else None  # before any write
-    try:
+    writer = int(os.environ.get("RANK", 0)) == 0  # rank 0 writes the run directory: it holds the lock
+    with rundir.holding(cfg.run_dir()) if writer else nullcontext():  # before anything there is written or cleaned
         return _train(cfg)
-    finally:
-        if holding is not None:
-            holding.close()  # in-process callers (tests) may start the next run on this directory
 
 
 def _train(cfg: TrainConfig) -> dict:
