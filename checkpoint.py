@@ -163,7 +163,7 @@ def load(ckpt: Path) -> dict:
         return torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError with a long explanation; keep one line
         raise UserError(f"{ckpt / STATE}: refused by torch.load(weights_only=True) — it holds pickled "
-                         f"objects, not plain tensors and containers ({type(err).__name__})") from None
+                        f"objects, not plain tensors and containers ({type(err).__name__})") from None
 
 
 def _prune(run_dir: Path, keep_last: int, written: Path):

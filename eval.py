@@ -168,7 +168,7 @@ def load_model_and_data(cfg: EvalConfig) -> tuple[GPT, np.ndarray, int, str]:
         source = ", ".join(map(str, cfg.text))
         if tokens.max() >= model.config.vocab_size:
             raise UserError(f"{source}: token id {tokens.max()} >= the model's vocab_size {model.config.vocab_size} "
-                             "— wrong tokenizer for this model? (pass --data-dir)")
+                            "— wrong tokenizer for this model? (pass --data-dir)")
     else:  # TokenSplit checks the sidecar, sha256 and token ids; block 1 accepts a split of any length
         split = TokenSplit(data_dir, cfg.split, 1, model.config.vocab_size)
         tokens, n_bytes, source = split.tokens, split.bytes, str(split.path)

@@ -121,7 +121,7 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
                             "or convert them to model.safetensors") from None
     if (hf_dir / "model.safetensors.index.json").is_file():
         raise UserError(f"{hf_dir}: sharded weights (model.safetensors.index.json) are not supported — "
-                         "re-save with a larger max_shard_size")
+                        "re-save with a larger max_shard_size")
     raise UserError(f"{hf_dir}: no model.safetensors or pytorch_model.bin — is this a Hugging Face model directory?")
 
 
@@ -147,7 +147,7 @@ def export_hf(source: "GPT | Path", out_dir: Path, data_dir: Path | None = None)
         from safetensors.torch import save_file
     except ImportError:
         raise UserError("export needs the safetensors package (the format Hugging Face loads) — "
-                          "pip install safetensors") from None
+                        "pip install safetensors") from None
     if not isinstance(source, GPT):
         source, state = load_gust(Path(source))
         data_dir = data_dir or Path(state["config"]["data"]["dir"])

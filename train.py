@@ -269,7 +269,7 @@ def check_batch_sizes(cfg: TrainConfig, world_size: int) -> int:
     per_step = cfg.micro_batch_size * world_size
     if cfg.global_batch_size % per_step != 0:
         raise UserError(f"--global-batch-size {cfg.global_batch_size} is not divisible by --micro-batch-size "
-                         f"{cfg.micro_batch_size} × world size {world_size}")
+                        f"{cfg.micro_batch_size} × world size {world_size}")
     return cfg.global_batch_size // per_step
 
 
@@ -567,7 +567,8 @@ def check_resume_config(state: dict, cfg: TrainConfig, train_split: TokenSplit, 
     old_sha, new_sha = state.get("data_sha256", {}).get("train"), train_split.meta["splits"]["train"]["sha256"]
     if old_sha is not None and old_sha != new_sha:  # same path, other tokens: a different data stream
         changes["data.train_sha256"] = (old_sha, new_sha)
-    changes.pop("resume", None), changes.pop("allow_config_change", None)  # the act of resuming, not a change
+    for act_of_resuming in ("resume", "allow_config_change"):  # how this start was asked for, not a change
+        changes.pop(act_of_resuming, None)
     blocked = changes_that_need_override(changes)
     if blocked and not cfg.allow_config_change:
         listed = ", ".join(f"{key} {json.dumps(old)} → {json.dumps(new)}" for key, (old, new) in blocked.items())
@@ -598,7 +599,7 @@ def check_model_shape(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
     for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias"):
         if saved_model[name] != getattr(cfg.model, name):
             raise UserError(f"{ckpt}: checkpoint has model.{name} = {saved_model[name]}, but --model.{name.replace('_', '-')} "
-                             f"is {getattr(cfg.model, name)}")
+                            f"is {getattr(cfg.model, name)}")
 
 
 def init_weights(path: Path, cfg: TrainConfig, raw_model, rt: Dist) -> None:
@@ -606,7 +607,7 @@ def init_weights(path: Path, cfg: TrainConfig, raw_model, rt: Dist) -> None:
     ckpt = path if (path / checkpoint.MANIFEST).is_file() else checkpoint.latest_complete(path)
     if ckpt is None:
         raise UserError(f"--init-from {path}: no complete checkpoint there (a step-XXXXXXX directory or a run "
-                                f"directory holding checkpoints/)")
+                        f"directory holding checkpoints/)")
     state = checkpoint.load(ckpt)
     check_model_shape(state, cfg, ckpt)
     raw_model.load_state_dict(state["model"])

@@ -253,7 +253,7 @@ def config_changes(saved: dict, cfg) -> dict:
 AT_LEAST_0, AT_LEAST_1, POSITIVE = (lambda v: v >= 0, "≥ 0"), (lambda v: v >= 1, "≥ 1"), (lambda v: v > 0, "> 0")
 FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 RANGES = {
-    "max_steps": AT_LEAST_1, "global_batch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_1,
+    "max_steps": AT_LEAST_0, "global_batch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_1,
     "eval_interval": AT_LEAST_1, "log_interval": AT_LEAST_1, "eval_batches": AT_LEAST_0,
     "final_eval_batches": AT_LEAST_0, "diag_interval": AT_LEAST_0, "peak_flops": AT_LEAST_0,
     "model.block_size": AT_LEAST_1, "model.vocab_size": AT_LEAST_1, "model.n_layer": AT_LEAST_1,

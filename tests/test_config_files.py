@@ -146,7 +146,7 @@ def test_a_bad_config_file_is_one_line_exit_2_and_the_run_untouched(tmp_path, ca
 @pytest.mark.parametrize("flags, message", [
     (["--micro-batch-size", "0"], r"micro_batch_size \(--micro-batch-size\) = 0: must be ≥ 1"),
     (["--global-batch-size", "0"], r"global_batch_size \(--global-batch-size\) = 0: must be ≥ 1"),
-    (["--max-steps", "-5"], r"max_steps \(--max-steps\) = -5: must be ≥ 1"),
+    (["--max-steps", "-5"], r"max_steps \(--max-steps\) = -5: must be ≥ 0"),
     (["--log-interval", "0"], r"log_interval \(--log-interval\) = 0: must be ≥ 1"),
     (["--optim.beta2", "1.0"], r"optim.beta2 \(--optim.beta2\) = 1.0: must be in \[0, 1\)"),
     (["--global-batch-size", "12"], r"--global-batch-size 12 is not divisible by --micro-batch-size 16"),
