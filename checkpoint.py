@@ -5,6 +5,7 @@ so torch.load(weights_only=True) reads it) and MANIFEST.json (file sizes and sha
 written under a temporary name, fsynced, and renamed into place, so a reader never sees half of one.
 Not in here: what goes into state.pt (train.py decides) or any distributed logic.
 """
+import errno
 import hashlib
 import json
 import os
@@ -16,9 +17,11 @@ from pathlib import Path
 import torch
 
 from data import sha256_file
+from errors import UserError
 
 MANIFEST = "MANIFEST.json"
 STATE = "state.pt"
+TMP_PREFIX = ".tmp-"  # checkpoints/.tmp-step-XXXXXXX-PID: a save in progress, or the leftover of a killed one
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -38,42 +41,63 @@ def scheduled_steps(schedule: str, intervals, max_steps: int) -> set[int]:
 
 
 def save(run_dir: Path, step: int, state: dict, keep: bool, keep_last: int) -> Path:
-    """Write state atomically as step-XXXXXXX; then prune old unkept checkpoints beyond keep_last."""
+    """Write state atomically as step-XXXXXXX; then prune old unkept checkpoints beyond keep_last.
+    A complete checkpoint of this step already there is kept as it is (the same step is the same state)."""
     final = step_dir(run_dir, step)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if final.exists() and verify(final) is None:
+        return final
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    hashing = None
     try:
         with open(tmp / STATE, "wb") as file:
             hashing = _HashingWriter(file)
             torch.save(state, hashing)  # hashed as it is written: no second pass over a multi-GB file
             file.flush()
             os.fsync(file.fileno())
-        _test_pause_hook(step)
         manifest = {"step": step, "keep": keep, "files": {STATE: {"bytes": hashing.bytes, "sha256": hashing.sha256()}}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: marks the directory complete
         _fsync(tmp / MANIFEST)
-        if final.exists():  # only a broken one can be in the way (a complete one ends the resume there):
+        _fsync(tmp)  # the directory entries of both files, before the rename publishes them
+        if final.exists():  # only a broken one can be in the way (a complete one returned above):
             final.rename(final.with_name(f"broken-{final.name}-{int(time.time())}"))  # kept for a person to see
         os.rename(tmp, final)
-        _fsync(final.parent)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"{final}: checkpoint write failed ({err.strerror or err}); earlier checkpoints are intact") from err
-    _prune(run_dir, keep_last)
+        _fsync(final.parent)  # the rename itself survives a power cut
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial state.pt must not keep the disk full
+        raise _write_failure(final, err, hashing) from err
+    _prune(run_dir, keep_last, written=final)
     return final
+
+
+def _write_failure(final: Path, err: Exception, hashing) -> Exception:
+    """The error to raise for a failed save: one line naming the checkpoint, saying so when the disk is full.
+    torch.save turns an OSError from its writer into RuntimeError("... unexpected pos ..."); the writer kept it."""
+    cause = err if isinstance(err, OSError) else (hashing.error if hashing is not None else None)
+    if cause is None:
+        return err  # a RuntimeError that is not a failed write: a bug, keep it as it is
+    if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"{final}: checkpoint not written, the disk is full ({cause.strerror}); the partial write "
+                         "was removed and earlier checkpoints are intact — free space, then --resume auto")
+    return OSError(cause.errno, f"{final}: checkpoint write failed ({cause.strerror or cause}); earlier checkpoints "
+                                "are intact")
 
 
 class _HashingWriter:
     """The file torch.save writes to, hashing and counting the bytes on their way to disk."""
 
     def __init__(self, file):
-        self.file, self.digest, self.bytes = file, hashlib.sha256(), 0
+        self.file, self.digest, self.bytes, self.error = file, hashlib.sha256(), 0, None
 
     def write(self, data) -> int:
         self.digest.update(data)
         self.bytes += len(data)
-        return self.file.write(data)
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err  # torch.save replaces it by a RuntimeError that names neither errno nor file
+            raise
 
     def flush(self):
         self.file.flush()
@@ -90,14 +114,6 @@ def _fsync(path: Path):
         os.close(fd)
 
 
-def _test_pause_hook(step: int):
-    """For the kill tests: GUST_PAUSE_IN_SAVE=STEP:FILE makes the save of STEP touch FILE, then wait, mid-write."""
-    hook = os.environ.get("GUST_PAUSE_IN_SAVE")
-    if hook and int(hook.split(":", 1)[0]) == step:
-        Path(hook.split(":", 1)[1]).touch()
-        time.sleep(60)
-
-
 def verify(ckpt: Path) -> str | None:
     """None if the checkpoint is complete and intact, else the reason it is not."""
     manifest_path = ckpt / MANIFEST
@@ -107,7 +123,11 @@ def verify(ckpt: Path) -> str | None:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError:
         return "MANIFEST.json is not valid JSON"
-    for name, entry in manifest["files"].items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or STATE not in files or not all(
+            isinstance(entry, dict) and {"bytes", "sha256"} <= entry.keys() for entry in files.values()):
+        return "MANIFEST.json does not list state.pt with its bytes and sha256 (malformed)"
+    for name, entry in files.items():
         path = ckpt / name
         if not path.is_file():
             return f"{name} missing"
@@ -138,27 +158,32 @@ def load(ckpt: Path) -> dict:
     """state.pt of a verified checkpoint; weights_only=True refuses pickled objects."""
     problem = verify(ckpt)
     if problem is not None:
-        raise ValueError(f"{ckpt}: {problem}")
+        raise UserError(f"{ckpt}: {problem}")
     try:
         return torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError with a long explanation; keep one line
-        raise ValueError(f"{ckpt / STATE}: refused by torch.load(weights_only=True) — it holds pickled "
-                         f"objects, not plain tensors and containers ({type(err).__name__})") from None
+        raise UserError(f"{ckpt / STATE}: refused by torch.load(weights_only=True) — it holds pickled "
+                        f"objects, not plain tensors and containers ({type(err).__name__})") from None
 
 
-def _prune(run_dir: Path, keep_last: int):
-    """Delete the oldest non-scheduled complete checkpoints beyond keep_last (0 keeps all)."""
+def _prune(run_dir: Path, keep_last: int, written: Path):
+    """Delete the oldest unscheduled checkpoints beyond the newest keep_last that verify (0 keeps all).
+    Only checkpoints that verify count and are deleted: a broken one is left for a person to look at and never
+    takes the place of a good one. `written` was verified by being written."""
     if keep_last <= 0:
         return
-    unkept = []
+    good_unkept = 0
     for ckpt in all_checkpoints(run_dir):  # newest first
         try:
-            if not json.loads((ckpt / MANIFEST).read_text()).get("keep", False):
-                unkept.append(ckpt)
-        except (OSError, json.JSONDecodeError):
-            continue  # broken ones are left for a person to look at
-    for ckpt in unkept[keep_last:]:
-        shutil.rmtree(ckpt, ignore_errors=True)
+            if json.loads((ckpt / MANIFEST).read_text()).get("keep", False):
+                continue
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue  # no readable manifest: broken
+        if ckpt != written and verify(ckpt) is not None:
+            continue
+        good_unkept += 1
+        if good_unkept > keep_last:
+            shutil.rmtree(ckpt)
 
 
 # ----------------------------------------------------------------------------- checkpoint or run dir → model
@@ -167,11 +192,11 @@ def find_checkpoint(checkpoint_dir: Path | None, run_dir: Path | None) -> Path:
     """The checkpoint named, or the newest complete one in run_dir; a one-line error if there is none."""
     if checkpoint_dir is not None:
         if not (checkpoint_dir / MANIFEST).is_file() and (checkpoint_dir / "checkpoints").is_dir():
-            raise ValueError(f"--checkpoint {checkpoint_dir}: a run directory, not a checkpoint — pass --run-dir")
+            raise UserError(f"--checkpoint {checkpoint_dir}: a run directory, not a checkpoint — pass --run-dir")
         return checkpoint_dir
     ckpt = latest_complete(run_dir)
     if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint — train first with `make train`")
+        raise UserError(f"{run_dir}: no complete checkpoint — train first with `make train`")
     return ckpt
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import tyro
 
 from checkpoint import find_checkpoint, load_gust
-from errors import UserError
+from errors import UserError, run_cli
 from model import GPT
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,9 +92,9 @@ def score_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, i
     scored. Token 0 is never a target; every later token is scored exactly once.
     """
     if not 1 <= stride <= context:
-        raise ValueError(f"--stride {stride} must be between 1 and --context {context}")
+        raise UserError(f"--stride {stride} must be between 1 and --context {context}")
     if n_tokens < 2:
-        raise ValueError(f"{n_tokens} token(s) to score: at least 2 are needed (one to predict from, one to predict)")
+        raise UserError(f"{n_tokens} token(s) to score: at least 2 are needed (one to predict from, one to predict)")
     windows, scored_until = [], 1  # targets [1, scored_until) are done
     for begin in range(0, n_tokens - 1, stride):
         end = min(begin + context + 1, n_tokens)
@@ -125,7 +125,7 @@ def text_tokens(paths, tokenizer) -> tuple[np.ndarray, int]:
 
     eot_id = tokenizer.token_to_id(EOT)
     if eot_id is None:
-        raise ValueError(f"the tokenizer has no {EOT} token to separate documents")
+        raise UserError(f"the tokenizer has no {EOT} token to separate documents")
     texts = [text for _, text in read_documents(paths)]
     ids = []
     for i, encoding in enumerate(tokenizer.encode_batch(texts)):
@@ -150,7 +150,7 @@ def load_model(cfg: EvalConfig) -> tuple[GPT, Path | None, dict]:
     from data import sha256_file
 
     if sum(x is not None for x in (cfg.checkpoint, cfg.run_dir, cfg.hf_dir)) != 1:
-        raise ValueError("pass exactly one of --checkpoint, --run-dir, --hf-dir")
+        raise UserError("pass exactly one of --checkpoint, --run-dir, --hf-dir")
     if cfg.hf_dir is not None:
         from hf_bridge import import_hf
 
@@ -182,13 +182,13 @@ def load_model_and_data(cfg: EvalConfig) -> tuple[GPT, np.ndarray, int, str]:
 
     model, data_dir, _ = load_model(cfg)
     if cfg.hf_dir is not None and data_dir is None and not cfg.text:
-        raise ValueError("--hf-dir needs --text or --data-dir (a prepared split) to score")
+        raise UserError("--hf-dir needs --text or --data-dir (a prepared split) to score")
     if cfg.text:
         tokens, n_bytes = text_tokens(cfg.text, model_tokenizer(cfg, data_dir))
         source = ", ".join(map(str, cfg.text))
         if tokens.max() >= model.config.vocab_size:
-            raise ValueError(f"{source}: token id {tokens.max()} >= the model's vocab_size {model.config.vocab_size} "
-                             "— wrong tokenizer for this model? (pass --data-dir)")
+            raise UserError(f"{source}: token id {tokens.max()} >= the model's vocab_size {model.config.vocab_size} "
+                            "— wrong tokenizer for this model? (pass --data-dir)")
     else:  # TokenSplit checks the sidecar, sha256 and token ids; block 1 accepts a split of any length
         split = TokenSplit(data_dir, cfg.split, 1, model.config.vocab_size)
         tokens, n_bytes, source = split.tokens, split.bytes, str(split.path)
@@ -235,7 +235,7 @@ def score_perplexity(cfg: EvalConfig, rank: int = 0, world_size: int = 1, device
         tokens = tokens[:cfg.max_tokens]
     context = cfg.context or model.config.block_size
     if context > model.config.block_size:
-        raise ValueError(f"--context {context} exceeds the model's block_size {model.config.block_size}")
+        raise UserError(f"--context {context} exceeds the model's block_size {model.config.block_size}")
     windows = score_windows(len(tokens), context, cfg.stride or context)
     model.to(device).set_attn_impl(device)  # resolve "auto" once, not on every forward
     nll_sum, n_scored = score(model, tokens, batch_windows(windows, cfg.batch_size), device, autocast_for(cfg, device),
@@ -604,8 +604,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"gust: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

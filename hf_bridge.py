@@ -7,13 +7,15 @@ safetensors is an optional dependency, imported only where used: it is the weigh
 loads without unpickling anything.
 """
 import json
+import pickle
+import re
 import shutil
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from errors import UserError, run_cli
 from model import GPT, GPTConfig
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -42,7 +44,7 @@ def hf_config(cfg: GPTConfig, eot_id: int | None) -> dict:
 def gpt_config(hf: dict, where: Path) -> GPTConfig:
     """The GPTConfig of an HF GPT-2 config.json, or a one-line error naming what gust cannot represent."""
     if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"{where}: model_type {hf['model_type']!r} — only GPT-2 checkpoints can be imported")
+        raise UserError(f"{where}: model_type {hf['model_type']!r} — only GPT-2 checkpoints can be imported")
     n_embd = hf.get("n_embd", 768)
     unsupported = {
         "activation_function": (hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
@@ -55,7 +57,7 @@ def gpt_config(hf: dict, where: Path) -> GPTConfig:
     }
     for key, (ok, why) in unsupported.items():
         if not ok:
-            raise ValueError(f"{where}: {key} = {hf.get(key)!r} cannot be imported — {why}")
+            raise UserError(f"{where}: {key} = {hf.get(key)!r} cannot be imported — {why}")
     return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
                      n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd,
                      dropout=hf.get("resid_pdrop", 0.1),  # gust has one dropout; GPT-2's three are equal
@@ -93,11 +95,11 @@ def from_hf_state(hf_state: dict[str, torch.Tensor], cfg: GPTConfig, where: Path
     wte = state["transformer.wte.weight"]
     lm_head = state.setdefault("lm_head.weight", wte)
     if not torch.equal(lm_head, wte):
-        raise ValueError(f"{where}: lm_head.weight differs from transformer.wte.weight — gust ties them")
+        raise UserError(f"{where}: lm_head.weight differs from transformer.wte.weight — gust ties them")
     model = GPT(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{where}: weights do not fit config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(f"{where}: weights do not fit config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval()
 
 
@@ -107,21 +109,27 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise ImportError(f"{hf_dir}/model.safetensors needs the safetensors package — pip install safetensors") from None
+            raise UserError(f"{hf_dir}/model.safetensors needs the safetensors package — pip install safetensors") from None
         return load_file(str(hf_dir / "model.safetensors"))
     if (hf_dir / "pytorch_model.bin").is_file():
-        return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:  # weights_only refused an object: one line, not torch's page
+            found = re.search(r"GLOBAL (\S+)", str(err))  # the class torch refused, when it names one
+            raise UserError(f"{hf_dir}/pytorch_model.bin: refused by torch.load(weights_only=True) — it holds pickled "
+                            f"objects ({found.group(1) if found else 'not tensors'}); load only weights you trust, "
+                            "or convert them to model.safetensors") from None
     if (hf_dir / "model.safetensors.index.json").is_file():
-        raise ValueError(f"{hf_dir}: sharded weights (model.safetensors.index.json) are not supported — "
-                         "re-save with a larger max_shard_size")
-    raise FileNotFoundError(f"{hf_dir}: no model.safetensors or pytorch_model.bin — is this a Hugging Face model directory?")
+        raise UserError(f"{hf_dir}: sharded weights (model.safetensors.index.json) are not supported — "
+                        "re-save with a larger max_shard_size")
+    raise UserError(f"{hf_dir}: no model.safetensors or pytorch_model.bin — is this a Hugging Face model directory?")
 
 
 def import_hf(hf_dir: Path) -> GPT:
     """A gust GPT from a Hugging Face GPT-2 directory (config.json + weights), in eval mode."""
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{hf_dir}/config.json: missing — is this a Hugging Face model directory?")
+        raise UserError(f"{hf_dir}/config.json: missing — is this a Hugging Face model directory?")
     cfg = gpt_config(json.loads((hf_dir / "config.json").read_text()), hf_dir / "config.json")
     return from_hf_state(read_hf_weights(hf_dir), cfg, hf_dir)
 
@@ -138,8 +146,8 @@ def export_hf(source: "GPT | Path", out_dir: Path, data_dir: Path | None = None)
     try:
         from safetensors.torch import save_file
     except ImportError:
-        raise ImportError("export needs the safetensors package (the format Hugging Face loads) — "
-                          "pip install safetensors") from None
+        raise UserError("export needs the safetensors package (the format Hugging Face loads) — "
+                        "pip install safetensors") from None
     if not isinstance(source, GPT):
         source, state = load_gust(Path(source))
         data_dir = data_dir or Path(state["config"]["data"]["dir"])
@@ -202,7 +210,7 @@ def import_to_run(args: ImportArgs) -> Path:
     from configs import DataConfig, TrainConfig, to_json
 
     if checkpoint.all_checkpoints(args.out):
-        raise ValueError(f"{args.out}: already holds checkpoints — choose a new --out")
+        raise UserError(f"{args.out}: already holds checkpoints — choose a new --out")
     model = import_hf(args.hf_dir)
     cfg = TrainConfig(preset="hf-import", model=model.config, data=DataConfig(dir=args.data_dir), out_dir=args.out)
     state = {"model": model.state_dict(), "config": to_json(cfg), "step": 0, "source": str(args.hf_dir)}
@@ -223,8 +231,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"gust: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

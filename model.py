@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import UserError
+
 
 @dataclass
 class GPTConfig:
@@ -39,8 +41,10 @@ class GPTConfig:
     """Also divide layer i's scores by i (1-based), as HF's scale_attn_by_inverse_layer_idx (stability fix 2)."""
 
     def __post_init__(self):
+        if self.n_head < 1:
+            raise UserError(f"--model.n-head {self.n_head}: must be ≥ 1")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"--model.n-embd {self.n_embd} is not divisible by --model.n-head {self.n_head}")
+            raise UserError(f"--model.n-embd {self.n_embd} is not divisible by --model.n-head {self.n_head}")
 
 
 def naive_attention(q, k, v, scale: float, upcast: bool, dropout: nn.Module | None = None, stats: dict | None = None):

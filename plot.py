@@ -7,11 +7,12 @@ against step. Not in here: computing any metric (train.py logs them, eval.py sco
 """
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
+
+from errors import UserError, run_cli
 
 PANELS = (  # (metrics key, title, which rows, log-scale y)
     ("loss", "train loss (nats/token)", "train", False),
@@ -42,7 +43,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows) of run_dir/metrics.jsonl; a half-written last line (a live run) is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found — is {run_dir} a run directory?")
+        raise UserError(f"{path}: not found — is {run_dir} a run directory?")
     rows = []
     for line in path.read_text().splitlines():
         try:
@@ -80,9 +81,9 @@ def plot(run_dirs, out: Path) -> Path:
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("plot.py needs matplotlib — pip install matplotlib") from None
+        raise UserError("plot.py needs matplotlib — pip install matplotlib") from None
     if not run_dirs:
-        raise ValueError("name at least one run directory: python plot.py runs/a [runs/b ...] --out plot.png")
+        raise UserError("name at least one run directory: python plot.py runs/a [runs/b ...] --out plot.png")
     metrics = {str(run): read_metrics(run) for run in run_dirs}
     panels = shown_panels(metrics)
     n_rows = math.ceil(len(panels) / 3)
@@ -110,8 +111,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"gust: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

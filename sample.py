@@ -3,7 +3,6 @@
 The same --seed prints the same text: every random draw comes from one torch.Generator.
 Not in here: loading weights from Hugging Face (hf_bridge.py), scoring text (eval.py).
 """
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -11,6 +10,7 @@ from typing import Literal
 import torch
 
 from checkpoint import find_checkpoint, load_gust
+from errors import run_cli
 
 
 @dataclass
@@ -69,8 +69,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:
-        print(f"gust: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -4,14 +4,18 @@ Reads as the story of a run: parse config → set up processes and seeds → bui
 loss scaler → loop (batch, forward, backward, unscale/clip/step, log, eval, checkpoint) → clean exit.
 Not in here: the model (model.py), tokens and batch order (data.py), checkpoint files (checkpoint.py).
 """
-import json
-import math
 import os
+
+PARENT_AT_START = os.getppid()  # read before the slow imports: under torchrun, the agent (rundir.die_with_parent)
+
+import json  # noqa: E402 (the line above must come first)
+import math
 import random
 import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +24,12 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-from configs import PRESETS, TrainConfig, from_json, to_json
+import rundir
+from configs import PRESETS, TrainConfig, changes_that_need_override, check_ranges, config_changes, from_json, to_json
 from data import TokenSplit, rank_rows
 from distributed import (Dist, agree_on_resume, autocast, distribute, full, full_state, gradient_sync, load_full_state,
                          setup_processes)
+from errors import UserError, run_cli
 from loss_scaler import DynamicLossScaler, unscale_and_clip
 from model import GPT
 
@@ -189,8 +195,12 @@ def provenance(rt: Dist) -> dict:
 
 
 def _write_atomic(path: Path, text: str):
+    """path holds the old text or the new, never half of one (a killed write leaves NAME.tmp, removed at the next start)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(tmp, path)
 
 
@@ -198,8 +208,8 @@ def check_batch_sizes(cfg: TrainConfig, world_size: int) -> int:
     """Gradient-accumulation steps per optimizer step, or a one-line error naming the flags."""
     per_step = cfg.micro_batch_size * world_size
     if cfg.global_batch_size % per_step != 0:
-        raise ValueError(f"--global-batch-size {cfg.global_batch_size} is not divisible by --micro-batch-size "
-                         f"{cfg.micro_batch_size} × world size {world_size}")
+        raise UserError(f"--global-batch-size {cfg.global_batch_size} is not divisible by --micro-batch-size "
+                        f"{cfg.micro_batch_size} × world size {world_size}")
     return cfg.global_batch_size // per_step
 
 
@@ -272,9 +282,10 @@ class Run:
     attn_impl: str  # the attention path taken on this device ("auto" resolved)
 
 
-def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None]:
-    """Processes, data, model, optimizer and scaler; restored from a checkpoint when resuming.
-    Returns the run, the step and optimizer step to start from, and the checkpoint resumed (or None)."""
+def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None, dict]:
+    """Processes, data, model, optimizer and scaler; restored from a checkpoint when resuming. Writes nothing.
+    Returns the run, the step and optimizer step to start from, the checkpoint resumed (or None) and the config
+    fields that differ from that checkpoint's ({dotted key: (old, new)})."""
     rt = setup_processes(cfg)
     run_dir = cfg.run_dir()
     accum_steps = check_batch_sizes(cfg, rt.world_size)
@@ -291,9 +302,9 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None]:
     model = distribute(raw_model, cfg, rt)
     optimizer = build_optimizer(raw_model, cfg.optim, rt.device, sharded=rt.mode == "zero1")
     scaler = DynamicLossScaler(cfg.loss_scale, enabled=cfg.precision == "fp16")
-    step, opt_step, run_id = 0, 0, f"{cfg.preset}-{cfg.seed}-{int(time.time())}"
+    step, opt_step, run_id, changes = 0, 0, f"{cfg.preset}-{cfg.seed}-{int(time.time())}", {}
     if ckpt is not None:
-        step, opt_step, run_id = restore(ckpt, cfg, raw_model, optimizer, scaler, rt)
+        step, opt_step, run_id, changes = restore(ckpt, cfg, raw_model, optimizer, scaler, train_split, rt)
     else:
         seed_everything(cfg.seed + rt.rank)  # dropout differs per rank, repeatably
     ctx = autocast(cfg.precision, rt.device)
@@ -301,19 +312,27 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None]:
     run = Run(cfg, rt, run_dir, raw_model, model, optimizer, scaler, [p for p in raw_model.parameters() if p.requires_grad],
               train_split, val_split, Batches(train_split, cfg, rt, accum_steps), ctx, accum_steps, keep_steps, run_id,
               provenance(rt), attn_impl)
-    return run, step, opt_step, ckpt
+    return run, step, opt_step, ckpt, changes
 
 
 def train(cfg: TrainConfig) -> dict:
-    run, step, opt_step, ckpt = build_run(cfg)
+    """Check the config, take the run directory's lock (rank 0: the one writer), then build the run and loop."""
+    check_ranges(cfg)  # parse_config checked already; this covers a TrainConfig built in code (tests, scripts)
+    check_batch_sizes(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # here too: bad input is refused before the lock
+    writer = int(os.environ.get("RANK", 0)) == 0  # rank 0 writes the run directory: it holds the lock
+    with rundir.holding(cfg.run_dir()) if writer else nullcontext():  # before anything there is written or cleaned
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict:
+    run, step, opt_step, ckpt, changes = build_run(cfg)
     rt = run.rt
     tasks = None
     if cfg.eval_tasks:  # benchmark files read and tokenised once, before anything is written
         from eval import load_tasks, score_tasks
         tasks = load_tasks(cfg.eval_tasks, cfg.data.dir, cfg.model.block_size)
     if rt.is_main:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run.run_dir / "config.json", json.dumps(to_json(cfg), indent=2))
+        record_start(run, ckpt, step, changes)
     log = MetricsLog(run.run_dir, cfg, rt.is_main, step if ckpt is not None else None, run.run_id)
     if rt.is_main:
         print(f"gust: {cfg.preset} | {run.raw_model.num_params() / 1e6:.2f}M params | attention {run.attn_impl} | "
@@ -332,7 +351,7 @@ def train(cfg: TrainConfig) -> dict:
         t0 = time.perf_counter()
         out = optimization_step(run, step, opt_step, stop.signal, diagnose, timed)
         if out.non_finite:
-            save(run, step, opt_step)  # the state before this step: the last good one
+            save(run, step, opt_step)  # the state before this step, the last good one (an existing good checkpoint stays)
             raise FloatingPointError(f"step {step + 1}: non-finite loss {out.loss} / grad norm {float(out.grad_norm)} "
                                      f"under {cfg.precision}; last good state saved at step {step}. "
                                      f"Last diagnostics: {out.stats}")
@@ -499,17 +518,58 @@ def checkpoint_state(run: Run, step: int, opt_step: int) -> dict:
 
 
 def resume_point(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to continue, or None for a fresh start; refuses to start over a run by accident."""
     if cfg.resume == "none":
         if checkpoint.all_checkpoints(run_dir):  # never overwrite a run by accident
-            raise ValueError(f"{run_dir}: already holds checkpoints — pass --resume auto to continue it, "
-                             "or choose a new --out-dir")
+            raise UserError(f"{run_dir}: already holds checkpoints — pass --resume auto to continue it, "
+                            "or choose a new --out-dir")
         return None
     if cfg.resume == "auto":
-        return checkpoint.latest_complete(run_dir)
+        found = checkpoint.all_checkpoints(run_dir)
+        ckpt = checkpoint.latest_complete(run_dir)
+        if found and ckpt is None:  # starting over would lose the run: only the user may decide that
+            raise UserError(f"{run_dir}: none of its {len(found)} checkpoint(s) verifies (newest "
+                            f"{found[0].name}: {checkpoint.verify(found[0])}) — nothing was changed; pass "
+                            "--resume with a checkpoint path you trust, or start over in a new --out-dir")
+        return ckpt
     path = Path(cfg.resume)
     if not path.is_dir():
-        raise FileNotFoundError(f"--resume {path}: no such checkpoint directory")
+        raise UserError(f"--resume {path}: no such checkpoint directory")
     return path
+
+
+def check_resume_config(state: dict, cfg: TrainConfig, train_split: TokenSplit, ckpt: Path) -> dict:
+    """The fields that differ from the checkpoint's config, {dotted key: (old, new)}; a one-line UserError naming
+    them if any changes the data stream or the optimisation (configs.FREE_ON_RESUME lists what may change) and
+    --allow-config-change is not given."""
+    changes = config_changes(state["config"], cfg)
+    old_sha, new_sha = state.get("data_sha256", {}).get("train"), train_split.meta["splits"]["train"]["sha256"]
+    if old_sha is not None and old_sha != new_sha:  # same path, other tokens: a different data stream
+        changes["data.train_sha256"] = (old_sha, new_sha)
+    for act_of_resuming in ("resume", "allow_config_change"):  # how this start was asked for, not a change
+        changes.pop(act_of_resuming, None)
+    blocked = changes_that_need_override(changes)
+    if blocked and not cfg.allow_config_change:
+        listed = ", ".join(f"{key} {json.dumps(old)} → {json.dumps(new)}" for key, (old, new) in blocked.items())
+        raise UserError(f"{ckpt}: this resume changes the run — {listed} (checkpoint → now); resume with the "
+                        "run's own values, or pass --allow-config-change to continue (recorded in config-changes.jsonl)")
+    return changes
+
+
+def record_start(run: Run, ckpt: Path | None, step: int, changes: dict):
+    """Rank 0, lock held, run built: remove killed writers' leftovers; write config.json for a fresh run (never over
+    a run's own), and append a resume's config changes, with the step they take effect, to config-changes.jsonl."""
+    for path in rundir.remove_leftovers(run.run_dir):
+        print(f"gust: removed {path}, left by a writer that was killed", flush=True)
+    config_json = run.run_dir / "config.json"
+    if ckpt is None or not config_json.exists():
+        _write_atomic(config_json, json.dumps(to_json(run.cfg), indent=2))
+    if changes:
+        row = {"step": step, "checkpoint": str(ckpt), "overridden": run.cfg.allow_config_change,
+               "changes": {key: {"from": old, "to": new} for key, (old, new) in changes.items()}}
+        with open(run.run_dir / "config-changes.jsonl", "a") as file:
+            file.write(json.dumps(row) + "\n")
+        print(f"gust: config changes from step {step}: {', '.join(changes)} (config-changes.jsonl)", flush=True)
 
 
 def check_model_shape(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
@@ -517,16 +577,16 @@ def check_model_shape(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
     saved_model = state["config"]["model"]
     for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias"):
         if saved_model[name] != getattr(cfg.model, name):
-            raise ValueError(f"{ckpt}: checkpoint has model.{name} = {saved_model[name]}, but --model.{name.replace('_', '-')} "
-                             f"is {getattr(cfg.model, name)}")
+            raise UserError(f"{ckpt}: checkpoint has model.{name} = {saved_model[name]}, but --model.{name.replace('_', '-')} "
+                            f"is {getattr(cfg.model, name)}")
 
 
 def init_weights(path: Path, cfg: TrainConfig, raw_model, rt: Dist) -> None:
     """--init-from: only the model weights of a checkpoint directory, or of a run directory's newest one."""
     ckpt = path if (path / checkpoint.MANIFEST).is_file() else checkpoint.latest_complete(path)
     if ckpt is None:
-        raise FileNotFoundError(f"--init-from {path}: no complete checkpoint there (a step-XXXXXXX directory or a run "
-                                f"directory holding checkpoints/)")
+        raise UserError(f"--init-from {path}: no complete checkpoint there (a step-XXXXXXX directory or a run "
+                        f"directory holding checkpoints/)")
     state = checkpoint.load(ckpt)
     check_model_shape(state, cfg, ckpt)
     raw_model.load_state_dict(state["model"])
@@ -534,9 +594,13 @@ def init_weights(path: Path, cfg: TrainConfig, raw_model, rt: Dist) -> None:
         print(f"gust: weights from {ckpt} (its step {state['step']}); optimizer and step start fresh", flush=True)
 
 
-def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, rt: Dist) -> tuple[int, int, str]:
+def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, train_split: TokenSplit,
+            rt: Dist) -> tuple[int, int, str, dict]:
+    """Load a checkpoint into model, optimizer, scaler and RNG; returns its step, optimizer step, wandb id and the
+    config changes (check_resume_config)."""
     state = checkpoint.load(ckpt)
     check_model_shape(state, cfg, ckpt)
+    changes = check_resume_config(state, cfg, train_split, ckpt)
     load_full_state(model, optimizer, state["model"], state["optimizer"], rt)
     scaler.load_state_dict(state["scaler"])
     if len(state["per_rank"]) == rt.world_size:
@@ -545,22 +609,38 @@ def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, rt: Dist) ->
         seed_everything(cfg.seed + rt.rank + 1_000_003 * state["step"])
     if rt.is_main:
         print(f"gust: resumed from {ckpt} (step {state['step']})", flush=True)
-    return state["step"], state["opt_step"], state["wandb_run_id"]
+    return state["step"], state["opt_step"], state["wandb_run_id"], changes
 
 
 def parse_config(argv: list[str]) -> TrainConfig:
-    """`train.py <preset> [--overrides]`, or `train.py path/to/config.json [--overrides]` to re-run a run."""
+    """`train.py <preset> [--overrides]`, or `train.py path/to/config.json [--overrides]` to re-run a run.
+    A config file is checked as strictly as the command line (unknown keys, types, ranges), before anything runs."""
     import tyro
 
     if argv and argv[0].endswith(".json"):
-        base = from_json(TrainConfig, json.loads(Path(argv[0]).read_text()))
-        return tyro.cli(TrainConfig, default=base, args=argv[1:], prog="train.py CONFIG.json")
-    return tyro.extras.overridable_config_cli(PRESETS, args=argv, prog="train.py")
+        path = Path(argv[0])
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such config file") from None
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: not valid JSON ({err})") from None
+        cfg = tyro.cli(TrainConfig, default=from_json(TrainConfig, values, where=str(path)), args=argv[1:],
+                       prog="train.py CONFIG.json")
+    else:
+        cfg = tyro.extras.overridable_config_cli(PRESETS, args=argv, prog="train.py")
+    check_ranges(cfg)
+    return cfg
+
+
+def main(argv: list[str]):
+    rundir.die_with_parent(PARENT_AT_START)  # first: a worker whose torchrun agent is gone must not train on
+    try:
+        train(parse_config(argv))
+    except FloatingPointError as err:  # the run diverged: the message says where and what was saved
+        print(f"gust: error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    try:
-        train(parse_config(sys.argv[1:]))
-    except (ValueError, FileNotFoundError, FloatingPointError, OSError, RuntimeError) as err:
-        print(f"gust: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main, sys.argv[1:])

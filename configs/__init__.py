@@ -3,11 +3,15 @@
 `python train.py <preset> --help` lists each field with its docstring and the preset's value.
 Nothing here runs anything; train.py and data.py read these values and nothing else.
 """
+import difflib
+import json
+import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Literal
 
+from errors import UserError
 from model import GPTConfig
 
 # Mistral's checkpoint schedule: (every N steps, until step M). With step 0 this is 609 checkpoints by 400k.
@@ -168,6 +172,9 @@ class TrainConfig:
     """Weights & Biases logging; offline writes under out_dir/wandb and syncs never."""
     wandb_project: str = "gust"
     """wandb project name."""
+    allow_config_change: bool = False
+    """--resume only: continue even though a field that changes the data stream or the optimisation (seed, batch
+    size, data dir, schedule, ...) differs from the checkpoint's; the change is recorded in config-changes.jsonl."""
 
     def run_dir(self) -> Path:
         return self.out_dir if self.out_dir is not None else Path("runs") / self.preset
@@ -208,6 +215,77 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
 }
 
 
+# ----------------------------------------------------------------------------- what a resume may change
+
+FREE_ON_RESUME = ("resume", "out_dir", "init_from", "max_steps", "micro_batch_size", "device", "dist",
+                  "fsdp_reshard_after_forward", "compile", "tf32", "deterministic", "peak_flops", "log_interval",
+                  "diag_interval", "eval_interval", "eval_batches", "final_eval_batches", "wandb_mode",
+                  "wandb_project", "allow_config_change", "preset", "checkpoint", "data.verify_sha256",
+                  "model.attn_impl")
+"""Fields (or whole sections) a resume may change freely: they say where, how fast and how loudly the run goes,
+not which tokens it sees or which update it makes (micro_batch_size with the same global batch only regroups
+the sum). Every other field differing from the checkpoint's needs --allow-config-change."""
+
+
+def changes_that_need_override(changes: dict) -> dict:
+    """The subset of {dotted key: (old, new)} that FREE_ON_RESUME does not cover."""
+    return {key: values for key, values in changes.items()
+            if not any(key == free or key.startswith(free + ".") for free in FREE_ON_RESUME)}
+
+
+def config_changes(saved: dict, cfg) -> dict:
+    """{dotted key: (saved value, new value)} for every field of cfg that differs from the saved to_json dict.
+    Keys the saved config lacks (fields added since it was written) are not compared."""
+    changes = {}
+
+    def walk(old: dict, new: dict, prefix: str):
+        for key, value in new.items():
+            if key not in old:
+                continue
+            if isinstance(value, dict) and isinstance(old[key], dict):
+                walk(old[key], value, f"{prefix}{key}.")
+            elif old[key] != value:
+                changes[prefix + key] = (old[key], value)
+
+    walk(saved, to_json(cfg), "")
+    return changes
+
+
+# ----------------------------------------------------------------------------- ranges (command line and files alike)
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = (lambda v: v >= 0, "≥ 0"), (lambda v: v >= 1, "≥ 1"), (lambda v: v > 0, "> 0")
+FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+RANGES = {
+    "max_steps": AT_LEAST_0, "global_batch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_1,
+    "eval_interval": AT_LEAST_1, "log_interval": AT_LEAST_1, "eval_batches": AT_LEAST_0,
+    "final_eval_batches": AT_LEAST_0, "diag_interval": AT_LEAST_0, "peak_flops": AT_LEAST_0,
+    "model.block_size": AT_LEAST_1, "model.vocab_size": AT_LEAST_1, "model.n_layer": AT_LEAST_1,
+    "model.n_head": AT_LEAST_1, "model.n_embd": AT_LEAST_1, "model.dropout": FRACTION,
+    "optim.lr": AT_LEAST_0, "optim.min_lr": AT_LEAST_0, "optim.warmup_steps": AT_LEAST_0,
+    "optim.decay_steps": AT_LEAST_0, "optim.beta1": FRACTION, "optim.beta2": FRACTION, "optim.eps": POSITIVE,
+    "optim.weight_decay": AT_LEAST_0, "optim.grad_clip": AT_LEAST_0,
+    "loss_scale.init_scale": POSITIVE, "loss_scale.growth_factor": AT_LEAST_1,
+    "loss_scale.backoff_factor": (lambda v: 0 < v <= 1, "in (0, 1]"), "loss_scale.growth_interval": AT_LEAST_1,
+    "loss_scale.hysteresis": AT_LEAST_1, "loss_scale.min_scale": POSITIVE, "loss_scale.max_consecutive_skips": AT_LEAST_1,
+    "checkpoint.every": AT_LEAST_1, "checkpoint.keep_last": AT_LEAST_0,
+}
+"""Values no run can use (a zero batch, a negative count, β ≥ 1): refused before anything is written."""
+
+
+def check_ranges(cfg) -> None:
+    """A one-line UserError naming the first field of cfg (a TrainConfig) whose value is out of range."""
+    for key, (ok, expected) in RANGES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if not ok(value):
+            raise UserError(f"{key} (--{key.replace('_', '-')}) = {value}: must be {expected}")
+    for interval, until in cfg.checkpoint.intervals:
+        if interval < 1 or until < 0:
+            raise UserError(f"checkpoint.intervals (--checkpoint.intervals) has ({interval}, {until}): each pair is "
+                            "(every N ≥ 1 steps, until step M ≥ 0)")
+
+
 # ----------------------------------------------------------------------------- as JSON (config.json, checkpoints)
 
 def to_json(obj):
@@ -219,19 +297,75 @@ def to_json(obj):
     return str(obj) if isinstance(obj, Path) else obj
 
 
-def from_json(cls, values: dict):
-    """The inverse of to_json for TrainConfig: rebuild nested dataclasses, Paths and tuples from the field types."""
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in values:
-            continue
-        value, hint = values[f.name], hints[f.name]
-        if is_dataclass(hint):
-            value = from_json(hint, value)
-        elif value is not None and Path in (typing.get_args(hint) or (hint,)):
-            value = Path(value)
-        elif isinstance(value, list):
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        kwargs[f.name] = value
+def from_json(cls, values, where: str = "config.json", prefix: str = ""):
+    """The inverse of to_json, as strict as the command line: an unknown key or a value of the wrong type is a
+    one-line UserError naming the file (where), the key, the value and what was expected. Absent keys keep the
+    dataclass default, as an absent flag does."""
+    if not isinstance(values, dict):
+        raise UserError(f"{where}: {prefix.rstrip('.') or 'the file'} = {json.dumps(values)}: expected a JSON object")
+    hints, names = typing.get_type_hints(cls), [f.name for f in fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" — did you mean {prefix}{close[0]}?" if close else f" — expected one of {', '.join(names)}"
+            raise UserError(f"{where}: unknown key {prefix}{key}{hint}")
+    kwargs = {name: _from_value(values[name], hints[name], where, prefix + name) for name in names if name in values}
     return cls(**kwargs)
+
+
+def _from_value(value, hint, where: str, key: str):
+    """value (from JSON) as a value of type hint, or a UserError saying what was expected."""
+    if is_dataclass(hint):
+        return from_json(hint, value, where, key + ".")
+    converted = _convert(value, hint)
+    if converted is _WRONG:
+        raise UserError(f"{where}: {key} = {json.dumps(value)}: expected {_describe(hint)}")
+    return converted
+
+
+_WRONG = object()  # "value does not fit the hint"; None can be a right answer
+
+
+def _convert(value, hint):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return value if any(value == a and type(value) is type(a) for a in args) else _WRONG
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            converted = None if arg is type(None) and value is None else _convert(value, arg)
+            if converted is not _WRONG and (converted is not None or value is None):
+                return converted
+        return _WRONG
+    if origin is tuple:
+        if not isinstance(value, list) or (args[-1] is not Ellipsis and len(value) != len(args)):
+            return _WRONG
+        item_hints = [args[0]] * len(value) if args[-1] is Ellipsis else args  # tuple[X, ...] or tuple[X, Y]
+        items = [_convert(v, h) for v, h in zip(value, item_hints)]
+        return _WRONG if any(item is _WRONG for item in items) else tuple(items)
+    if hint is type(None):
+        return None if value is None else _WRONG
+    if hint is bool:
+        return value if isinstance(value, bool) else _WRONG
+    if hint is int:  # JSON's 2.5 and true are not integers
+        return value if isinstance(value, int) and not isinstance(value, bool) else _WRONG
+    if hint is float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _WRONG
+    if hint is str:
+        return value if isinstance(value, str) else _WRONG
+    if hint is Path:
+        return Path(value) if isinstance(value, str) else _WRONG
+    raise TypeError(f"from_json: no rule for type {hint}")  # a new field type: teach _convert and _describe
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        if args[-1] is Ellipsis:
+            return f"a list, each {_describe(args[0])}"
+        return "[" + ", ".join(_describe(a) for a in args) + "]"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path (a string)",
+            type(None): "null"}.get(hint, str(hint))

@@ -4,7 +4,7 @@
 
 Uses a small model on data/shakespeare (`make setup`). For each trial: start train.py, kill it with SIGKILL
 after a random delay — or, for every third trial, while it is inside the save of a random checkpoint
-(GUST_PAUSE_IN_SAVE) — then `--resume auto` to the end, and compare the final weights with an uninterrupted run.
+(tests/pause_in_save.py) — then `--resume auto` to the end, and compare the final weights with an uninterrupted run.
 Prints one line per trial and a summary. Not a test (it takes minutes): tests/test_faults.py covers 3 kill points.
 """
 import argparse
@@ -29,6 +29,7 @@ from configs import PRESETS, CheckpointConfig  # noqa: E402
 from configs import to_json  # noqa: E402
 
 STEPS, EVERY = 40, 4
+SAVE_POINTS = ("mid_state", "before_manifest", "before_rename", "before_prune")  # tests/pause_in_save.py
 
 
 def small_config(out_dir: Path):
@@ -39,11 +40,13 @@ def small_config(out_dir: Path):
                    optim=replace(base.optim, warmup_steps=5, decay_steps=STEPS))
 
 
-def run(cfg, work: Path, env=None, kill_after=None, marker=None) -> int:
+def run(cfg, work: Path, pause=None, kill_after=None, marker=None) -> int:
+    """train.py on cfg; pause: (point, step) stops it inside that save (tests/pause_in_save.py) for the kill."""
     path = work / f"{cfg.out_dir.name}.json"
     path.write_text(json.dumps(to_json(cfg)))
-    proc = subprocess.Popen([sys.executable, "train.py", str(path)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    script = ["tests/pause_in_save.py", pause[0], str(pause[1]), str(marker)] if pause else ["train.py"]
+    proc = subprocess.Popen([sys.executable, *script, str(path)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if kill_after is not None or marker is not None:
         deadline = time.monotonic() + (kill_after or 120)
         while proc.poll() is None and time.monotonic() < deadline and not (marker and marker.exists()):
@@ -71,11 +74,11 @@ def main():
     passed = 0
     for trial in range(args.kills):
         cfg = small_config(args.work / f"trial-{trial}")
-        if trial % 3 == 2:  # inside a save: state.pt written, no manifest, not renamed
-            step = rng.choice(range(EVERY, STEPS, EVERY))
+        if trial % 3 == 2:  # inside a save, at one of the points pause_in_save.py knows
+            step, point = rng.choice(range(EVERY, STEPS, EVERY)), rng.choice(SAVE_POINTS)
             marker = args.work / f"saving-{trial}"
-            run(cfg, args.work, env={"GUST_PAUSE_IN_SAVE": f"{step}:{marker}"}, marker=marker)
-            where = f"inside the save of step {step}"
+            run(cfg, args.work, pause=(point, step), marker=marker)
+            where = f"inside the save of step {step} ({point})"
         else:
             delay = rng.uniform(2.0, 0.8 * full_time)  # full_time includes the exit: later kills can miss the run
             run(cfg, args.work, kill_after=delay)

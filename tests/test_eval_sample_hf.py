@@ -239,7 +239,7 @@ def test_sample_prints_the_same_text_for_the_same_seed(ckpt, capsys):
 
 
 def test_sample_without_a_checkpoint_says_train_first(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint — train first with `make train`"):
+    with pytest.raises(ValueError, match=r"no complete checkpoint — train first with `make train`"):
         sample.main(["--run-dir", str(tmp_path / "never-trained")])
 
 

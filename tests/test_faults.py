@@ -1,4 +1,5 @@
 """Fault tolerance: SIGKILL anywhere (even mid-save), SIGTERM, corrupt checkpoints, NaN, bad resumes."""
+import errno
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import torch
 import checkpoint
 from conftest import ROOT, tiny_run
 from configs import to_json
+from errors import UserError
 from train import train
 
 
@@ -26,14 +28,30 @@ def assert_same_weights(a, b):
         assert torch.equal(a["model"][name], b["model"][name]), name
 
 
-def launch(cfg, tmp_path, env=None, torchrun=False):
-    """train.py in a subprocess, from a config file; returns the Popen."""
+def launch(cfg, tmp_path, env=None, torchrun=False, pause=None):
+    """train.py in a subprocess, from a config file; returns the Popen.
+    pause: (point, step, marker) runs it through tests/pause_in_save.py, which stops inside that save."""
     path = tmp_path / f"{cfg.out_dir.name}-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(to_json(cfg)))
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [sys.executable]
-    return subprocess.Popen([*prefix, "train.py", str(path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    script = ["tests/pause_in_save.py", *map(str, pause)] if pause else ["train.py"]
+    return subprocess.Popen([*prefix, *script, str(path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "WANDB_MODE": "disabled", **(env or {})},
                             start_new_session=torchrun)
+
+
+def verified_checkpoints(run_dir) -> list:
+    return [ckpt for ckpt in checkpoint.all_checkpoints(run_dir) if checkpoint.verify(ckpt) is None]
+
+
+def snapshot(run_dir) -> dict:
+    """Every file of a run directory with its mtime and bytes: what "touches nothing" compares. Not .lock, whose
+    holder line every run that gets the lock rewrites."""
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in run_dir.rglob("*") if p.name != ".lock"}
+
+
+def leftovers(run_dir) -> list:
+    return sorted((run_dir / "checkpoints").glob(".tmp-*")) + sorted(run_dir.glob("*.tmp"))
 
 
 def wait_for(condition, proc, timeout=120):
@@ -60,22 +78,70 @@ def reference(tiny_data, tmp_path):
     return cfg, state_of(tmp_path / "reference")
 
 
-@pytest.mark.parametrize("kill_point", ["mid_step", "mid_save", "after_save"])
+SAVE_POINTS = ["mid_state", "before_manifest", "before_rename", "before_prune"]  # see tests/pause_in_save.py
+
+
+@pytest.mark.parametrize("kill_point", ["mid_step", *SAVE_POINTS])
 def test_sigkill_then_resume_is_bitwise(reference, tmp_path, kill_point):
     cfg, expected = reference
     run = replace(cfg, out_dir=tmp_path / kill_point)
     marker = tmp_path / "saving"
-    env = {"GUST_PAUSE_IN_SAVE": f"6:{marker}"} if kill_point == "mid_save" else {}
-    proc = launch(run, tmp_path, env)
-    if kill_point == "mid_save":
-        wait_for(marker.exists, proc)  # inside the save of step 6: state.pt written, no manifest, no rename
-    elif kill_point == "mid_step":
-        wait_for(lambda: logged_step(run.out_dir) >= 4, proc)
+    proc = launch(run, tmp_path, pause=(kill_point, 6, marker) if kill_point in SAVE_POINTS else None)
+    if kill_point in SAVE_POINTS:
+        wait_for(marker.exists, proc)  # inside the save of step 6
     else:
-        wait_for(lambda: checkpoint.step_dir(run.out_dir, 9).exists(), proc)
+        wait_for(lambda: logged_step(run.out_dir) >= 4, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert checkpoint.latest_complete(run.out_dir) is not None
+    earlier = verified_checkpoints(run.out_dir)
+    assert earlier and all(checkpoint.verify(c) is None for c in checkpoint.all_checkpoints(run.out_dir))
+    if kill_point in ("mid_state", "before_manifest", "before_rename"):
+        assert leftovers(run.out_dir)  # the killed save's temporary directory, for the next start to remove
+    train(replace(run, resume="auto"))
+    assert all(checkpoint.verify(c) is None for c in earlier), "an earlier checkpoint was damaged"
+    assert leftovers(run.out_dir) == []
+    assert_same_weights(state_of(run.out_dir), expected)
+
+
+@pytest.mark.parametrize("where", ["inside_torch_save", "at_fsync"])
+def test_disk_full_during_a_save_names_it_cleans_up_and_resumes_bitwise(reference, tmp_path, monkeypatch, where):
+    """ENOSPC inside torch.save arrives as torch's RuntimeError ("unexpected pos"); at fsync as a plain OSError."""
+    cfg, expected = reference
+    run = replace(cfg, out_dir=tmp_path / "full")
+    real_write, real_fsync = checkpoint._HashingWriter.write, os.fsync
+    real_save, saving = checkpoint.save, []
+
+    def save_noting_the_step(run_dir, step, *args, **kwargs):
+        saving.append(step)
+        return real_save(run_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", save_noting_the_step)
+
+    def disk_full_at_step_6(real):
+        def injected(*args):
+            if saving and saving[-1] == 6:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(*args)
+        return injected
+
+    class FullDisk:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def write_until_the_disk_fills(self, data):
+        if saving and saving[-1] == 6 and self.bytes > 4096:  # some of state.pt is out: torch is mid-archive
+            self.file = FullDisk()
+        return real_write(self, data)
+
+    if where == "inside_torch_save":
+        monkeypatch.setattr(checkpoint._HashingWriter, "write", write_until_the_disk_fills)
+    else:
+        monkeypatch.setattr(os, "fsync", disk_full_at_step_6(real_fsync))
+    with pytest.raises(UserError, match=r"step-0000006: checkpoint not written, the disk is full \(No space left"):
+        train(run)
+    assert [c.name for c in verified_checkpoints(run.out_dir)] == ["step-0000003"]
+    assert leftovers(run.out_dir) == []  # the partial state.pt is gone at once: it would keep the disk full
+    monkeypatch.undo()
     train(replace(run, resume="auto"))
     assert_same_weights(state_of(run.out_dir), expected)
 
@@ -140,11 +206,11 @@ def test_nonfinite_loss_in_fp32_stops_with_the_step_and_saves(tiny_data, tmp_pat
 
 def test_resume_with_a_different_block_size_names_the_flag(reference, tmp_path):
     cfg, _ = reference
-    before = {p: p.stat().st_mtime_ns for p in cfg.out_dir.rglob("*")}
+    before = snapshot(cfg.out_dir)
     bigger = replace(cfg, resume="auto", model=replace(cfg.model, block_size=64))
-    with pytest.raises(ValueError, match="checkpoint has model.block_size = 32, but --model.block-size is 64"):
+    with pytest.raises(UserError, match="checkpoint has model.block_size = 32, but --model.block-size is 64"):
         train(bigger)
-    assert {p: p.stat().st_mtime_ns for p in cfg.out_dir.rglob("*")} == before
+    assert snapshot(cfg.out_dir) == before
 
 
 class NotATensor:
@@ -156,13 +222,13 @@ def test_checkpoint_with_pickled_objects_is_refused(reference, tmp_path):
     bad = tmp_path / "evil"
     state = {"model": {}, "payload": NotATensor()}
     checkpoint.save(bad, 1, state, keep=True, keep_last=0)
-    with pytest.raises(ValueError, match=r"step-0000001/state.pt: refused by torch.load\(weights_only=True\)"):
+    with pytest.raises(UserError, match=r"step-0000001/state.pt: refused by torch.load\(weights_only=True\)"):
         train(replace(cfg, out_dir=tmp_path / "victim", resume=str(checkpoint.step_dir(bad, 1))))
 
 
 def test_fresh_run_refuses_to_overwrite_existing_checkpoints(reference):
     cfg, _ = reference
-    with pytest.raises(ValueError, match="already holds checkpoints — pass --resume auto"):
+    with pytest.raises(UserError, match="already holds checkpoints — pass --resume auto"):
         train(cfg)
 
 
@@ -173,7 +239,7 @@ def test_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match=r"step-0000002: checkpoint write failed \(No space left on device\)"):
+    with pytest.raises(UserError, match=r"step-0000002: checkpoint not written, the disk is full"):
         checkpoint.save(tmp_path, 2, {"x": torch.zeros(3)}, keep=False, keep_last=0)
     assert checkpoint.latest_complete(tmp_path) == checkpoint.step_dir(tmp_path, 1)
     assert torch.equal(checkpoint.load(checkpoint.step_dir(tmp_path, 1))["x"], torch.ones(3))

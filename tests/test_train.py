@@ -103,7 +103,7 @@ def test_init_from_refuses_other_shapes_and_missing_dirs(tiny_data, tmp_path):
     wider = replace(tiny_run(tiny_data, tmp_path).model, n_embd=64)
     with pytest.raises(ValueError, match="checkpoint has model.n_embd = 32, but --model.n-embd is 64"):
         train(tiny_run(tiny_data, tmp_path / "bad", init_from=tmp_path / "source", model=wider))
-    with pytest.raises(FileNotFoundError, match="--init-from .*nowhere: no complete checkpoint"):
+    with pytest.raises(ValueError, match="--init-from .*nowhere: no complete checkpoint"):
         train(tiny_run(tiny_data, tmp_path / "bad", init_from=tmp_path / "nowhere"))
     assert not (tmp_path / "bad").exists()  # nothing written
 

@@ -1,0 +1,168 @@
+"""Config files are checked as strictly as the command line: mutate a valid config.json in many seeded ways; each
+either parses to exactly what the equivalent command line gives, or fails with one line naming the key, before
+anything is written. Also: counts and batch sizes that make no sense are refused naming the flag."""
+import copy
+import json
+import random
+import re
+
+import pytest
+import tyro
+
+import train
+from configs import PRESETS, TrainConfig, check_ranges, to_json
+from errors import UserError, run_cli
+
+BASE = to_json(PRESETS["shakespeare-cpu"][1])
+ODD_VALUES = [2.5, "x", True, None, [1, 2], {"a": 1}, 7, -1, 0, 1e9]
+
+
+def to_flags(values: dict, prefix: str = "--") -> list[str]:
+    """The command line that says what a JSON config says, written independently of configs.from_json."""
+    flags = []
+    for key, value in values.items():
+        flag = prefix + key.replace("_", "-")
+        if isinstance(value, dict):
+            flags += to_flags(value, flag + ".")
+        elif isinstance(value, bool):
+            flags.append(flag if value else prefix + "no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            flags += [flag, *(str(x) for item in value for x in (item if isinstance(item, list) else [item]))]
+        else:
+            flags += [flag, "None" if value is None else str(value)]
+    return flags
+
+
+def from_command_line(flags: list[str]):
+    """What train.py does with flags on top of TrainConfig's defaults: tyro, then the same range check."""
+    cfg = tyro.cli(TrainConfig, args=flags, prog="train.py")
+    check_ranges(cfg)
+    return cfg
+
+
+def leaves(values: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in values.items():
+        out += leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
+    return out
+
+
+def mutate(values: dict, rng: random.Random) -> tuple[dict, str, str]:
+    """A copy of values with one change; returns it, the dotted key touched and the kind of change."""
+    values = copy.deepcopy(values)
+    key = rng.choice(leaves(values) + ["model", "optim", "checkpoint"])
+    *parents, last = key.split(".")
+    holder = values
+    for part in parents:
+        holder = holder[part]
+    kind = rng.choice(["drop", "unknown", "type", "range", "valid"])
+    if kind == "drop":
+        del holder[last]
+    elif kind == "unknown":
+        name = rng.choice([last + "z", last[:-1], "no_such_key"])
+        if name in holder:
+            name = "no_such_key"
+        holder[name] = holder[last]
+        key = ".".join([*parents, name])
+    elif kind == "type":
+        holder[last] = rng.choice(ODD_VALUES)
+    elif kind == "range":
+        old = holder[last]
+        holder[last] = rng.choice([0, -1, -0.5, 1.0]) if isinstance(old, (int, float)) and not isinstance(old, bool) else old
+    elif isinstance(holder[last], bool):
+        holder[last] = not holder[last]
+    elif isinstance(holder[last], int):
+        holder[last] += rng.choice([1, 2])
+    elif isinstance(holder[last], float):
+        holder[last] *= rng.choice([0.5, 0.9])
+    return values, key, kind
+
+
+def parse_file(values: dict, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    return train.parse_config([str(path)]), path
+
+
+def attempt(fn, *args):
+    try:
+        return fn(*args), None
+    except UserError as err:
+        return None, str(err)
+    except SystemExit:  # tyro's refusal of a flag
+        return None, "tyro"
+
+
+def test_mutated_config_files_parse_like_the_command_line_or_fail_in_one_line(tmp_path, capsys):
+    rng = random.Random(1234)
+    kinds_seen = {"ok": set(), "refused": set()}
+    for trial in range(150):
+        values, key, kind = mutate(BASE, rng)
+        from_file, file_error = attempt(lambda v: parse_file(v, tmp_path)[0], values)
+        from_flags, flags_error = attempt(from_command_line, to_flags(values))
+        capsys.readouterr()
+        where = f"trial {trial}: {kind} {key} -> {json.dumps(values)[:300]}"
+        if flags_error is not None:  # what the command line refuses, the file refuses too
+            assert file_error is not None, where
+        if file_error is None:
+            assert from_file == from_flags, where  # ... and what the file accepts, it reads as the flags say
+            kinds_seen["ok"].add(kind)
+        else:
+            assert "\n" not in file_error, where
+            name = key.split(".")[-1]
+            assert name in file_error or name.replace("_", "-") in file_error, f"{where}: {file_error}"
+            kinds_seen["refused"].add(kind)
+    assert {"drop", "valid"} <= kinds_seen["ok"] and {"unknown", "type", "range"} <= kinds_seen["refused"]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"max_stepz": 3}, "unknown key max_stepz — did you mean max_steps?"),
+    ({"model": {"n_embdd": 64}}, "unknown key model.n_embdd — did you mean model.n_embd?"),
+    ({"max_steps": 2.5}, "max_steps = 2.5: expected an integer"),
+    ({"compile": "yes"}, 'compile = "yes": expected true or false'),
+    ({"checkpoint": {"intervals": [[10, 100, 5]]}}, "checkpoint.intervals = .*: expected a list, each \\[an integer, an integer\\]"),
+    ({"precision": "fp8"}, 'precision = "fp8": expected one of "fp32", "bf16", "fp16"'),
+    ({"micro_batch_size": 0}, r"micro_batch_size \(--micro-batch-size\) = 0: must be ≥ 1"),
+])
+def test_a_bad_config_file_is_one_line_exit_2_and_the_run_untouched(tmp_path, capsys, values, message):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text('{"the run": "as it ran"}')
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    path = tmp_path / "edited.json"
+    # a missing data dir and one step: should the check ever let the file through, the run fails fast, differently
+    path.write_text(json.dumps({**BASE, "max_steps": 1, "data": {"dir": str(tmp_path / "no-data")}, **values,
+                                "out_dir": str(run_dir), "resume": "auto"}))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, [str(path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("gust: error: "), err
+    assert re.search(message, err), err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "metrics.jsonl"]  # no lock, nothing
+    assert (run_dir / "config.json").read_text() == '{"the run": "as it ran"}'
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--micro-batch-size", "0"], r"micro_batch_size \(--micro-batch-size\) = 0: must be ≥ 1"),
+    (["--global-batch-size", "0"], r"global_batch_size \(--global-batch-size\) = 0: must be ≥ 1"),
+    (["--max-steps", "-5"], r"max_steps \(--max-steps\) = -5: must be ≥ 0"),
+    (["--log-interval", "0"], r"log_interval \(--log-interval\) = 0: must be ≥ 1"),
+    (["--optim.beta2", "1.0"], r"optim.beta2 \(--optim.beta2\) = 1.0: must be in \[0, 1\)"),
+    (["--global-batch-size", "12"], r"--global-batch-size 12 is not divisible by --micro-batch-size 16"),
+])
+def test_counts_that_make_no_sense_name_the_flag(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, ["shakespeare-cpu", "--out-dir", str(tmp_path / "run"), "--data.dir",
+                             str(tmp_path / "no-data"), *flags])  # no data: a check that lets it through fails fast
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert re.search(message, err), err
+
+
+def test_a_model_shape_tyro_refuses_names_the_flag(tmp_path, capsys):
+    """GPTConfig checks its own shape while tyro builds it; tyro reports that in its own box (exit 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, ["shakespeare-cpu", "--out-dir", str(tmp_path / "run"), "--model.n-head", "0"])
+    assert exit_info.value.code == 2 and "--model.n-head 0: must be ≥ 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
