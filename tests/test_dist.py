@@ -70,14 +70,14 @@ def test_fsdp_reshard_flag_decides_whether_weights_stay_gathered_after_forward(t
     from torch.distributed.tensor import DTensor
 
     from model import GPT
-    from train import Dist, distribute
+    from distributed import Dist, distribute
 
     cfg = tiny_run(tiny_data, tmp_path, dist="fsdp", fsdp_reshard_after_forward=reshard)
     torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(str(tmp_path / "store"), 1),
                                          rank=0, world_size=1)
     try:
         raw_model = GPT(cfg.model)
-        model, _ = distribute(raw_model, cfg, Dist(0, 0, 1, torch.device("cpu"), "fsdp"))
+        model = distribute(raw_model, cfg, Dist(0, 0, 1, torch.device("cpu"), "fsdp"))
         idx = torch.zeros(2, cfg.model.block_size, dtype=torch.long)
         loss = model(idx, idx)[1]
         assert isinstance(raw_model.transformer.h[0].attn.c_attn.weight, DTensor) == reshard
