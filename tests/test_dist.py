@@ -1,4 +1,5 @@
-"""--dist ddp / zero1 / fsdp under torchrun on CPU (gloo): same training, one checkpoint layout any world size resumes."""
+"""--dist ddp / zero1 / fsdp (with and without resharding after forward) under torchrun on CPU (gloo): same training
+as ddp, one checkpoint layout any world size resumes."""
 import shutil
 from dataclasses import replace
 
@@ -38,6 +39,52 @@ def test_zero1_and_fsdp_train_as_ddp(straight):
                 C = weight.numel() // 3       # shift), so its rounding noise, normalised by AdamW, is all it learns
                 weight, other = torch.cat([weight[:C], weight[2 * C:]]), torch.cat([other[:C], other[2 * C:]])
             assert torch.allclose(weight, other, rtol=0, atol=1e-6), (mode, name)
+
+
+def assert_trains_as_ddp(run_dir, ddp_dir, label):
+    """Losses within 1e-6 of ddp at every step, final weights within 1e-6 (the tolerance of the test above)."""
+    losses, ddp_losses = train_losses(run_dir), train_losses(ddp_dir)
+    assert losses.keys() == ddp_losses.keys() and len(losses) == 10
+    assert all(abs(losses[s] - ddp_losses[s]) < 1e-6 for s in losses), label
+    ddp, other_state = final_state(ddp_dir)["model"], final_state(run_dir)["model"]
+    for name, weight in ddp.items():
+        other = other_state[name]
+        if name.endswith("c_attn.bias"):  # the key bias: see test_zero1_and_fsdp_train_as_ddp
+            C = weight.numel() // 3
+            weight, other = torch.cat([weight[:C], weight[2 * C:]]), torch.cat([other[:C], other[2 * C:]])
+        assert torch.allclose(weight, other, rtol=0, atol=1e-6), (label, name)
+
+
+def test_fsdp_without_resharding_after_forward_trains_as_ddp(straight, tiny_data, tmp_path):
+    cfg = tiny_run(tiny_data, tmp_path / "keep", dist="fsdp", fsdp_reshard_after_forward=False,
+                   checkpoint=CheckpointConfig(schedule="mistral", intervals=((5, 10),), keep_last=0))
+    proc = torchrun("train.py", *cli_args(cfg), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_trains_as_ddp(tmp_path / "keep", straight / "ddp", "fsdp, no reshard")
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_fsdp_reshard_flag_decides_whether_weights_stay_gathered_after_forward(tiny_data, tmp_path, reshard):
+    """What the flag is for, seen in one gloo process: after a forward, a block's weights are shards again
+    (DTensors) with resharding, and whole plain tensors without it, until backward."""
+    from torch.distributed.tensor import DTensor
+
+    from model import GPT
+    from distributed import Dist, distribute
+
+    cfg = tiny_run(tiny_data, tmp_path, dist="fsdp", fsdp_reshard_after_forward=reshard)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(str(tmp_path / "store"), 1),
+                                         rank=0, world_size=1)
+    try:
+        raw_model = GPT(cfg.model)
+        model = distribute(raw_model, cfg, Dist(0, 0, 1, torch.device("cpu"), "fsdp"))
+        idx = torch.zeros(2, cfg.model.block_size, dtype=torch.long)
+        loss = model(idx, idx)[1]
+        assert isinstance(raw_model.transformer.h[0].attn.c_attn.weight, DTensor) == reshard
+        loss.backward()
+        assert isinstance(raw_model.transformer.h[0].attn.c_attn.weight, DTensor)  # resharded after backward
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_zero1_checkpoint_resumes_on_two_ranks_bitwise_and_on_one_rank_or_under_fsdp(straight, tiny_data, tmp_path):

@@ -1,4 +1,5 @@
-"""eval.py, sample.py, hf_bridge.py, plot.py against independent references: HF's GPT-2, per-token windowing, a second run."""
+"""eval.py, sample.py, hf_bridge.py, plot.py against independent references: HF's GPT-2 and its loss, per-token
+windowing, bytes counted from the source text, a second run, and the plotted lines against the rows written here."""
 import json
 import math
 import os
@@ -15,14 +16,14 @@ import eval as gust_eval  # "eval" the module, not the builtin
 import hf_bridge
 import plot
 import sample
-from configs import DataConfig, PrepareConfig, TrainConfig
+from configs import DataConfig, PrepareConfig, TrainConfig, to_json
 from data import load_tokenizer, prepare
 from model import GPT, GPTConfig
-from configs import to_json
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the king queen night day love death sword crown speak hear thou thee my lord lady good sweet fair "
-         "heaven earth fire blood gentle noble honest young old time grief joy tears heart hand eyes world").split()
+         "heaven earth fire blood gentle noble honest young old time grief joy tears heart hand eyes world "
+         "señor café naïve ’tis любовь ἔρως").split()  # multi-byte UTF-8: bytes ≠ characters
 
 
 def random_text(rng: np.random.Generator, n_lines: int) -> str:
@@ -149,7 +150,7 @@ def test_fine_tuning_starts_from_imported_huggingface_weights(tmp_path, data_dir
     x, y = split.windows(split.sample_starts(cfg.seed, 0, 4))  # step 0's batch: a pure function of (seed, step)
     with torch.no_grad():
         hf_loss = torch.nn.functional.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).item()
-    assert abs(first_loss - hf_loss) < 1e-5
+    assert first_loss == pytest.approx(hf_loss, rel=1e-5)  # fp32 sums in another order: relative, not absolute
 
 
 # ----------------------------------------------------------------------------- eval
@@ -179,6 +180,18 @@ def per_token_reference(hf, ids: list[int], context: int, stride: int) -> float:
     return nll
 
 
+def assert_bits_per_byte(bpb: float, nll: float, source: bytes, ids: list[int], tokenizer, rel: float = 1e-4):
+    """bits/byte = the scored tokens' bits / the UTF-8 bytes they cover, both counted here. The first token is
+    never scored, so its bytes are not covered: the divisor lies between the source's bytes and those less the
+    longest token's. Any honest convention for that token lies in this bracket; its width (under 1% here) is far
+    below the error of counting characters, tokens or nats instead of bytes and bits."""
+    bits = nll / math.log(2)
+    longest = max(len(tokenizer.id_to_token(i)) for i in set(ids))  # byte-level BPE: one character per byte
+    assert bits / len(source) * (1 - rel) <= bpb <= bits / (len(source) - longest) * (1 + rel)
+    # and the bracket can tell: counting characters would miss it by five times its width or more
+    assert len(source) - len(source.decode()) > 5 * longest
+
+
 @pytest.mark.parametrize("stride", [16, 6])
 def test_eval_perplexity_matches_huggingface_token_by_token(tmp_path, ckpt, data_dir, text_file, stride):
     result = gust_eval.main(["--checkpoint", str(ckpt), "--text", str(text_file), "--context", "16",
@@ -187,27 +200,56 @@ def test_eval_perplexity_matches_huggingface_token_by_token(tmp_path, ckpt, data
     assert len(ids) % stride != 0  # not a multiple of the stride: the last window is a short one
     hf_bridge.export_hf(ckpt, tmp_path)
     nll = per_token_reference(hf_from_pretrained(tmp_path), ids, context=16, stride=stride)
-    n_bytes = len(text_file.read_text().encode("utf-8"))
     assert result["tokens_scored"] == len(ids) - 1
     assert result["loss"] == pytest.approx(nll / (len(ids) - 1), rel=1e-4)
     assert result["perplexity"] == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-4)
-    assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / (n_bytes * (len(ids) - 1) / len(ids)), rel=1e-4)
+    assert_bits_per_byte(result["bits_per_byte"], nll, text_file.read_bytes(), ids, load_tokenizer(data_dir))
 
 
-def test_eval_on_a_prepared_split_matches_train_py_val_bpb(ckpt, data_dir):
-    """Disjoint full windows of the val split: train.py's evaluate() numbers, recomputed with model(x, y)."""
-    from data import TokenSplit
-
-    split = TokenSplit(data_dir, "val", 32, 300)
-    n_windows = min(split.n_windows, 6)
-    result = gust_eval.main(["--checkpoint", str(ckpt), "--max-tokens", str(32 * n_windows + 1), "--device", "cpu"])
-    model, _ = gust_eval.load_gust(ckpt)
+def test_eval_on_a_whole_prepared_split_matches_huggingface_and_its_source_bytes(tmp_path, ckpt, data_dir):
+    """The whole val split in disjoint windows: nats summed by HF window by window, bytes counted from the val
+    documents' own files."""
+    result = gust_eval.main(["--checkpoint", str(ckpt), "--device", "cpu"])  # context = stride = block size 32
+    tokens = np.fromfile(data_dir / "val.bin", dtype=np.uint16).astype(np.int64)
+    hf = hf_from_pretrained(hf_bridge.export_hf(ckpt, tmp_path))
+    nll = 0.0
     with torch.no_grad():
-        x, y = split.windows(split.eval_starts(n_windows))
-        loss = model(x, y)[1].item()
-    assert result["tokens_scored"] == 32 * n_windows
-    assert result["loss"] == pytest.approx(loss, rel=1e-5)
-    assert result["bits_per_byte"] == pytest.approx(loss / math.log(2) * len(split.tokens) / split.bytes, rel=1e-5)
+        for begin in range(0, len(tokens) - 1, 32):  # targets begin+1 .. begin+32: each scored once
+            window = torch.from_numpy(tokens[begin:begin + 33])[None]
+            logits = hf(window[:, :-1]).logits.double()
+            nll += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+    assert result["tokens_scored"] == len(tokens) - 1
+    assert result["loss"] == pytest.approx(nll / (len(tokens) - 1), rel=1e-5)
+    val_docs = json.loads((data_dir / "meta.json").read_text())["val_documents"]
+    source = b"".join(Path(name).read_bytes() for name in val_docs)
+    assert_bits_per_byte(result["bits_per_byte"], nll, source, tokens.tolist(), load_tokenizer(data_dir), rel=1e-5)
+
+
+def test_eval_of_an_hf_dir_matches_huggingface_loss(tmp_path, data_dir, text_file):
+    """eval.py --hf-dir on a random HF GPT-2 with its own tokenizer.json, against HF's own tokenizer and
+    labels= loss over the same disjoint windows."""
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0)
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(3)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # non-zero biases: a mis-mapped one would show
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_bytes((data_dir / "tokenizer.json").read_bytes())
+    # context 31: a window is 32 tokens, which HF's labels= loss scores whole (it shifts the labels itself)
+    result = gust_eval.main(["--hf-dir", str(tmp_path), "--text", str(text_file), "--context", "31", "--device", "cpu"])
+    ids = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))(
+        text_file.read_text())["input_ids"]
+    nll = 0.0
+    with torch.no_grad():
+        for begin in range(0, len(ids) - 1, 31):  # targets begin+1 .. begin+31: each scored once
+            window = torch.tensor([ids[begin:begin + 32]])
+            nll += hf(window, labels=window).loss.item() * (window.size(1) - 1)  # HF's mean over the window
+    assert result["tokens_scored"] == len(ids) - 1
+    assert result["perplexity"] == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-5)
 
 
 def test_two_gloo_ranks_report_what_one_rank_does(tmp_path, ckpt, text_file):
@@ -243,19 +285,65 @@ def test_sample_without_a_checkpoint_says_train_first(tmp_path):
         sample.main(["--run-dir", str(tmp_path / "never-trained")])
 
 
-def test_plot_writes_a_png_with_every_panel(tmp_path):
-    pytest.importorskip("matplotlib")
+def write_metrics(run: Path, with_attention_scores: bool, loss_offset: float) -> list[dict]:
+    """A made-up metrics.jsonl, as train.py writes one, ending in a live run's half line; returns its rows."""
     rows = []
     for step in range(10, 210, 10):
-        rows.append({"step": step, "loss": 8.0 * math.exp(-step / 100) + 2, "lr": 6e-4 * min(1, step / 50),
+        rows.append({"step": step, "loss": 8.0 * math.exp(-step / 100) + 2 + loss_offset, "lr": 6e-4 * min(1, step / 50),
                      "grad_norm": 1.0 / math.sqrt(step), "grad_norm_clipped": 0.1, "loss_scale": 2.0 ** (16 - step // 50),
                      "skipped_steps": 0, "tokens_per_sec": 3000.0})
         if step % 50 == 0:
-            rows[-1].update(act_norm=[1.0, 2.0], attn_max_score=[3.0 + step / 10, 5.0])
+            if with_attention_scores:
+                rows[-1].update(act_norm=[1.0, 2.0], attn_max_score=[3.0 + step / 10, 5.0])
             rows.append({"step": step, "val_loss": rows[-1]["loss"] + 0.1, "val_bpb": 2.5 - step / 1000, "val_tokens": 4096})
-    run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 21')  # a live run's half line
-    plot.main([str(run), "--out", str(tmp_path / "curves.png")])
-    png = (tmp_path / "curves.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 21')
+    return rows
+
+
+def plotted_figure(monkeypatch, argv: list[str]):
+    """Run plot.py's CLI and keep the Figure it saves (the PNG is still written)."""
+    from matplotlib.figure import Figure
+
+    saved, real_savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kw: (saved.append(fig), real_savefig(fig, *args, **kw)))
+    plot.main(argv)
+    assert len(saved) == 1
+    return saved[0]
+
+
+# (title fragment, metrics key, from eval rows?, log y): the panels plot.py promises in its docstring
+EXPECTED_PANELS = [("train loss", "loss", False, False), ("val bits/byte", "val_bpb", True, False),
+                   ("learning rate", "lr", False, False), ("gradient norm", "grad_norm", False, True),
+                   ("loss scale", "loss_scale", False, True), ("attention score", "attn_max_score", False, True)]
+
+
+def test_plot_draws_every_panel_with_every_runs_data(tmp_path, monkeypatch):
+    """Each panel's title, y scale and lines against the rows written here: one line per run (the loss panel
+    also a val line per run); a per-layer list is drawn as its max over layers."""
+    pytest.importorskip("matplotlib")
+    runs = {"a": write_metrics(tmp_path / "a", True, 0.0), "b": write_metrics(tmp_path / "b", False, 0.5)}
+    fig = plotted_figure(monkeypatch, [str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
+    axes = [ax for ax in fig.axes if ax.axison]
+    assert len(axes) == len(EXPECTED_PANELS)
+    for ax, (title, key, from_evals, log_y) in zip(axes, EXPECTED_PANELS):
+        assert title in ax.get_title() and ax.get_yscale() == ("log" if log_y else "linear"), title
+        expected = []
+        for rows in runs.values():
+            chosen = [r for r in rows if ("val_bpb" in r) == from_evals and key in r]
+            expected.append(([r["step"] for r in chosen], [max(r[key]) if isinstance(r[key], list) else r[key]
+                                                          for r in chosen]))
+            if key == "loss":
+                evals = [r for r in rows if "val_bpb" in r]
+                expected.append(([r["step"] for r in evals], [r["val_loss"] for r in evals]))
+        drawn = [(list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()]
+        assert drawn == expected, title
+
+
+def test_plot_leaves_out_the_attention_panel_when_no_run_logged_it(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    write_metrics(tmp_path / "b", False, 0.0)
+    fig = plotted_figure(monkeypatch, [str(tmp_path / "b"), "--out", str(tmp_path / "b.png")])
+    titles = [ax.get_title() for ax in fig.axes if ax.axison]
+    assert len(titles) == 5 and all(title in got for (title, *_), got in zip(EXPECTED_PANELS[:5], titles))

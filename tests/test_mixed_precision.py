@@ -1,5 +1,7 @@
-"""Our loss scaler against torch's GradScaler and DeepSpeed's rule; the two stability fixes against fp64 math."""
+"""Our loss scaler against torch's GradScaler and DeepSpeed's rule worked by hand; the two stability fixes and the
+max-score diagnostic against fp64 math."""
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 import checkpoint
 from conftest import tiny_run
 from configs import LossScaleConfig
-from model import CausalSelfAttention, GPTConfig, naive_attention
+from model import GPT, CausalSelfAttention, GPTConfig, naive_attention
 from train import DynamicLossScaler, train
 
 # a scripted sequence of overflow (True) / clean (False) steps with long clean runs, bursts and lone overflows
@@ -34,28 +36,6 @@ def torch_gradscaler_trajectory(script, init, growth_interval):
     return trajectory
 
 
-class DeepSpeedRule:
-    """DeepSpeed's DynamicLossScaler.update_scale (runtime/fp16/loss_scaler.py, consecutive_hysteresis=False),
-    transcribed: the documented behaviour our hysteresis follows."""
-
-    def __init__(self, init_scale, scale_window, min_scale, delayed_shift):
-        self.cur_scale, self.cur_iter, self.last_overflow_iter = init_scale, 0, -1
-        self.scale_window, self.min_scale = scale_window, min_scale
-        self.delayed_shift = self.cur_hysteresis = delayed_shift
-
-    def update_scale(self, overflow):
-        if overflow:
-            if self.delayed_shift == 1 or self.cur_hysteresis == 1:
-                self.cur_scale = max(self.cur_scale / 2.0, self.min_scale)
-            else:
-                self.cur_hysteresis -= 1
-            self.last_overflow_iter = self.cur_iter
-        elif (self.cur_iter - self.last_overflow_iter) % self.scale_window == 0:
-            self.cur_hysteresis = self.delayed_shift
-            self.cur_scale *= 2.0
-        self.cur_iter += 1
-
-
 def our_trajectory(script, **cfg):
     """Our scaler through the script: (scale after the step, step skipped) per step."""
     scaler = DynamicLossScaler(LossScaleConfig(**cfg), enabled=True)
@@ -71,13 +51,28 @@ def test_hysteresis_1_matches_torch_gradscaler():
     assert ours == torch_gradscaler_trajectory(SCRIPT, 1024.0, 4)
 
 
-def test_hysteresis_2_matches_deepspeed():
-    reference = DeepSpeedRule(init_scale=1024.0, scale_window=4, min_scale=1.0, delayed_shift=2)
-    expected = []
-    for overflow in SCRIPT:
-        reference.update_scale(overflow)
-        expected.append((reference.cur_scale, overflow))  # DeepSpeed skips every overflowing step
-    assert our_trajectory(SCRIPT, init_scale=1024.0, growth_interval=4, hysteresis=2) == expected
+# SCRIPT through DeepSpeed's rule (runtime/fp16/loss_scaler.py, consecutive_hysteresis=False), worked out by hand:
+# init 1024, window 4, hysteresis 2. Every overflow is skipped; the first overflow after a growth only spends
+# hysteresis (2 → 1), later ones halve the scale; only a growth refills hysteresis to 2.
+#   steps 0-6   clean ×7      grow after 4 clean (step 3): 1024 → 2048
+#   step  7     overflow      hysteresis 2 → 1, scale stays 2048              (skipped)
+#   steps 8-10  clean ×3      3 < 4: no growth
+#   steps 11-13 overflow ×3   hysteresis is 1: 2048 → 1024 → 512 → 256     (skipped)
+#   steps 14-22 clean ×9      grow at the 4th and 8th: 256 → 512 (step 17) → 1024 (step 21); hysteresis back to 2
+#   step  23    overflow      hysteresis 2 → 1, scale stays 1024              (skipped)
+#   step  24    clean
+#   step  25    overflow      hysteresis 1: 1024 → 512                        (skipped)
+#   steps 26-37 clean ×12     grow at steps 29, 33, 37: 1024, 2048, 4096
+DEEPSPEED_SCALES = ([1024.0] * 3 + [2048.0] * 4 + [2048.0] + [2048.0] * 3 + [1024.0, 512.0, 256.0] + [256.0] * 3
+                    + [512.0] * 4 + [1024.0] * 2 + [1024.0] + [1024.0] + [512.0] + [512.0] * 3 + [1024.0] * 4
+                    + [2048.0] * 4 + [4096.0])
+DEEPSPEED_SKIPPED_STEPS = [7, 11, 12, 13, 23, 25]
+
+
+def test_hysteresis_2_matches_deepspeed_worked_by_hand():
+    ours = our_trajectory(SCRIPT, init_scale=1024.0, growth_interval=4, hysteresis=2)
+    assert [scale for scale, _ in ours] == DEEPSPEED_SCALES
+    assert [step for step, (_, skipped) in enumerate(ours) if skipped] == DEEPSPEED_SKIPPED_STEPS
 
 
 def test_bf16_and_fp32_bypass_the_scaler():
@@ -164,16 +159,40 @@ def test_sdpa_path_stays_finite_and_matches_fp64(upcast):
     assert rel_err(out, fp64_attention(q16, k16, v16, attn.scale)) < 2e-3
 
 
-@pytest.mark.parametrize("layer_idx", [0, 1, 4, 11])
-def test_layer_scaling_divides_the_scores_by_the_layer_number(layer_idx):
+def fp64_max_scores(model: GPT, idx: torch.Tensor, by_layer: bool) -> list[float]:
+    """max |q·k| / √head_size (/ layer number, 1-based, when by_layer) over the causal entries of every layer, in
+    float64 from each attention's input (captured by a hook) and its c_attn weights."""
+    inputs = []
+    hooks = [block.attn.register_forward_pre_hook(lambda _, args: inputs.append(args[0].double()))
+             for block in model.transformer.h]
+    with torch.no_grad():
+        model(idx)
+    for hook in hooks:
+        hook.remove()
+    C, nh = model.config.n_embd, model.config.n_head
+    maxima = []
+    for i, (x, block) in enumerate(zip(inputs, model.transformer.h)):
+        q, k, _ = (x @ block.attn.c_attn.weight.double().T + block.attn.c_attn.bias.double()).split(C, dim=-1)
+        q, k = (t.unflatten(-1, (nh, C // nh)).transpose(1, 2) for t in (q, k))  # (B, nh, T, hs)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(C // nh) / (i + 1 if by_layer else 1)  # (B, nh, T, T)
+        maxima.append(scores.tril().abs().max().item())  # tril: the causal entries (the rest set to 0)
+    return maxima
+
+
+@pytest.mark.parametrize("by_layer", [True, False])
+@pytest.mark.parametrize("attn_impl", ["naive", "sdpa"])
+def test_max_score_diagnostic_matches_fp64_scores(attn_impl, by_layer):
+    """The per-layer max |attention score| the trainer logs, with and without layer scaling, against fp64."""
     torch.manual_seed(0)
-    x = torch.randn(2, 16, 64)
-    scores = {}
-    for flag in (True, False):
-        cfg = GPTConfig(n_embd=64, n_head=4, block_size=16, attn_impl="naive", scale_attn_by_layer_idx=flag)
-        torch.manual_seed(1)
-        attn = CausalSelfAttention(cfg, layer_idx)
-        attn.stats = {}
-        attn(x)
-        scores[flag] = attn.stats["max_score"].item()
-    assert scores[True] / scores[False] == pytest.approx(1.0 / (layer_idx + 1), rel=1e-6)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=4, n_head=4, n_embd=64, attn_impl=attn_impl,
+                          scale_attn_by_layer_idx=by_layer)).eval()
+    with torch.no_grad():
+        for block in model.transformer.h:  # scores well away from 0, so a wrong divisor shows
+            block.attn.c_attn.weight.normal_(0.0, 0.3)
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    model.record_stats(True)
+    with torch.no_grad():
+        model(idx)
+    logged = model.collect_stats()["attn_max_score"]
+    assert logged == pytest.approx(fp64_max_scores(model, idx, by_layer), rel=1e-5)
+    assert logged != pytest.approx(fp64_max_scores(model, idx, not by_layer), rel=1e-2)  # the check can tell
