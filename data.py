@@ -358,7 +358,7 @@ def prepare(cfg) -> dict:
     Everything that can be checked is checked before the first byte is written: the inputs, the reader packages,
     the GPT-2 files (and, for the permutation split or a trained BPE, every document, read once beforehand).
     """
-    files, out = corpus_files(cfg.inputs), Path(cfg.out_dir)
+    files, out = corpus_files(cfg.inputs, cfg.text_field), Path(cfg.out_dir)
     args = prepare_args(cfg, files)
     meta, state = existing_preparation(out, args)
     if meta is not None:

@@ -6,7 +6,6 @@ files sorted by path, then line or row — so the split and the token files are 
 Not in here: tokenizing, splitting, writing (data.py). Kept apart from data.py so that file stays readable.
 """
 import glob
-import io
 import json
 import warnings
 import zlib
@@ -23,8 +22,9 @@ def suffix_of(path: Path) -> str | None:
     return next((s for s in SUFFIXES if path.name.endswith(s)), None)
 
 
-def corpus_files(inputs) -> list[Path]:
-    """Every file under `inputs`, in document order; bad paths and missing reader packages fail here, before any work."""
+def corpus_files(inputs, text_field: str = "text") -> list[Path]:
+    """Every file under `inputs`, in document order. Bad paths, missing reader packages and Parquet files without
+    the text column fail here, before any work."""
     files = []
     for spec in inputs:
         path = Path(spec)
@@ -45,6 +45,9 @@ def corpus_files(inputs) -> list[Path]:
         needing = next((p for p in files if suffix_of(p) == suffix), None)
         if needing is not None:
             _require(package, needing)
+    for path in files:
+        if suffix_of(path) == ".parquet":
+            _open_parquet(path, text_field)  # reads only the footer
     return files
 
 
@@ -86,11 +89,36 @@ def _open_lines(raw, suffix: str):
 
         return gzip.GzipFile(fileobj=raw)
     if suffix == ".jsonl.zst":
-        import zstandard
-
-        # read_across_frames: zstd dumps are often many frames concatenated
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+        return _split_lines(_zstd_chunks(raw))
     return raw
+
+
+def _zstd_chunks(raw):
+    """Decompressed bytes of a .zst file, frame after frame; raises EOFError if the last frame is cut short
+    (zstandard's stream reader would end silently there)."""
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    frame, fed = dctx.decompressobj(), False
+    while chunk := raw.read(1 << 20):
+        while chunk:
+            fed = True
+            yield frame.decompress(chunk)
+            chunk = b""
+            if frame.eof:  # dumps are often many frames concatenated
+                chunk, frame, fed = frame.unused_data, dctx.decompressobj(), False
+    if fed:
+        raise EOFError("the last zstd frame ends early")
+
+
+def _split_lines(chunks):
+    pending = b""
+    for chunk in chunks:
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        yield from (line + b"\n" for line in lines)
+    if pending:
+        yield pending
 
 
 def _jsonl_documents(path: Path, text_field: str, suffix: str):
@@ -130,15 +158,8 @@ def _jsonl_text(path: Path, line_no: int, line: bytes, text_field: str) -> str |
 
 def _parquet_documents(path: Path, text_field: str):
     import pyarrow
-    import pyarrow.parquet as pq
 
-    try:
-        table = pq.ParquetFile(path)
-    except (pyarrow.ArrowException, OSError) as err:
-        raise UserError(f"{path}: not a readable Parquet file ({err})") from None
-    names = table.schema_arrow.names
-    if text_field not in names:
-        raise UserError(f"{path}: no column \"{text_field}\" (columns: {', '.join(names)}) — pass --text-field")
+    table = _open_parquet(path, text_field)
     size, rows_total, row = path.stat().st_size, max(table.metadata.num_rows, 1), 0
     try:
         for batch in table.iter_batches(batch_size=1024, columns=[text_field]):  # bounded memory per read
@@ -153,9 +174,24 @@ def _parquet_documents(path: Path, text_field: str):
                         "completed shards are kept") from None
 
 
+def _open_parquet(path: Path, text_field: str):
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as err:
+        raise UserError(f"{path}: not a readable Parquet file ({err})") from None
+    names = table.schema_arrow.names
+    if text_field not in names:
+        raise UserError(f"{path}: no column \"{text_field}\" (columns: {', '.join(names)}) — pass --text-field")
+    return table
+
+
 def read_documents(inputs, text_field: str = "text") -> list[tuple[str, str]]:
     """(name, text) of every document under `inputs`, as a list (for small inputs: eval.py's --text)."""
-    docs = [(name, text) for path in corpus_files(inputs) for name, text, _ in file_documents(path, text_field)]
+    files = corpus_files(inputs, text_field)
+    docs = [(name, text) for path in files for name, text, _ in file_documents(path, text_field)]
     if not docs:
         raise UserError(f"no documents found in {', '.join(map(str, inputs))}")
     return docs
