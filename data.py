@@ -470,10 +470,18 @@ def finish(out: Path, meta: dict, writers: dict) -> dict:
                 os.replace(out / shards[0]["file"], single)
             shards[0]["file"] = single.name
         stats = {key: value for key, value in writer.stats.items() if key != "names"}
-        meta["splits"][split] = dict(stats, shards=shards)
+        meta["splits"][split] = dict(stats, sha256=split_sha256(shards), shards=shards)
     write_json_atomic(out / "meta.json", meta)  # written last: its presence means "complete"
     (out / STATE_FILE).unlink()
     return meta
+
+
+def split_sha256(shards: list[dict]) -> str:
+    """A split's identity (checkpoints record it): its file's sha256 when it has one (as in format 1),
+    else the sha256 of its shards' sha256s in order."""
+    if len(shards) == 1:
+        return shards[0]["sha256"]
+    return hashlib.sha256("\n".join(shard["sha256"] for shard in shards).encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
