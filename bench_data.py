@@ -31,7 +31,8 @@ FILE_MB = 128  # the corpus is written as .jsonl files of about this size, like 
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_gb, 1), "python": platform.python_version()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_gb, 1), "python": platform.python_version(),
+            "load_average_1min": round(os.getloadavg()[0], 2)}  # > cores: other work shared the machine
 
 
 def corpus_dir(size_mb: int) -> Path:
@@ -61,8 +62,9 @@ def write_corpus(size_mb: int) -> Path:
     return out
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """(seconds, peak RSS in MB, stdout) of a child process."""
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MB, CPU seconds: user + system, all threads) of a child process.
+    CPU seconds hardly change when other jobs share the machine; wall seconds do."""
     started = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
     stdout = proc.stdout.read()
@@ -70,7 +72,7 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float,
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)}: exit status {proc.returncode}\n{stdout[-2000:]}")
-    return time.time() - started, usage.ru_maxrss / 1024, stdout
+    return time.time() - started, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def corpus_stats(corpus: Path) -> int:
@@ -82,14 +84,15 @@ def bench_prepare(size_mb: int, data_py: Path, label: str, extra: list[str]) -> 
     subprocess.run(["rm", "-rf", str(out)], check=True)
     cmd = [sys.executable, str(data_py), "prepare", "--inputs", str(corpus), "--out-dir", str(out),
            "--tokenizer", "gpt2", "--gpt2-vocab-dir", str(GPT2_VOCAB), *extra]
-    seconds, peak_mb, _ = run_measured(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    seconds, peak_mb, cpu_seconds = run_measured(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     meta = json.loads((out / "meta.json").read_text())
     text_bytes = sum(info["bytes"] for info in meta["splits"].values())
     tokens = sum(info["tokens"] for info in meta["splits"].values())
     subprocess.run(["rm", "-rf", str(out)], check=True)  # tokens of a synthetic corpus: not worth the disk
-    return {"part": label, "size_mb": size_mb, "seconds": round(seconds, 1), "text_MB_per_s": round(text_bytes / seconds / 1e6, 2),
-            "file_MB_per_s": round(corpus_stats(corpus) / seconds / 1e6, 2), "tokens_per_s": round(tokens / seconds),
-            "peak_rss_mb": round(peak_mb), "tokens": tokens, "text_bytes": text_bytes}
+    return {"part": label, "size_mb": size_mb, "seconds": round(seconds, 1),
+            "text_MB_per_s": round(text_bytes / seconds / 1e6, 2), "file_MB_per_s": round(corpus_stats(corpus) / seconds / 1e6, 2), "tokens_per_s": round(tokens / seconds),
+            "peak_rss_mb": round(peak_mb), "tokens": tokens, "text_bytes": text_bytes,
+            "cpu_seconds": round(cpu_seconds, 1), "text_MB_per_cpu_s": round(text_bytes / cpu_seconds / 1e6, 2)}
 
 
 def sample_texts(size_mb: int, sample_mb: int) -> list[str]:
@@ -126,12 +129,20 @@ def bench_encode(size_mb: int, sample_mb: int) -> dict:
     for name, encode in encoders.items():
         use = batches if name == "tiktoken" else batches[:max(1, len(batches) // 4)]  # the slow one on a quarter
         use_bytes = sum(len(t.encode()) for b in use for t in b)
-        started = time.time()
+        started, cpu_before = time.time(), cpu_seconds_so_far()
         tokens = sum(len(ids) for b in use for ids in encode(b))
-        seconds = time.time() - started
+        seconds, cpu_seconds = time.time() - started, cpu_seconds_so_far() - cpu_before
         result[f"{name}_MB_per_s"] = round(use_bytes / seconds / 1e6, 2)
+        result[f"{name}_MB_per_cpu_s"] = round(use_bytes / cpu_seconds / 1e6, 2)
         result[f"{name}_tokens_per_s"] = round(tokens / seconds)
     return result
+
+
+def cpu_seconds_so_far() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
+    return usage.ru_utime + usage.ru_stime
 
 
 def write_big_split(directory: Path, gigabytes: float):
@@ -193,7 +204,8 @@ def bench_startup(gigabytes: float) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="corpus,prepare,encode", help="comma-separated: corpus,prepare,encode,old,startup")
+    parser.add_argument("--parts", default="corpus,prepare,encode",
+                        help="comma-separated: corpus,prepare,encode,old,startup")
     parser.add_argument("--size-mb", type=int, default=2048, help="synthetic corpus size (MiB of jsonl)")
     parser.add_argument("--encode-sample-mb", type=int, default=128, help="text the raw encode rate is measured on")
     parser.add_argument("--old-data-py", type=Path, default=None, help="an earlier data.py to compare (part old)")

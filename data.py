@@ -314,7 +314,7 @@ def prepare_args(cfg, files: list[Path]) -> dict:
 
 def check_same_args(recorded: dict, args: dict, where: Path):
     """Refuse to continue (or overwrite) a preparation made with other arguments, naming the first that differs."""
-    for key in args.keys() | recorded.keys():
+    for key in [*args, *(key for key in recorded if key not in args)]:  # in a fixed order: the first difference
         before, now = recorded.get(key), args.get(key)
         if before == now:
             continue

@@ -74,7 +74,8 @@ def all_tokens(out, split):
 def test_compressed_and_parquet_inputs_give_the_same_tokens(tmp_path):
     if not GPT2_VOCAB.is_dir():
         pytest.skip("GPT-2 vocabulary missing: run `make setup`")
-    zstandard, pq, pa = pytest.importorskip("zstandard"), pytest.importorskip("pyarrow.parquet"), pytest.importorskip("pyarrow")
+    zstandard, pq = pytest.importorskip("zstandard"), pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
     texts = write_corpus(tmp_path / "plain")
     raw = (tmp_path / "plain" / "docs.jsonl").read_bytes()
     (tmp_path / "gz").mkdir()
@@ -286,3 +287,22 @@ def test_kill_9_at_random_points_then_resume_gives_the_same_bytes(tmp_path):
     for name, mtime in kept.items():
         assert (out / name).stat().st_mtime_ns == mtime, f"{name} was rewritten"
     assert not (out / data.STATE_FILE).exists()
+
+
+def test_rank_0_checks_the_data_and_the_other_ranks_stop_on_its_verdict(tiny_data, tmp_path):
+    """2 ranks under torchrun, a val.bin changed after prepare: both exit (no rank left waiting at a collective),
+    and the message names the file; only rank 0 read it for the fingerprint."""
+    import shutil
+
+    from conftest import tiny_run
+    from test_train import cli_args, torchrun
+
+    bad = tmp_path / "data"
+    shutil.copytree(tiny_data, bad)
+    tokens = np.fromfile(bad / "val.bin", dtype=np.uint16)
+    tokens[-1] = (tokens[-1] + 1) % 512
+    tokens.tofile(bad / "val.bin")
+    proc = torchrun("train.py", *cli_args(tiny_run(bad, tmp_path / "run")), timeout=120)
+    assert proc.returncode != 0
+    assert "val.bin: fingerprint differs from meta.json" in proc.stderr
+    assert "rank 0 rejected the data" in proc.stderr  # rank 1 heard the verdict rather than checking for itself
