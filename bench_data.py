@@ -124,10 +124,13 @@ def bench_encode(size_mb: int, sample_mb: int) -> dict:
             batch, chars = [], 0
     batches.append(batch)
     result = {"part": "encode", "sample_MB": round(n_bytes / 1e6, 1), "cores": cores}
-    encoders = {"tiktoken": data.gpt2_encoder(GPT2_VOCAB, cores)[0],
+    tiktoken_gpt2 = data.gpt2_tiktoken(GPT2_VOCAB)
+    encoders = {"tiktoken": data.gpt2_encoder(GPT2_VOCAB, cores)[0],  # what prepare calls: ids as numpy buffers
+                "tiktoken_encode_batch": lambda texts: tiktoken_gpt2.encode_batch(  # ids as Python lists
+                    texts, num_threads=cores, allowed_special={data.EOT}),
                 "tokenizers": data.tokenizers_encoder(data.gpt2_tokenizer(GPT2_VOCAB))}
     for name, encode in encoders.items():
-        use = batches if name == "tiktoken" else batches[:max(1, len(batches) // 4)]  # the slow one on a quarter
+        use = batches if name.startswith("tiktoken") else batches[:max(1, len(batches) // 4)]  # slow one: a quarter
         use_bytes = sum(len(t.encode()) for b in use for t in b)
         started, cpu_before = time.time(), cpu_seconds_so_far()
         tokens = sum(len(ids) for b in use for ids in encode(b))
@@ -197,6 +200,14 @@ def bench_startup(gigabytes: float) -> dict:
     directory = BENCH_DIR / f"tokens-{gigabytes:g}GB"
     write_big_split(directory, gigabytes)
     result = {"part": "startup", "train_bin_GB": round((directory / "train.bin").stat().st_size / 1e9, 2)}
+    sys.path.insert(0, str(ROOT))
+    from data import TokenSplit
+
+    for verify in ("fingerprint", "full"):  # the data check alone, in this process: wall and CPU seconds
+        started, cpu_before = time.time(), cpu_seconds_so_far()
+        TokenSplit(directory, "train", 1024, 50304, verify)
+        result[f"open_train_s_{verify}"] = round(time.time() - started, 2)
+        result[f"open_train_cpu_s_{verify}"] = round(cpu_seconds_so_far() - cpu_before, 2)
     for verify in ("fingerprint", "full"):
         result[f"first_step_s_{verify}"] = round(time_to_first_step(directory, verify), 1)
     return result

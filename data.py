@@ -25,7 +25,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
 
@@ -105,19 +104,24 @@ def gpt2_tiktoken(vocab_dir: Path, fix: str = GPT2_FIX):
 
 
 def gpt2_encoder(vocab_dir: Path, threads: int):
-    """(encode, library): encode maps a list of texts to their GPT-2 ids; tiktoken if installed (~7x faster here)."""
+    """(encode, library): encode maps a list of texts to their GPT-2 ids (uint16 arrays); tiktoken if installed
+    (~6x faster per core here than the tokenizers library)."""
     try:
         import tiktoken  # noqa: F401
     except ImportError:
         return tokenizers_encoder(gpt2_tokenizer(vocab_dir)), "tokenizers"
-    enc = gpt2_tiktoken(vocab_dir)
-    # allowed_special: "<|endoftext|>" inside a text becomes id 50256, as the tokenizers library does
-    return (lambda texts: enc.encode_batch(texts, num_threads=threads, allowed_special={EOT})), "tiktoken"
+    from functools import partial
+
+    enc, pool = gpt2_tiktoken(vocab_dir), ThreadPoolExecutor(max_workers=threads)  # Rust releases the GIL
+    # allowed_special: "<|endoftext|>" inside a text becomes id 50256, as the tokenizers library does;
+    # encode_to_numpy: the ids as one buffer, not a Python list of ints (a tenth of the time otherwise)
+    encode_one = partial(enc.encode_to_numpy, allowed_special={EOT})
+    return (lambda texts: [ids.astype(np.uint16) for ids in pool.map(encode_one, texts)]), "tiktoken"
 
 
 def tokenizers_encoder(tok):
-    """encode for a tokenizers-library Tokenizer (its Rust threads use every core)."""
-    return lambda texts: [encoding.ids for encoding in tok.encode_batch(texts)]
+    """encode for a tokenizers-library Tokenizer (its Rust threads use every core): uint16 arrays."""
+    return lambda texts: [np.array(encoding.ids, dtype=np.uint16) for encoding in tok.encode_batch(texts)]
 
 
 def train_bpe(texts, vocab_size: int):
@@ -423,12 +427,9 @@ def write_shards(cfg, files, encode, in_val, eot_id: int, out: Path, state: dict
               disable=not cfg.progress, smoothing=0.1) as bar:
         for batch, ids_per_doc in encoded_batches(document_batches(docs, cfg.batch_documents, cfg.batch_bytes),
                                                   encode):
-            lengths = [len(ids) for ids in ids_per_doc]
-            flat = np.fromiter(chain.from_iterable(ids_per_doc), dtype=np.uint16, count=sum(lengths))
-            ends = np.cumsum(lengths)
-            for doc, end, length in zip(batch, ends, lengths):
+            for doc, ids in zip(batch, ids_per_doc):
                 writer = writers["val" if in_val(doc.index) else "train"]
-                if writer.add(flat[end - length:end], eot_id, len(doc.text.encode("utf-8")), doc.name):
+                if writer.add(ids, eot_id, len(doc.text.encode("utf-8")), doc.name):
                     writer.close_shard()
                     commit(out, state, writers, after=doc)
             bar.update(batch[-1].bytes_read - bar.n)

@@ -153,7 +153,18 @@ def _jsonl_text(path: Path, line_no: int, line: bytes, text_field: str) -> str |
                         + (" — pass --text-field" if text_field == "text" else "")) from None
     if not isinstance(value, str):
         raise UserError(f"{path}:{line_no}: \"{text_field}\" holds a {type(value).__name__}, not text")
+    if b"\\u" in line and not _is_utf8_encodable(value):  # an escaped lone surrogate ("\ud800") decodes
+        warnings.warn(f"{path}:{line_no}: text holds an unpaired surrogate (not Unicode text), skipped")
+        return None
     return value
+
+
+def _is_utf8_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _parquet_documents(path: Path, text_field: str):

@@ -53,7 +53,8 @@ def test_split_is_by_document_seeded_and_recorded():
 
 
 def test_jsonl_and_bad_files(tmp_path):
-    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": "two"}) + "\n")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n" + '{"text": "lone \\ud800"}\n'
+                                      + json.dumps({"text": "two"}) + "\n")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.warns(UserWarning) as caught:
@@ -61,6 +62,7 @@ def test_jsonl_and_bad_files(tmp_path):
     assert [text for _, text in docs] == ["one", "two"]
     messages = " ".join(str(w.message) for w in caught)
     assert "empty.txt: empty, skipped" in messages and "latin1.txt: not UTF-8" in messages
+    assert "a.jsonl:2: text holds an unpaired surrogate" in messages
     (tmp_path / "b.jsonl").write_text('{"txt": "x"}\n')
     with pytest.raises(UserError, match=r"b\.jsonl:1: not a JSON object with a \"text\" field"):
         read_documents([tmp_path / "b.jsonl"])
