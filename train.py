@@ -227,6 +227,29 @@ class StopRequest:
         self.signal = signum
 
 
+def open_data(cfg: TrainConfig, rt: Dist) -> tuple[TokenSplit, TokenSplit]:
+    """Rank 0 checks the token files against meta.json (--data.verify); the others wait for its verdict."""
+    def open_splits(verify):
+        return [TokenSplit(cfg.data.dir, split, cfg.model.block_size, cfg.model.vocab_size, verify)
+                for split in ("train", "val")]
+
+    verdict, error = "", None
+    if rt.is_main:
+        try:
+            splits = open_splits(cfg.data.verify)
+        except Exception as err:  # any failure: the other ranks must not wait forever at the broadcast
+            verdict, error = str(err) or type(err).__name__, err
+    if rt.world_size > 1:
+        box = [verdict]
+        dist.broadcast_object_list(box, src=0)
+        verdict = box[0]
+    if error is not None:
+        raise error
+    if verdict:
+        raise UserError(f"rank 0 rejected the data: {verdict}")
+    return tuple(splits) if rt.is_main else tuple(open_splits("size"))  # verified: the others only map the files
+
+
 class Batches:
     """This rank's micro-batches, in the order of data.py's rule, delivered on the device.
 
@@ -289,8 +312,7 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None, dict]:
     rt = setup_processes(cfg)
     run_dir = cfg.run_dir()
     accum_steps = check_batch_sizes(cfg, rt.world_size)
-    train_split = TokenSplit(cfg.data.dir, "train", cfg.model.block_size, cfg.model.vocab_size, cfg.data.verify_sha256)
-    val_split = TokenSplit(cfg.data.dir, "val", cfg.model.block_size, cfg.model.vocab_size, cfg.data.verify_sha256)
+    train_split, val_split = open_data(cfg, rt)
 
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
     raw_model = GPT(cfg.model).to(rt.device)

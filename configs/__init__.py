@@ -21,34 +21,46 @@ MISTRAL_SEEDS = (21, 49, 81, 343, 777)
 
 @dataclass
 class DataConfig:
-    """Where the prepared tokens live (train.bin, val.bin, meta.json from `python data.py prepare`)."""
+    """Where the prepared tokens live (train and val shards plus meta.json, from `python data.py prepare`)."""
 
     dir: Path = Path("data/shakespeare")
-    """Directory holding train.bin, val.bin and their meta.json sidecar."""
-    verify_sha256: bool = True
-    """Check each .bin against the sidecar's sha256 at start (reads the files once)."""
+    """Directory holding the train/val token files (train.bin, val.bin or shards) and their meta.json sidecar."""
+    verify: Literal["size", "fingerprint", "full"] = "fingerprint"
+    """Check of each token file at start (rank 0): size; fingerprint = size + ~1 MB sampled; full = whole sha256."""
 
 
 @dataclass
 class PrepareConfig:
-    """How raw text becomes train.bin / val.bin (used by `python data.py prepare`)."""
+    """How raw text becomes token shards and meta.json (used by `python data.py prepare`)."""
 
     inputs: tuple[Path, ...] = (Path(".cache/shakespeare"),)
-    """Text sources: .txt files, .jsonl files with a "text" field, or directories of either."""
+    """Text sources: .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet files, directories or globs of them."""
     out_dir: Path = Path("data/shakespeare")
-    """Where train.bin, val.bin, meta.json (and a trained tokenizer.json) are written."""
+    """Where the shards, meta.json (and a trained tokenizer.json) are written; a re-run resumes an interrupted one."""
+    text_field: str = "text"
+    """The JSON field (jsonl) or column (parquet) holding each document's text."""
     tokenizer: Literal["gpt2", "bpe"] = "gpt2"
     """gpt2: GPT-2's 50257-token BPE from vocab.json + merges.txt; bpe: a byte-level BPE trained on the train split."""
     gpt2_vocab_dir: Path = Path(".cache/gpt2")
     """Directory with GPT-2's vocab.json and merges.txt (fetched by `make setup`)."""
     bpe_vocab_size: int = 4096
     """Vocabulary size when --tokenizer bpe (includes <|endoftext|>); must be <= 65536 for uint16 storage."""
+    split: Literal["permutation", "hash"] = "permutation"
+    """permutation: a seeded shuffle of all documents (counts them first: one extra read); hash: per document, one pass."""
     val_fraction: float = 0.1
-    """Fraction of documents held out for validation (at least one document)."""
+    """Fraction of documents held out for validation (permutation: at least one document)."""
     split_seed: int = 1337
     """Seed of the document-level train/val split."""
+    shard_tokens: int = 100_000_000
+    """Tokens per shard file (closed at the next document boundary); the unit a killed prepare resumes from."""
     batch_documents: int = 256
-    """Documents per tokenizer call (the Rust tokenizer encodes a batch in parallel)."""
+    """At most this many documents per tokenizer call (the tokenizer encodes a batch in parallel)."""
+    batch_bytes: int = 4 << 20
+    """At most about this much text per tokenizer call (bounds memory with long documents)."""
+    workers: int = 0
+    """Tokenizer threads (tiktoken); 0 = all cores. Does not change the output."""
+    progress: bool = True
+    """Show a progress bar (bytes, MB/s, tokens/s, ETA) on stderr."""
 
 
 @dataclass
@@ -220,7 +232,7 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
 FREE_ON_RESUME = ("resume", "out_dir", "init_from", "max_steps", "micro_batch_size", "device", "dist",
                   "fsdp_reshard_after_forward", "compile", "tf32", "deterministic", "peak_flops", "log_interval",
                   "diag_interval", "eval_interval", "eval_batches", "final_eval_batches", "wandb_mode",
-                  "wandb_project", "allow_config_change", "preset", "checkpoint", "data.verify_sha256",
+                  "wandb_project", "allow_config_change", "preset", "checkpoint", "data.verify",
                   "model.attn_impl")
 """Fields (or whole sections) a resume may change freely: they say where, how fast and how loudly the run goes,
 not which tokens it sees or which update it makes (micro_batch_size with the same global batch only regroups
@@ -297,6 +309,10 @@ def to_json(obj):
     return str(obj) if isinstance(obj, Path) else obj
 
 
+RENAMED = {"data.verify_sha256": ("data.verify", lambda check: "full" if check else "size")}
+"""Keys older config.json files hold → (today's key, how the value translates)."""
+
+
 def from_json(cls, values, where: str = "config.json", prefix: str = ""):
     """The inverse of to_json, as strict as the command line: an unknown key or a value of the wrong type is a
     one-line UserError naming the file (where), the key, the value and what was expected. Absent keys keep the
@@ -304,6 +320,11 @@ def from_json(cls, values, where: str = "config.json", prefix: str = ""):
     if not isinstance(values, dict):
         raise UserError(f"{where}: {prefix.rstrip('.') or 'the file'} = {json.dumps(values)}: expected a JSON object")
     hints, names = typing.get_type_hints(cls), [f.name for f in fields(cls)]
+    for old_key, (new_key, convert) in RENAMED.items():  # config.json files of older gust versions still load
+        if old_key.startswith(prefix) and old_key[len(prefix):] in values and "." not in old_key[len(prefix):]:
+            values = dict(values)
+            old_value = values.pop(old_key[len(prefix):])
+            values.setdefault(new_key[len(prefix):], convert(old_value))
     for key in values:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)

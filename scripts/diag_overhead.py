@@ -37,7 +37,7 @@ def main():
     base = PRESETS["shakespeare-cpu"][1]
     base = replace(base, max_steps=args.steps, eval_interval=10**9, eval_batches=1, final_eval_batches=1, log_interval=25,
                    checkpoint=CheckpointConfig(schedule="none", keep_last=1), out_dir=Path("runs/diag-overhead"),
-                   data=replace(base.data, verify_sha256=False))
+                   data=replace(base.data, verify="size"))
     results = {"on": [], "off": []}
     for _ in range(args.repeats):
         results["on"].append(tokens_per_sec(replace(base, diag_interval=PRESETS["shakespeare-cpu"][1].diag_interval)))

@@ -1,0 +1,251 @@
+"""How fast `data.py prepare` and the start of training are on this machine (issue 14's numbers); not a test.
+
+  python bench_data.py --parts corpus --size-mb 2048        # write the synthetic corpus once, into .cache/bench_data/
+  python bench_data.py --parts prepare --size-mb 2048       # data.py prepare on it: MB/s, tokens/s, peak RSS
+  python bench_data.py --parts encode --size-mb 2048        # the tokenizers' raw encode_batch rate, all cores
+  python bench_data.py --parts old --size-mb 256 --old-data-py /tmp/old/data.py   # an earlier data.py, same corpus
+  python bench_data.py --parts startup --startup-gb 4       # python train.py → first step on a 4 GB train.bin
+
+Each part prints its numbers and appends them, with the machine, to .cache/bench_data/results.jsonl. Parts are
+separate so that each measurement fits a short exclusive hold of the machine (`/work/wt/cpu bench ...`).
+Not in here: anything the tests rely on.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+BENCH_DIR = ROOT / ".cache" / "bench_data"
+PLAYS = ROOT / ".cache" / "shakespeare"
+GPT2_VOCAB = ROOT / ".cache" / "gpt2"
+FILE_MB = 128  # the corpus is written as .jsonl files of about this size, like a sharded dump
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_gb, 1), "python": platform.python_version(),
+            "load_average_1min": round(os.getloadavg()[0], 2)}  # > cores: other work shared the machine
+
+
+def corpus_dir(size_mb: int) -> Path:
+    return BENCH_DIR / f"corpus-{size_mb}MB"
+
+
+def write_corpus(size_mb: int) -> Path:
+    """Documents of lognormal length (median ~2.5 kB, like web text) cut from the plays at random places."""
+    out = corpus_dir(size_mb)
+    if (out / ".complete").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    pool = "\n".join(p.read_text() for p in sorted(PLAYS.glob("*_gut.txt")))
+    rng, written, file_index = np.random.default_rng(0), 0, 0
+    while written < size_mb << 20:
+        with open(out / f"part-{file_index:04d}.jsonl", "w") as f:
+            file_bytes = 0
+            while file_bytes < FILE_MB << 20 and written + file_bytes < size_mb << 20:
+                length = int(min(rng.lognormal(np.log(2500), 1.0), 200_000))
+                start = int(rng.integers(0, len(pool) - length))
+                line = json.dumps({"text": pool[start:start + length]}) + "\n"
+                f.write(line)
+                file_bytes += len(line)
+        written += file_bytes
+        file_index += 1
+    (out / ".complete").touch()
+    return out
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MB, CPU seconds: user + system, all threads) of a child process.
+    CPU seconds hardly change when other jobs share the machine; wall seconds do."""
+    started = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)}: exit status {proc.returncode}\n{stdout[-2000:]}")
+    return time.time() - started, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+
+
+def corpus_stats(corpus: Path) -> int:
+    return sum(p.stat().st_size for p in corpus.glob("*.jsonl"))
+
+
+def bench_prepare(size_mb: int, data_py: Path, label: str, extra: list[str]) -> dict:
+    corpus, out = corpus_dir(size_mb), BENCH_DIR / f"out-{label}-{size_mb}MB"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    cmd = [sys.executable, str(data_py), "prepare", "--inputs", str(corpus), "--out-dir", str(out),
+           "--tokenizer", "gpt2", "--gpt2-vocab-dir", str(GPT2_VOCAB), *extra]
+    seconds, peak_mb, cpu_seconds = run_measured(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    meta = json.loads((out / "meta.json").read_text())
+    text_bytes = sum(info["bytes"] for info in meta["splits"].values())
+    tokens = sum(info["tokens"] for info in meta["splits"].values())
+    subprocess.run(["rm", "-rf", str(out)], check=True)  # tokens of a synthetic corpus: not worth the disk
+    return {"part": label, "size_mb": size_mb, "seconds": round(seconds, 1),
+            "text_MB_per_s": round(text_bytes / seconds / 1e6, 2), "file_MB_per_s": round(corpus_stats(corpus) / seconds / 1e6, 2), "tokens_per_s": round(tokens / seconds),
+            "peak_rss_mb": round(peak_mb), "tokens": tokens, "text_bytes": text_bytes,
+            "cpu_seconds": round(cpu_seconds, 1), "text_MB_per_cpu_s": round(text_bytes / cpu_seconds / 1e6, 2)}
+
+
+def sample_texts(size_mb: int, sample_mb: int) -> list[str]:
+    texts, total = [], 0
+    for path in sorted(corpus_dir(size_mb).glob("*.jsonl")):
+        with open(path, "rb") as f:
+            for line in f:
+                texts.append(json.loads(line)["text"])
+                total += len(texts[-1])
+                if total >= sample_mb << 20:
+                    return texts
+    return texts
+
+
+def bench_encode(size_mb: int, sample_mb: int) -> dict:
+    """encode_batch with all cores on the corpus's first sample_mb, in prepare's batch size: the ceiling."""
+    sys.path.insert(0, str(ROOT))
+    import data
+    from configs import PrepareConfig
+
+    texts, cores = sample_texts(size_mb, sample_mb), os.cpu_count()
+    n_bytes, batch_bytes = sum(len(t.encode()) for t in texts), PrepareConfig().batch_bytes
+    batches, batch, chars = [], [], 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if chars >= batch_bytes:
+            batches.append(batch)
+            batch, chars = [], 0
+    batches.append(batch)
+    result = {"part": "encode", "sample_MB": round(n_bytes / 1e6, 1), "cores": cores}
+    tiktoken_gpt2 = data.gpt2_tiktoken(GPT2_VOCAB)
+    encoders = {"tiktoken": data.gpt2_encoder(GPT2_VOCAB, cores)[0],  # what prepare calls: ids as numpy buffers
+                "tiktoken_encode_batch": lambda texts: tiktoken_gpt2.encode_batch(  # ids as Python lists
+                    texts, num_threads=cores, allowed_special={data.EOT}),
+                "tokenizers": data.tokenizers_encoder(data.gpt2_tokenizer(GPT2_VOCAB))}
+    for name, encode in encoders.items():
+        use = batches if name.startswith("tiktoken") else batches[:max(1, len(batches) // 4)]  # slow one: a quarter
+        use_bytes = sum(len(t.encode()) for b in use for t in b)
+        started, cpu_before = time.time(), cpu_seconds_so_far()
+        tokens = sum(len(ids) for b in use for ids in encode(b))
+        seconds, cpu_seconds = time.time() - started, cpu_seconds_so_far() - cpu_before
+        result[f"{name}_MB_per_s"] = round(use_bytes / seconds / 1e6, 2)
+        result[f"{name}_MB_per_cpu_s"] = round(use_bytes / cpu_seconds / 1e6, 2)
+        result[f"{name}_tokens_per_s"] = round(tokens / seconds)
+    return result
+
+
+def cpu_seconds_so_far() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
+    return usage.ru_utime + usage.ru_stime
+
+
+def write_big_split(directory: Path, gigabytes: float):
+    """A train.bin of random GPT-2 ids (written once) and a small val.bin, with a format-2 meta.json."""
+    sys.path.insert(0, str(ROOT))
+    import data
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng, chunk = np.random.default_rng(0), 1 << 26
+    n_tokens = int(gigabytes * 2**30) // 2
+    if not (directory / "meta.json").is_file():
+        for split, count in (("train", n_tokens), ("val", 1 << 20)):
+            with open(directory / f"{split}.bin", "wb") as f:
+                for first in range(0, count, chunk):
+                    rng.integers(0, 50257, size=min(chunk, count - first), dtype=np.uint16).tofile(f)
+        splits = {}
+        for split in ("train", "val"):
+            path = directory / f"{split}.bin"
+            tokens = path.stat().st_size // 2
+            shard = {"file": path.name, "tokens": tokens, "sha256": data.sha256_file(path),
+                     "fingerprint": data.fingerprint(path)}
+            splits[split] = {"documents": 1, "tokens": tokens, "bytes": 3 * tokens, "max_token_id": 50256,
+                             "shards": [shard]}
+        meta = {"format": data.META_FORMAT, "dtype": "uint16", "vocab_size": 50257, "eot_id": 50256,
+                "tokenizer": {"kind": "gpt2", "vocab_dir": str(GPT2_VOCAB)}, "splits": splits}
+        data.write_json_atomic(directory / "meta.json", meta)
+
+
+def time_to_first_step(data_dir: Path, verify: str) -> float:
+    """Seconds from starting `python train.py` to its first metrics row (step 1 done), a tiny model."""
+    run_dir = BENCH_DIR / f"run-startup-{verify}"
+    subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    cmd = [sys.executable, str(ROOT / "train.py"), "gpt2-small", "--data.dir", str(data_dir), "--data.verify", verify,
+           "--model.n-layer", "1", "--model.n-head", "1", "--model.n-embd", "32", "--model.block-size", "64",
+           "--model.dropout", "0", "--global-batch-size", "1", "--micro-batch-size", "1", "--precision", "fp32",
+           "--max-steps", "5", "--log-interval", "1", "--eval-interval", "1000", "--diag-interval", "0",
+           "--checkpoint.schedule", "none", "--wandb-mode", "disabled", "--device", "cpu", "--out-dir", str(run_dir)]
+    started = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = run_dir / "metrics.jsonl"
+    while proc.poll() is None:
+        if metrics.is_file() and any(json.loads(line)["step"] >= 1 for line in metrics.read_text().splitlines()):
+            seconds = time.time() - started
+            proc.kill()
+            proc.wait()
+            return seconds
+        time.sleep(0.02)
+    sys.exit(f"train.py exited before its first step:\n{proc.stderr.read().decode()[-2000:]}")
+
+
+def bench_startup(gigabytes: float) -> dict:
+    directory = BENCH_DIR / f"tokens-{gigabytes:g}GB"
+    write_big_split(directory, gigabytes)
+    result = {"part": "startup", "train_bin_GB": round((directory / "train.bin").stat().st_size / 1e9, 2)}
+    sys.path.insert(0, str(ROOT))
+    from data import TokenSplit
+
+    for verify in ("fingerprint", "full"):  # the data check alone, in this process: wall and CPU seconds
+        started, cpu_before = time.time(), cpu_seconds_so_far()
+        TokenSplit(directory, "train", 1024, 50304, verify)
+        result[f"open_train_s_{verify}"] = round(time.time() - started, 2)
+        result[f"open_train_cpu_s_{verify}"] = round(cpu_seconds_so_far() - cpu_before, 2)
+    for verify in ("fingerprint", "full"):
+        result[f"first_step_s_{verify}"] = round(time_to_first_step(directory, verify), 1)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="corpus,prepare,encode",
+                        help="comma-separated: corpus,prepare,encode,old,startup")
+    parser.add_argument("--size-mb", type=int, default=2048, help="synthetic corpus size (MiB of jsonl)")
+    parser.add_argument("--encode-sample-mb", type=int, default=128, help="text the raw encode rate is measured on")
+    parser.add_argument("--old-data-py", type=Path, default=None, help="an earlier data.py to compare (part old)")
+    parser.add_argument("--startup-gb", type=float, default=4.0, help="size of the synthetic train.bin (part startup)")
+    parser.add_argument("--prepare-args", default="--split hash --no-progress", help="extra args for data.py prepare")
+    args = parser.parse_args()
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    print(f"machine: {info}")
+    for part in args.parts.split(","):
+        if part == "corpus":
+            started = time.time()
+            corpus = write_corpus(args.size_mb)
+            result = {"part": "corpus", "size_mb": args.size_mb, "bytes": corpus_stats(corpus),
+                      "seconds": round(time.time() - started, 1)}
+        elif part == "prepare":
+            result = bench_prepare(args.size_mb, ROOT / "data.py", "prepare", args.prepare_args.split())
+        elif part == "old":
+            result = bench_prepare(args.size_mb, args.old_data_py, "old", [])
+        elif part == "encode":
+            result = bench_encode(args.size_mb, args.encode_sample_mb)
+        elif part == "startup":
+            result = bench_startup(args.startup_gb)
+        else:
+            sys.exit(f"--parts: unknown part {part!r}")
+        print(json.dumps(result))
+        with open(BENCH_DIR / "results.jsonl", "a") as f:
+            f.write(json.dumps(dict(result, machine=info, time=time.strftime("%Y-%m-%d %H:%M:%S"))) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""data.py at scale: tiktoken = tokenizers, the input formats, the hash split, shards read as one stream,
+resuming a killed prepare, and a start-up that reads only what it must (issue 14)."""
+import gzip
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data
+from conftest import GPT2_VOCAB, PLAYS, ROOT
+from configs import PrepareConfig
+from data import TokenSplit, gpt2_tiktoken, gpt2_tokenizer, prepare
+from errors import UserError
+
+AWKWARD = ["", " ", "  \n\n\t  x", "Hello world", "I'm sure they'll say we've done what you'd've done, 'tis it's",
+           "I'M SHOUTING THEY'LL", "   leading", "trailing   ", "tabs\t\tand\u00a0nbsp", "naïve café Ærø 日本語のテキスト",
+           "emoji 🤖🏳️\u200d🌈 and e\u0301 combining", "Ω≈ç√∫ ＡＢＣ fullwidth", "<|endoftext|>", "a<|endoftext|>b",
+           "end. <|endoftext|> Start", "<|endoftext", "\r\n\r\n  \r\n", "123 4567 89.0 1,000,000", "'''\"\"\"",
+           "\x00\x01\x7f controls", "x" * 5000, "word " * 300 + "\n" * 7, "\u2028line\u2029sep", "🤖" * 50]
+
+
+@pytest.fixture(scope="module")
+def gpt2_both():
+    if not GPT2_VOCAB.is_dir():
+        pytest.skip("GPT-2 vocabulary missing: run `make setup`")
+    pytest.importorskip("tiktoken")
+    return gpt2_tokenizer(GPT2_VOCAB), gpt2_tiktoken(GPT2_VOCAB)
+
+
+def test_tiktoken_gives_the_tokenizers_ids_on_the_whole_corpus(gpt2_both):
+    """All 42 plays (5 MB) and awkward strings: the offline tiktoken Encoding must agree id for id."""
+    reference, _ = gpt2_both
+    texts = [p.read_text() for p in sorted(PLAYS.glob("*_gut.txt"))] + AWKWARD
+    assert len(texts) == 42 + len(AWKWARD)
+    expected = [enc.ids for enc in reference.encode_batch(texts)]
+    encode, library = data.gpt2_encoder(GPT2_VOCAB, threads=2)  # what prepare uses
+    assert library == "tiktoken"
+    got = encode(texts)
+    for text, want, have in zip(texts, expected, got):
+        assert have.tolist() == want, text[:80]
+    assert got[-len(AWKWARD) + AWKWARD.index("a<|endoftext|>b")].tolist() == [64, 50256, 65]  # as today
+
+
+def write_corpus(root, n_docs=240, seed=0):
+    """Made-up documents of varied length as .jsonl; returns their texts in order."""
+    rng = np.random.default_rng(seed)
+    words = ["thou", "art", "the", "king's", "fool", "and", "I", "shall", "not", "tarry", "café", "日本", "—", "\n"]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 120)))) for _ in range(n_docs)]
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "docs.jsonl", "w") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+    return texts
+
+
+def gpt2_cfg(inputs, out, **overrides):
+    return replace(PrepareConfig(inputs=tuple(inputs), out_dir=out, tokenizer="gpt2", gpt2_vocab_dir=GPT2_VOCAB,
+                                 split="hash", val_fraction=0.2, progress=False), **overrides)
+
+
+def all_tokens(out, split):
+    meta = json.loads((out / "meta.json").read_text())
+    return np.concatenate([np.fromfile(out / s["file"], dtype=np.uint16) for s in meta["splits"][split]["shards"]])
+
+
+def test_compressed_and_parquet_inputs_give_the_same_tokens(tmp_path):
+    if not GPT2_VOCAB.is_dir():
+        pytest.skip("GPT-2 vocabulary missing: run `make setup`")
+    zstandard, pq = pytest.importorskip("zstandard"), pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    texts = write_corpus(tmp_path / "plain")
+    raw = (tmp_path / "plain" / "docs.jsonl").read_bytes()
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "docs.jsonl.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "zst").mkdir()
+    (tmp_path / "zst" / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"id": list(range(len(texts))), "content": texts}), tmp_path / "pq" / "docs.parquet",
+                   row_group_size=50)
+    prepare(gpt2_cfg([tmp_path / "plain"], tmp_path / "o_plain"))
+    prepare(gpt2_cfg([tmp_path / "gz"], tmp_path / "o_gz"))
+    prepare(gpt2_cfg([str(tmp_path / "zst" / "*.jsonl.zst")], tmp_path / "o_zst"))  # a glob
+    prepare(gpt2_cfg([tmp_path / "pq" / "docs.parquet"], tmp_path / "o_pq", text_field="content"))
+    reference = gpt2_tokenizer(GPT2_VOCAB)
+    for out in ("o_plain", "o_gz", "o_zst", "o_pq"):
+        meta = json.loads((tmp_path / out / "meta.json").read_text())
+        val = {i for i in range(len(texts)) if hash_says_val(1337, i, 0.2)}  # the rule, written out independently
+        for split, keep in (("train", lambda i: i not in val), ("val", lambda i: i in val)):
+            chosen = [t for i, t in enumerate(texts) if keep(i)]
+            expected = []
+            for k, enc in enumerate(reference.encode_batch(chosen)):
+                expected += ([50256] if k else []) + enc.ids
+            assert np.array_equal(all_tokens(tmp_path / out, split), expected), (out, split)
+            assert meta["splits"][split]["bytes"] == sum(len(t.encode()) for t in chosen)
+        assert meta["split"] == "hash" and "blake2b" in meta["split_rule"]
+
+
+def hash_says_val(seed, index, fraction):
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "little") < fraction * 2**64
+
+
+@pytest.mark.parametrize("case", ["truncated_gz", "truncated_zst", "parquet_no_column", "bad_json", "no_package"])
+def test_bad_inputs_name_the_file(tmp_path, case, monkeypatch):
+    if not GPT2_VOCAB.is_dir():
+        pytest.skip("GPT-2 vocabulary missing: run `make setup`")
+    write_corpus(tmp_path / "plain", n_docs=400)
+    raw = (tmp_path / "plain" / "docs.jsonl").read_bytes()
+    src = tmp_path / "src"
+    src.mkdir()
+    if case == "truncated_gz":
+        bad, expected = src / "docs.jsonl.gz", r"docs.jsonl.gz: truncated or corrupt"
+        bad.write_bytes(gzip.compress(raw)[:-200])
+    elif case == "truncated_zst":
+        zstandard = pytest.importorskip("zstandard")
+        bad, expected = src / "docs.jsonl.zst", r"docs.jsonl.zst: truncated or corrupt"
+        bad.write_bytes(zstandard.ZstdCompressor().compress(raw)[:-200])
+    elif case == "parquet_no_column":
+        pq, pa = pytest.importorskip("pyarrow.parquet"), pytest.importorskip("pyarrow")
+        bad, expected = src / "docs.parquet", r"docs.parquet: no column \"text\" \(columns: body\) — pass --text-field"
+        pq.write_table(pa.table({"body": ["a", "b"]}), bad)
+    elif case == "bad_json":
+        bad, expected = src / "docs.jsonl", r"docs.jsonl:3: not a JSON object"
+        bad.write_text('{"text": "a"}\n{"text": "b"}\n{"text": \n')
+    else:
+        import builtins
+
+        real_import = builtins.__import__
+        monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                            if name == "zstandard" else real_import(name, *a, **k))
+        bad, expected = src / "docs.jsonl.zst", r"docs.jsonl.zst: reading .jsonl.zst files needs the zstandard package"
+        bad.write_bytes(b"")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=expected):
+        prepare(gpt2_cfg([src], out, shard_tokens=500, batch_documents=16))
+    if case in ("truncated_gz", "truncated_zst"):  # the shards completed before the damage are kept
+        state = json.loads((out / data.STATE_FILE).read_text())
+        assert state["splits"]["train"]["shards"], "no completed shard kept"
+        for shard in state["splits"]["train"]["shards"]:
+            assert data.sha256_file(out / shard["file"]) == shard["sha256"]
+    elif case != "bad_json":
+        assert not out.exists()  # found before anything was written
+
+
+def test_shards_read_as_one_stream_with_todays_batch_order(tmp_path):
+    """Many small shards give the same token stream, windows and batch order as one file — today's order,
+    written out here independently of data.py, sample by sample."""
+    if not GPT2_VOCAB.is_dir():
+        pytest.skip("GPT-2 vocabulary missing: run `make setup`")
+    write_corpus(tmp_path / "src", n_docs=300)
+    one, many = tmp_path / "one", tmp_path / "many"
+    prepare(gpt2_cfg([tmp_path / "src"], one))
+    prepare(gpt2_cfg([tmp_path / "src"], many, shard_tokens=700))
+    shards = json.loads((many / "meta.json").read_text())["splits"]["train"]["shards"]
+    assert len(shards) > 5 and (one / "train.bin").is_file()
+    assert np.array_equal(all_tokens(many, "train"), np.fromfile(one / "train.bin", dtype=np.uint16))
+    a, b = TokenSplit(one, "train", 16, 50257), TokenSplit(many, "train", 16, 50257)
+    tokens = np.fromfile(one / "train.bin", dtype=np.uint16)
+    for first, count in ((0, 40), (b.n_windows - 7, 30), (3 * b.n_windows + 5, 9)):  # epoch boundaries included
+        starts = todays_sample_starts(len(tokens), 16, seed=5, first=first, count=count)
+        assert np.array_equal(a.sample_starts(5, first, count), starts)
+        assert np.array_equal(b.sample_starts(5, first, count), starts)
+        xa, ya = a.windows(starts)
+        xb, yb = b.windows(starts)
+        expected = np.stack([tokens[s:s + 17] for s in starts]).astype(np.int64)
+        assert np.array_equal(xb.numpy(), expected[:, :-1]) and np.array_equal(yb.numpy(), expected[:, 1:])
+        assert np.array_equal(xa.numpy(), xb.numpy())
+    assert np.array_equal(b.tokens[5:2000], tokens[5:2000]) and len(b.tokens) == len(tokens)
+
+
+def todays_sample_starts(n_tokens, block_size, seed, first, count):
+    """The batch order of data.py before shards (its docstring's rule), one sample at a time."""
+    n_windows = (n_tokens - 1) // block_size
+    slack = min(n_tokens - 1 - n_windows * block_size, block_size - 1)
+    starts = []
+    for j in range(first, first + count):
+        epoch, position = divmod(j, n_windows)
+        rng = np.random.default_rng([seed, epoch])
+        offset = int(rng.integers(0, slack + 1))
+        starts.append(offset + rng.permutation(n_windows)[position] * block_size)
+    return np.array(starts)
+
+
+def test_format_1_data_still_loads(tiny_data, tmp_path):
+    """A train.bin / val.bin + meta.json from before shards (format 1: no shard list, no max id, no fingerprint)."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_data, old)
+    meta = json.loads((old / "meta.json").read_text())
+    meta["format"] = 1
+    for info in meta["splits"].values():
+        assert info.pop("shards")[0]["sha256"] == info["sha256"]  # a one-shard split keeps format 1's sha256
+        del info["max_token_id"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    a, b = TokenSplit(old, "train", 32, 512), TokenSplit(tiny_data, "train", 32, 512)
+    assert np.array_equal(a.sample_starts(3, 0, 50), b.sample_starts(3, 0, 50))
+    tokens = np.fromfile(old / "val.bin", dtype=np.uint16)
+    tokens[0] = (tokens[0] + 1) % 512
+    tokens.tofile(old / "val.bin")
+    with pytest.raises(UserError, match="val.bin: sha256 differs"):  # format 1's default check: the full sha256
+        TokenSplit(old, "val", 32, 512)
+
+
+def test_start_up_reads_about_a_megabyte_per_file_not_the_file(tiny_data, monkeypatch):
+    """The default check neither hashes whole files nor scans their token ids; --data.verify full does both."""
+    calls = []
+    monkeypatch.setattr(data, "sha256_file", lambda path: calls.append(("sha256", path)) or "x")
+    monkeypatch.setattr(data, "_max_token", lambda tokens: calls.append(("max", len(tokens))) or 0)
+    TokenSplit(tiny_data, "train", 32, 512)
+    assert calls == []
+    with pytest.raises(UserError, match="sha256 differs"):
+        TokenSplit(tiny_data, "train", 32, 512, verify="full")
+    assert calls and calls[0][0] == "sha256"
+
+
+def test_different_arguments_into_the_same_directory_are_refused(tmp_path):
+    if not GPT2_VOCAB.is_dir():
+        pytest.skip("GPT-2 vocabulary missing: run `make setup`")
+    write_corpus(tmp_path / "src", n_docs=50)
+    cfg = gpt2_cfg([tmp_path / "src"], tmp_path / "out")
+    prepare(cfg)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(UserError, match=r"meta.json: prepared with --val-fraction 0.2, not 0.3"):
+        prepare(replace(cfg, val_fraction=0.3))
+    with pytest.raises(UserError, match=r"meta.json: prepared with --split hash, not permutation"):
+        prepare(replace(cfg, split="permutation"))
+    assert prepare(replace(cfg, workers=1, batch_documents=3)) == json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before  # nothing touched
+
+
+def run_prepare_cli(args, kill_at_shard=None, rng=None):
+    """data.py prepare in a child process; with kill_at_shard, kill -9 it soon after its state file lists that many
+    completed shards (a random few milliseconds later). True if it ran to the end."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "data.py"), "prepare", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    state_path = Path(args[args.index("--out-dir") + 1]) / data.STATE_FILE
+    while kill_at_shard is not None and proc.poll() is None:
+        try:
+            state = json.loads(state_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            state = {"splits": {}}
+        if sum(len(s["shards"]) for s in state["splits"].values()) >= kill_at_shard:
+            time.sleep(float(rng.uniform(0, 0.03)))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return False
+        time.sleep(0.002)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    return True
+
+
+def test_kill_9_at_random_points_then_resume_gives_the_same_bytes(tmp_path):
+    """A prepare killed (SIGKILL) at random moments and re-run finishes with exactly the bytes of an uninterrupted
+    run, and never rewrites a shard an earlier run had completed."""
+    if not GPT2_VOCAB.is_dir():
+        pytest.skip("GPT-2 vocabulary missing: run `make setup`")
+    write_corpus(tmp_path / "src", n_docs=3000, seed=3)
+    out = tmp_path / "killed"
+    args = ["--inputs", str(tmp_path / "src"), "--out-dir", str(out), "--tokenizer", "gpt2",
+            "--gpt2-vocab-dir", str(GPT2_VOCAB), "--split", "hash", "--val-fraction", "0.1",
+            "--shard-tokens", "1500", "--batch-documents", "8", "--no-progress"]
+    reference = tmp_path / "reference"
+    ref_meta = prepare(gpt2_cfg([tmp_path / "src"], reference, val_fraction=0.1, shard_tokens=1500))
+    n_shards = sum(len(info["shards"]) for info in ref_meta["splits"].values())
+    rng, kept, kills = np.random.default_rng(0), {}, 0
+    for target in sorted(rng.integers(1, n_shards, size=3)):
+        if run_prepare_cli(args, kill_at_shard=int(target), rng=rng):
+            break
+        kills += 1
+        state = json.loads((out / data.STATE_FILE).read_text())
+        for split in state["splits"].values():
+            for shard in split["shards"]:
+                kept.setdefault(shard["file"], (out / shard["file"]).stat().st_mtime_ns)
+    run_prepare_cli(args)
+    assert kills >= 2 and kept, "the kills did not land mid-preparation"
+    for name in sorted(p.name for p in reference.iterdir()):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    for name, mtime in kept.items():
+        assert (out / name).stat().st_mtime_ns == mtime, f"{name} was rewritten"
+    assert not (out / data.STATE_FILE).exists()
+
+
+def test_rank_0_checks_the_data_and_the_other_ranks_stop_on_its_verdict(tiny_data, tmp_path):
+    """2 ranks under torchrun, a val.bin changed after prepare: both exit (no rank left waiting at a collective),
+    and the message names the file; only rank 0 read it for the fingerprint."""
+    import shutil
+
+    from conftest import tiny_run
+    from test_train import cli_args, torchrun
+
+    bad = tmp_path / "data"
+    shutil.copytree(tiny_data, bad)
+    tokens = np.fromfile(bad / "val.bin", dtype=np.uint16)
+    tokens[-1] = (tokens[-1] + 1) % 512
+    tokens.tofile(bad / "val.bin")
+    proc = torchrun("train.py", *cli_args(tiny_run(bad, tmp_path / "run")), timeout=120)
+    assert proc.returncode != 0
+    assert "val.bin: fingerprint differs from meta.json" in proc.stderr
+    assert "rank 0 rejected the data" in proc.stderr  # rank 1 heard the verdict rather than checking for itself
