@@ -270,6 +270,11 @@ class Run:
     run_id: str
     made_with: dict  # provenance, computed once: git and versions don't change mid-run
     attn_impl: str  # the attention path taken on this device ("auto" resolved)
+    clock_start: float = 0.0  # time.perf_counter() at `elapsed` 0, earlier processes' seconds already subtracted
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, continued across resume: the loop with its evals and checkpoint writes."""
+        return time.perf_counter() - self.clock_start
 
 
 def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None]:
@@ -292,8 +297,9 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None]:
     optimizer = build_optimizer(raw_model, cfg.optim, rt.device, sharded=rt.mode == "zero1")
     scaler = DynamicLossScaler(cfg.loss_scale, enabled=cfg.precision == "fp16")
     step, opt_step, run_id = 0, 0, f"{cfg.preset}-{cfg.seed}-{int(time.time())}"
+    trained_before = 0.0  # seconds of training in earlier processes of this run (from the checkpoint)
     if ckpt is not None:
-        step, opt_step, run_id = restore(ckpt, cfg, raw_model, optimizer, scaler, rt)
+        step, opt_step, run_id, trained_before = restore(ckpt, cfg, raw_model, optimizer, scaler, rt)
     else:
         seed_everything(cfg.seed + rt.rank)  # dropout differs per rank, repeatably
     ctx = autocast(cfg.precision, rt.device)
@@ -301,6 +307,7 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None]:
     run = Run(cfg, rt, run_dir, raw_model, model, optimizer, scaler, [p for p in raw_model.parameters() if p.requires_grad],
               train_split, val_split, Batches(train_split, cfg, rt, accum_steps), ctx, accum_steps, keep_steps, run_id,
               provenance(rt), attn_impl)
+    run.clock_start = time.perf_counter() - trained_before  # start-up (data, model, restore) is not training time
     return run, step, opt_step, ckpt
 
 
@@ -340,13 +347,14 @@ def train(cfg: TrainConfig) -> dict:
             last_log_time, last_log_step = now, step
             row = train_row(step, out, opt_step, cfg, run.scaler, tokens_per_sec, flops_token, device_flops,
                             now - t0, run.raw_model, rt)
+            row["elapsed"] = run.elapsed()
             log.log(row, console_line(row, cfg.max_steps))
         result = None
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             result = evaluate(run.model, run.val_split, cfg, run.ctx, rt,
                               cfg.final_eval_batches if step == cfg.max_steps else cfg.eval_batches)
-            log.log({"step": step, **result}, f"step {step:>7} | val loss {result['val_loss']:.4f} | "
-                                              f"val bits/byte {result['val_bpb']:.4f}")
+            log.log({"step": step, **result, "elapsed": run.elapsed()},
+                    f"step {step:>7} | val loss {result['val_loss']:.4f} | val bits/byte {result['val_bpb']:.4f}")
         rolling = cfg.checkpoint.schedule == "every" and step % cfg.checkpoint.every == 0
         if step in run.keep_steps or rolling or out.stop_requested:
             save(run, step, opt_step)
@@ -424,6 +432,7 @@ def optimization_step(run: Run, step: int, opt_step: int, stop_signal: int, diag
 def save(run: Run, at_step: int, opt_step: int):
     """A checkpoint of the state after at_step optimizer-loop steps (every rank calls; rank 0 writes)."""
     state = checkpoint_state(run, at_step, opt_step)
+    state["elapsed"] = run.elapsed()  # a resumed run continues this clock
     if run.rt.is_main:
         checkpoint.save(run.run_dir, at_step, state, keep=at_step in run.keep_steps, keep_last=run.cfg.checkpoint.keep_last)
     if run.rt.world_size > 1:
@@ -527,7 +536,7 @@ def init_weights(path: Path, cfg: TrainConfig, raw_model, rt: Dist) -> None:
         print(f"gust: weights from {ckpt} (its step {state['step']}); optimizer and step start fresh", flush=True)
 
 
-def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, rt: Dist) -> tuple[int, int, str]:
+def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, rt: Dist) -> tuple[int, int, str, float]:
     state = checkpoint.load(ckpt)
     check_model_shape(state, cfg, ckpt)
     load_full_state(model, optimizer, state["model"], state["optimizer"], rt)
@@ -538,7 +547,7 @@ def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, rt: Dist) ->
         seed_everything(cfg.seed + rt.rank + 1_000_003 * state["step"])
     if rt.is_main:
         print(f"gust: resumed from {ckpt} (step {state['step']})", flush=True)
-    return state["step"], state["opt_step"], state["wandb_run_id"]
+    return state["step"], state["opt_step"], state["wandb_run_id"], state.get("elapsed", 0.0)  # older: 0
 
 
 def parse_config(argv: list[str]) -> TrainConfig:
