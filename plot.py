@@ -3,12 +3,14 @@
 Reads each run's metrics.jsonl (rows with "val_bpb" are evals, the rest training steps) and draws
 loss, val bits/byte, learning rate, gradient norm, loss scale and, when logged, max |attention score| and
 the benchmarks of --eval-tasks (HellaSwag acc_norm, LAMBADA accuracy, WikiText-103 word perplexity)
-against step. Not in here: computing any metric (train.py logs them, eval.py scores checkpoints).
+against step or (--x elapsed) seconds of training. Not in here: computing any metric (train.py logs them,
+eval.py scores checkpoints).
 """
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import tyro
 
@@ -37,6 +39,10 @@ class PlotConfig:
     """Run directories, each holding a metrics.jsonl."""
     out: Path = Path("plot.png")
     """PNG file to write."""
+    x: Literal["step", "elapsed"] = "step"
+    """Horizontal axis: optimizer step, or elapsed seconds of training (continues across resume)."""
+    panels: tuple[str, ...] = ()
+    """Draw only these panels, by metrics key (e.g. val_bpb); default: all."""
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -53,28 +59,30 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "val_bpb" not in r], [r for r in rows if "val_bpb" in r]
 
 
-def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """Steps and values of key where present; a per-layer list becomes its max."""
-    steps, values = [], []
+def series(rows: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
+    """x (step or elapsed) and values of key where both are present; a per-layer list becomes its max."""
+    xs, values = [], []
     for row in rows:
         value = row.get(key)
         if isinstance(value, list):
             value = max(value) if value else None
-        if value is not None:
-            steps.append(row["step"])
+        if value is not None and row.get(x) is not None:  # runs logged before `elapsed` existed have no x
+            xs.append(row[x])
             values.append(value)
-    return steps, values
+    return xs, values
 
 
-def shown_panels(metrics: dict) -> list[tuple]:
-    """PANELS, less the optional ones no run logged; metrics maps a run to its (train rows, eval rows)."""
+def shown_panels(metrics: dict, only: tuple[str, ...] = ()) -> list[tuple]:
+    """PANELS (or those named in only), less the optional ones no run logged; metrics maps a run to its
+    (train rows, eval rows)."""
     def logged(key, which):
         return any(series(train if which == "train" else evals, key)[0] for train, evals in metrics.values())
 
-    return [panel for panel in PANELS if panel[0] not in OPTIONAL_PANELS or logged(panel[0], panel[2])]
+    return [panel for panel in PANELS if (not only or panel[0] in only)
+            and (panel[0] not in OPTIONAL_PANELS or logged(panel[0], panel[2]))]
 
 
-def plot(run_dirs, out: Path) -> Path:
+def plot(run_dirs, out: Path, x: str = "step", only: tuple[str, ...] = ()) -> Path:
     try:
         import matplotlib
 
@@ -85,16 +93,23 @@ def plot(run_dirs, out: Path) -> Path:
     if not run_dirs:
         raise UserError("name at least one run directory: python plot.py runs/a [runs/b ...] --out plot.png")
     metrics = {str(run): read_metrics(run) for run in run_dirs}
-    panels = shown_panels(metrics)
-    n_rows = math.ceil(len(panels) / 3)
-    fig, axes = plt.subplots(n_rows, 3, figsize=(15, 4 * n_rows), squeeze=False)
+    unknown = set(only) - {p[0] for p in PANELS}
+    if unknown:
+        raise UserError(f"--panels {' '.join(sorted(unknown))}: no such panel; choose from "
+                        f"{' '.join(p[0] for p in PANELS)}")
+    panels = shown_panels(metrics, only)
+    if not panels:
+        raise UserError(f"--panels {' '.join(only)}: none of these was logged by {' '.join(metrics)}")
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
     for ax, (key, title, which, log_y) in zip(axes.flat, panels):
         for run, (train, evals) in metrics.items():
-            steps, values = series(train if which == "train" else evals, key)
-            line, = ax.plot(steps, values, label=run, marker="o" if which == "eval" else None, markersize=3)
+            xs, values = series(train if which == "train" else evals, key, x)
+            line, = ax.plot(xs, values, label=run, marker="o" if which == "eval" else None, markersize=3)
             if key == "loss":  # val loss beside train loss, same colour: the gap is overfitting
-                ax.plot(*series(evals, "val_loss"), linestyle="--", color=line.get_color(), label=f"{run} (val)")
-        ax.set(title=title, xlabel="step", yscale="log" if log_y else "linear")
+                ax.plot(*series(evals, "val_loss", x), linestyle="--", color=line.get_color(), label=f"{run} (val)")
+        ax.set(title=title, xlabel="step" if x == "step" else "seconds of training", yscale="log" if log_y else "linear")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
@@ -107,7 +122,7 @@ def plot(run_dirs, out: Path) -> Path:
 
 def main(argv: list[str] | None = None):
     cfg = tyro.cli(PlotConfig, args=argv, prog="plot.py")
-    print(f"wrote {plot(cfg.runs, cfg.out)}")
+    print(f"wrote {plot(cfg.runs, cfg.out, cfg.x, cfg.panels)}")
 
 
 if __name__ == "__main__":

@@ -303,6 +303,11 @@ class Run:
     run_id: str
     made_with: dict  # provenance, computed once: git and versions don't change mid-run
     attn_impl: str  # the attention path taken on this device ("auto" resolved)
+    clock_start: float = 0.0  # time.perf_counter() at `elapsed` 0, earlier processes' seconds already subtracted
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, continued across resume: the loop with its evals and checkpoint writes."""
+        return time.perf_counter() - self.clock_start
 
 
 def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None, dict]:
@@ -325,8 +330,9 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None, dict]:
     optimizer = build_optimizer(raw_model, cfg.optim, rt.device, sharded=rt.mode == "zero1")
     scaler = DynamicLossScaler(cfg.loss_scale, enabled=cfg.precision == "fp16")
     step, opt_step, run_id, changes = 0, 0, f"{cfg.preset}-{cfg.seed}-{int(time.time())}", {}
+    trained_before = 0.0  # seconds of training in earlier processes of this run (from the checkpoint)
     if ckpt is not None:
-        step, opt_step, run_id, changes = restore(ckpt, cfg, raw_model, optimizer, scaler, train_split, rt)
+        step, opt_step, run_id, changes, trained_before = restore(ckpt, cfg, raw_model, optimizer, scaler, train_split, rt)
     else:
         seed_everything(cfg.seed + rt.rank)  # dropout differs per rank, repeatably
     ctx = autocast(cfg.precision, rt.device)
@@ -334,6 +340,7 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None, dict]:
     run = Run(cfg, rt, run_dir, raw_model, model, optimizer, scaler, [p for p in raw_model.parameters() if p.requires_grad],
               train_split, val_split, Batches(train_split, cfg, rt, accum_steps), ctx, accum_steps, keep_steps, run_id,
               provenance(rt), attn_impl)
+    run.clock_start = time.perf_counter() - trained_before  # start-up (data, model, restore) is not training time
     return run, step, opt_step, ckpt, changes
 
 
@@ -385,6 +392,7 @@ def _train(cfg: TrainConfig) -> dict:
             last_log_time, last_log_step = now, step
             row = train_row(step, out, opt_step, cfg, run.scaler, tokens_per_sec, flops_token, device_flops,
                             now - t0, run.raw_model, rt)
+            row["elapsed"] = run.elapsed()
             log.log(row, console_line(row, cfg.max_steps))
         result = None
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
@@ -393,8 +401,8 @@ def _train(cfg: TrainConfig) -> dict:
             if tasks:  # the raw model: fsdp's gathers still run, DDP and compile are for training
                 result.update(score_tasks(tasks, run.raw_model, rt.device, run.ctx, rt.rank, rt.world_size,
                                           cfg.micro_batch_size))
-            log.log({"step": step, **result}, f"step {step:>7} | val loss {result['val_loss']:.4f} | "
-                                              f"val bits/byte {result['val_bpb']:.4f}")
+            log.log({"step": step, **result, "elapsed": run.elapsed()},
+                    f"step {step:>7} | val loss {result['val_loss']:.4f} | val bits/byte {result['val_bpb']:.4f}")
         rolling = cfg.checkpoint.schedule == "every" and step % cfg.checkpoint.every == 0
         if step in run.keep_steps or rolling or out.stop_requested:
             save(run, step, opt_step)
@@ -472,6 +480,7 @@ def optimization_step(run: Run, step: int, opt_step: int, stop_signal: int, diag
 def save(run: Run, at_step: int, opt_step: int):
     """A checkpoint of the state after at_step optimizer-loop steps (every rank calls; rank 0 writes)."""
     state = checkpoint_state(run, at_step, opt_step)
+    state["elapsed"] = run.elapsed()  # a resumed run continues this clock
     if run.rt.is_main:
         checkpoint.save(run.run_dir, at_step, state, keep=at_step in run.keep_steps, keep_last=run.cfg.checkpoint.keep_last)
     if run.rt.world_size > 1:
@@ -617,9 +626,9 @@ def init_weights(path: Path, cfg: TrainConfig, raw_model, rt: Dist) -> None:
 
 
 def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, train_split: TokenSplit,
-            rt: Dist) -> tuple[int, int, str, dict]:
-    """Load a checkpoint into model, optimizer, scaler and RNG; returns its step, optimizer step, wandb id and the
-    config changes (check_resume_config)."""
+            rt: Dist) -> tuple[int, int, str, dict, float]:
+    """Load a checkpoint into model, optimizer, scaler and RNG; returns its step, optimizer step, wandb id, the
+    config changes (check_resume_config) and the seconds of training before it."""
     state = checkpoint.load(ckpt)
     check_model_shape(state, cfg, ckpt)
     changes = check_resume_config(state, cfg, train_split, ckpt)
@@ -631,7 +640,8 @@ def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, train_split:
         seed_everything(cfg.seed + rt.rank + 1_000_003 * state["step"])
     if rt.is_main:
         print(f"gust: resumed from {ckpt} (step {state['step']})", flush=True)
-    return state["step"], state["opt_step"], state["wandb_run_id"], changes
+    elapsed = state.get("elapsed", 0.0)  # seconds of training before this checkpoint (older checkpoints: 0)
+    return state["step"], state["opt_step"], state["wandb_run_id"], changes, elapsed
 
 
 def parse_config(argv: list[str]) -> TrainConfig:

@@ -208,7 +208,7 @@ def _mistral_gpt2(preset: str, lr: float, model: GPTConfig) -> TrainConfig:
 
 PRESETS: dict[str, tuple[str, TrainConfig]] = {
     "shakespeare-cpu": (
-        "The default main job: a small GPT-2 on the plays, about 8 minutes on 2 CPU cores.",
+        "The default main job: a small GPT-2 on the plays, about 2 minutes on 2 CPU cores with bf16 matrix units.",
         TrainConfig(
             preset="shakespeare-cpu",
             model=GPTConfig(block_size=128, vocab_size=4096, n_layer=4, n_head=4, n_embd=256, dropout=0.0),
@@ -216,8 +216,21 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
             optim=OptimConfig(lr=2e-3, min_lr=1e-4, warmup_steps=50, decay="cosine", decay_steps=600,
                               beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, grad_clip=1.0),
             checkpoint=CheckpointConfig(schedule="every", every=300, keep_last=2),
-            max_steps=600, global_batch_size=16, micro_batch_size=16, precision="fp32", seed=21,
-            eval_interval=150, eval_batches=10, log_interval=25, diag_interval=100, wandb_mode="disabled",
+            max_steps=600, global_batch_size=16, micro_batch_size=16, precision="bf16", seed=21,
+            eval_interval=100, eval_batches=10, log_interval=25, diag_interval=100, wandb_mode="disabled",
+        ),
+    ),
+    "shakespeare-cpu-long": (
+        "The default demo trained 2.5× longer: better quality, about 5 minutes on 2 CPU cores with bf16 matrix units.",
+        TrainConfig(
+            preset="shakespeare-cpu-long",
+            model=GPTConfig(block_size=128, vocab_size=4096, n_layer=4, n_head=4, n_embd=256, dropout=0.0),
+            data=DataConfig(dir=Path("data/shakespeare")),
+            optim=OptimConfig(lr=2e-3, min_lr=1e-4, warmup_steps=50, decay="cosine", decay_steps=1500,
+                              beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, grad_clip=1.0),
+            checkpoint=CheckpointConfig(schedule="every", every=500, keep_last=2),
+            max_steps=1500, global_batch_size=16, micro_batch_size=16, precision="bf16", seed=21,
+            eval_interval=250, eval_batches=10, log_interval=25, diag_interval=100, wandb_mode="disabled",
         ),
     ),
     "gpt2-small": ("GPT-2 Small (124M), the Mistral recipe.",
