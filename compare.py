@@ -210,7 +210,8 @@ def config_diff(arms: dict[str, list[RunRecord]]) -> dict[str, dict[str, tuple]]
         return {}
     base_arm = next(iter(reference))
     base = reference[base_arm]
-    return {arm: {k: (base.get(k), flat.get(k)) for k in sorted(base.keys() | flat.keys()) if base.get(k) != flat.get(k)}
+    return {arm: {key: (base.get(key), flat.get(key)) for key in sorted(base.keys() | flat.keys())
+                  if base.get(key) != flat.get(key)}
             for arm, flat in reference.items() if arm != base_arm}
 
 

@@ -1,4 +1,4 @@
-"""Run one config over seeds and arms: `python sweep.py shakespeare-quick --seeds 21 49 81 --arm base --arm NAME="--flags"`.
+"""One config over seeds and arms: `python sweep.py shakespeare-quick --seeds 21 49 --arm base --arm NAME="--flags"`.
 
 Each (arm, seed) is an ordinary `train.py` run in runs/<sweep>/<arm>-seed<S>/, started with --resume auto, so a
 killed sweep continues where it stopped and finished runs are not run again. Arguments after a lone `--` go to
@@ -50,6 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--parallel", type=int, default=0, help="runs at once (default: CPU cores // --threads)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--emit", action="store_true", help="print one shell command per run and exit")
+    parser.add_argument("--launcher", help="what starts train.py (default: this Python), "
+                                           "e.g. 'torchrun --nproc_per_node=8'")
     parser.add_argument("--metric", action="append", default=[], help="extra metrics for compare.py (see there)")
     args = parser.parse_args(own)
     args.common = common
@@ -91,7 +93,7 @@ def expected_config(run: Run) -> dict:
     try:
         return to_json(parse_config(run.argv))
     except SystemExit:  # tyro has printed what is wrong with the flags
-        raise UserError(f"--arm {run.arm}: train.py rejects {shlex.join(run.argv[1:])}") from None
+        raise UserError(f"arm {run.arm}: train.py rejects `{shlex.join(run.argv)}` (its message is above)") from None
 
 
 def differing_keys(a: dict, b: dict, prefix: str = "") -> dict[str, tuple]:
@@ -138,11 +140,12 @@ def is_finished(run_dir: Path, max_steps: int) -> bool:
     return False
 
 
-def command(run: Run) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), *run.argv]
+def command(run: Run, launcher: str | None) -> list[str]:
+    return [*(shlex.split(launcher) if launcher else [sys.executable]), str(ROOT / "train.py"), *run.argv]
 
 
-def run_all(runs: list[Run], max_steps: dict[str, int], parallel: int, threads: int, log_dir: Path) -> list[Run]:
+def run_all(runs: list[Run], max_steps: dict[str, int], parallel: int, threads: int, log_dir: Path,
+            launcher: str | None) -> list[Run]:
     """Start the unfinished runs, `parallel` at a time; returns those that failed (their logs say why)."""
     todo = []
     for run in runs:
@@ -158,8 +161,8 @@ def run_all(runs: list[Run], max_steps: dict[str, int], parallel: int, threads: 
             run = todo.pop(0)
             print(f"sweep: run {run.name}", flush=True)
             log = open(log_dir / f"{run.name}.log", "a")
-            running[run.name] = (run, subprocess.Popen(command(run), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                       cwd=ROOT), log, time.perf_counter())
+            process = subprocess.Popen(command(run, launcher), stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[run.name] = (run, process, log, time.perf_counter())
         time.sleep(0.2)
         for name, (run, process, log, started) in list(running.items()):
             if process.poll() is None:
@@ -171,7 +174,7 @@ def run_all(runs: list[Run], max_steps: dict[str, int], parallel: int, threads: 
                 print(f"sweep: done {name} in {seconds:.0f} s", flush=True)
             else:
                 failed.append(run)
-                print(f"sweep: FAILED {name} (exit {process.returncode}) — see {log_dir / (name + '.log')}", flush=True)
+                print(f"sweep: FAILED {name} (exit {process.returncode}); see {log_dir / (name + '.log')}", flush=True)
     return failed
 
 
@@ -193,7 +196,8 @@ def main(argv: list[str]) -> int:
     runs = plan(args, arms, sweep_dir)
     if args.emit:  # no torch, no checks: the cluster's job script runs these as they are
         for run in runs:
-            print(shlex.join([os.path.relpath(c) if c.startswith(str(ROOT)) else c for c in command(run)]))
+            words = command(run, args.launcher)
+            print(shlex.join([os.path.relpath(word) if word.startswith(str(ROOT)) else word for word in words]))
         write_sweep_json(sweep_dir, args, arms)
         return 0
     expected = {run.name: expected_config(run) for run in runs}
@@ -204,7 +208,7 @@ def main(argv: list[str]) -> int:
     print(f"sweep: {len(runs)} runs ({len(arms)} arms × {len(args.seeds)} seeds) into {sweep_dir}, "
           f"{parallel} at a time, {args.threads} thread(s) each", flush=True)
     failed = run_all(runs, {run.name: expected[run.name]["max_steps"] for run in runs}, parallel, args.threads,
-                     sweep_dir / "logs")
+                     sweep_dir / "logs", args.launcher)
     verify_configs(runs, expected)
     import compare
 
