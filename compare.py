@@ -263,6 +263,8 @@ def table_lines(rows: list[dict], baseline: str, resamples: int) -> list[str]:
         vs = row.get("vs")
         if vs is None:
             cells += ["(baseline)", "", "", ""]
+        elif math.isnan(vs["diff"]):
+            cells += ["", "", "", vs["verdict"]]
         else:
             kind = "paired" if vs["paired"] else "unpaired"
             cells += [f"{vs['diff']:+.4f}", f"[{vs['ci'][0]:+.4f}, {vs['ci'][1]:+.4f}]",
@@ -282,6 +284,7 @@ def table_lines(rows: list[dict], baseline: str, resamples: int) -> list[str]:
 
 # ----------------------------------------------------------------------------- picture
 
+LINE_STYLES = ("-", "--", ":", "-.")
 CURVES = (("val_bpb", "val bits/byte", "eval"), ("loss", "train loss (nats/token)", "train"))
 
 
@@ -304,15 +307,16 @@ def draw(arms: dict[str, list[RunRecord]], out: Path, title: str) -> Path:
     fig, axes = plt.subplots(1, len(CURVES), figsize=(12, 4.5))
     for ax, (key, label, which) in zip(axes, CURVES):
         for index, (arm, runs) in enumerate(arms.items()):
-            steps, values = arm_curve(runs, key, which)
+            finished = [run for run in runs if run.finished]
+            steps, values = arm_curve(finished or runs, key, which)  # the runs the table counts, if any
             if not len(steps):
                 continue
-            colour = f"C{index}"
+            colour, style = f"C{index}", LINE_STYLES[index % len(LINE_STYLES)]  # styles: identical arms both show
             for seed_values in values:  # each seed, faint
-                ax.plot(steps, seed_values, color=colour, alpha=0.25, linewidth=0.7)
-            ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=colour, alpha=0.15)
+                ax.plot(steps, seed_values, color=colour, alpha=0.25, linewidth=0.7, linestyle=style)
+            ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=colour, alpha=0.12)
             ax.plot(steps, values.mean(axis=0), color=colour, linewidth=1.8, label=f"{arm} (mean of {len(values)})",
-                    marker="o" if which == "eval" else None, markersize=3)
+                    linestyle=style, marker="o" if which == "eval" else None, markersize=3)
         ax.set(title=f"{label}: mean, min–max band, seeds faint", xlabel="step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
