@@ -385,7 +385,9 @@ def main(argv: list[str]) -> int:
     for spec in specs:
         metric_value(next(iter(arms.values()))[0], spec)  # a malformed --metric fails before anything is written
     out_dir = args.out_dir or (args.paths[0] if len(args.paths) == 1 else Path("."))
-    title = f"{out_dir.resolve().name}: {len(arms)} arms, baseline {baseline}"
+    base_config = arms[baseline][0].config
+    title = (f"{out_dir.resolve().name}: {len(arms)} arms of {base_config['preset']} ({base_config['precision']}, "
+             f"{base_config['max_steps']} steps), baseline {baseline}")
     table = table_lines(summarize(arms, specs, args.resamples, args.seed), baseline, args.resamples)
     diff = diff_lines(config_diff(arms), baseline)
     notes = unfinished_lines(arms)
