@@ -270,7 +270,8 @@ def table_lines(rows: list[dict], baseline: str, resamples: int) -> list[str]:
             cells += [f"{vs['diff']:+.4f}", f"[{vs['ci'][0]:+.4f}, {vs['ci'][1]:+.4f}]",
                       f"{vs['p']:.4f} ({kind})", vs["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = sorted({(vs["how"], vs["paired"], vs["n"]) for vs in (r.get("vs") for r in rows) if vs and vs["n"][0] > 1})
+    tested = [row["vs"] for row in rows if "vs" in row and not math.isnan(row["vs"]["p"])]
+    notes = sorted({(vs["how"], vs["paired"], vs["n"]) for vs in tested})
     lines.append("")
     lines.append(f"std: over seeds (ddof 1). CI: percentile bootstrap, {resamples:,} resamples (seeded), of the "
                  "per-seed differences when paired; with few seeds it is narrower than a t interval, so read "
