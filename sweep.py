@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import compare
 from errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parent
@@ -179,7 +180,7 @@ def run_all(runs: list[Run], max_steps: dict[str, int], parallel: int, threads: 
 
 
 def verify_configs(runs: list[Run], expected: dict[str, dict]) -> None:
-    """Each finished run's own config.json is the one derived from its command line (nothing else crept in)."""
+    """Each run's own config.json is the one derived from its command line (nothing else crept in)."""
     for run in runs:
         if (run.run_dir / "config.json").is_file():
             check_config(run, expected[run.name])
@@ -205,13 +206,11 @@ def main(argv: list[str]) -> int:
         check_config(run, expected[run.name])  # before anything runs: refuse to mix in a stale run
     write_sweep_json(sweep_dir, args, arms)
     parallel = args.parallel or max(1, (os.cpu_count() or 1) // args.threads)
-    print(f"sweep: {len(runs)} runs ({len(arms)} arms × {len(args.seeds)} seeds) into {sweep_dir}, "
+    print(f"sweep: {len(runs)} runs ({len(arms)} arm(s) × {len(args.seeds)} seed(s)) into {sweep_dir}, "
           f"{parallel} at a time, {args.threads} thread(s) each", flush=True)
     failed = run_all(runs, {run.name: expected[run.name]["max_steps"] for run in runs}, parallel, args.threads,
                      sweep_dir / "logs", args.launcher)
     verify_configs(runs, expected)
-    import compare
-
     compare.main([str(sweep_dir), *(f"--metric={m}" for m in args.metric)])
     if failed:
         print(f"sweep: {len(failed)} run(s) failed: {', '.join(run.name for run in failed)}", file=sys.stderr)
