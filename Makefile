@@ -4,7 +4,7 @@ PRESET ?= shakespeare-cpu
 SEEDS ?= 21 49 81 343 777
 ARGS ?=
 
-.PHONY: setup train test sample cuda-compile gpu-check stability-demo seeds clean
+.PHONY: setup train test sample cuda-compile gpu-check stability-demo seeds sweep-demo clean
 
 setup: .venv/.installed data/shakespeare/meta.json .cache/gpt2/vocab.json
 
@@ -76,6 +76,12 @@ stability-demo: setup
 # The same preset once per seed, into sibling run directories runs/<preset>-seed<S>.
 seeds: setup
 	for seed in $(SEEDS); do $(PY) train.py $(PRESET) --seed $$seed --out-dir runs/$(PRESET)-seed$$seed --resume auto $(ARGS) || exit 1; done
+
+# One hypothesis over SEEDS: does dropping the 1/layer score scaling change the loss? 10 quick runs, 2 at a time;
+# the table, config diff and curves land in runs/layer-scale/report.md (a killed demo continues where it stopped).
+sweep-demo: setup
+	$(PY) sweep.py shakespeare-quick --name layer-scale --seeds $(SEEDS) --arm base \
+		--arm no-layer-scale=--model.no-scale-attn-by-layer-idx $(ARGS)
 
 clean:
 	rm -rf runs attention_cuda/build .pytest_cache

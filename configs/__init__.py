@@ -233,6 +233,22 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
             eval_interval=250, eval_batches=10, log_interval=25, diag_interval=100, wandb_mode="disabled",
         ),
     ),
+    "shakespeare-quick": (
+        "For sweeps (sweep.py): a 4-layer, 128-wide GPT-2 on the plays, about 35 s of training on 2 CPU cores.",
+        TrainConfig(
+            preset="shakespeare-quick",
+            model=GPTConfig(block_size=64, vocab_size=4096, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
+            data=DataConfig(dir=Path("data/shakespeare")),
+            optim=OptimConfig(lr=3e-3, min_lr=1e-4, warmup_steps=20, decay="cosine", decay_steps=200,
+                              beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, grad_clip=1.0),
+            # checkpoints at the end (and on SIGTERM) only: 16 MB a run; a hard-killed run starts over (~35 s)
+            checkpoint=CheckpointConfig(schedule="none", keep_last=1),
+            max_steps=200, global_batch_size=32, micro_batch_size=32, precision="fp32", seed=21,
+            # every eval, the last too, on the same first 32k val tokens: the curves have no jump at the end
+            eval_interval=50, eval_batches=16, final_eval_batches=16, log_interval=10, diag_interval=50,
+            wandb_mode="disabled",
+        ),
+    ),
     "gpt2-small": ("GPT-2 Small (124M), the Mistral recipe.",
                    _mistral_gpt2("gpt2-small", 6e-4, GPTConfig(n_layer=12, n_head=12, n_embd=768, dropout=0.1))),
     "gpt2-medium": ("GPT-2 Medium (355M), the Mistral recipe.",
