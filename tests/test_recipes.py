@@ -96,7 +96,7 @@ def test_counts_match_gpt2(preset, params, width, layers):
     assert counts["P"] == params  # Hugging Face's count: position embeddings in, tied wte/lm_head once
     assert counts["Pb"] == 12 * h * h + 13 * h  # qkv 3h² + proj h² + mlp 8h², and 13h of biases and LayerNorm
     assert counts["Pr"] == V * h + s * h + 2 * h  # wte, wpe, ln_f
-    assert counts["W"] == layers * 12 * h * h + V * h  # every Linear weight, lm_head (= wte) included
+    assert counts["W"] == layers * 12 * h * h + 50304 * h  # every Linear weight, lm_head (= wte, padded rows) included
 
 
 def test_partitions_match_torch_zero_and_fsdp():
