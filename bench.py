@@ -25,8 +25,8 @@ from data import prepare
 
 ROOT = Path(__file__).resolve().parent
 # The matrix of issue 7, most important first. Dropout is 0 throughout, so every path computes the same
-# function (the fused kernel has no attention dropout). sdpa with upcast casts q, k, v to fp32, which rules
-# out its flash backend; torch's fused kernels accumulate QKᵀ in fp32 anyway, so upcast off is safe there.
+# function (the fused kernel has no attention dropout). sdpa with upcast keeps 16-bit q, k, v where a fused
+# kernel runs (model.sdpa_attention), so upcast on and off should now time the same; the rows show it.
 CONFIGS = [
     dict(attn="cuda", precision="bf16"), dict(attn="sdpa", precision="bf16", upcast=False),
     dict(attn="cuda", precision="fp16"), dict(attn="sdpa", precision="fp16", upcast=False),
@@ -35,10 +35,21 @@ CONFIGS = [
     dict(attn="sdpa", precision="bf16"), dict(attn="naive", precision="bf16"), dict(attn="naive", precision="fp16"),
     dict(attn="sdpa", precision="bf16", compile=True), dict(attn="naive", precision="bf16", compile=True),
 ]
+# Issue 13 part 4: the new default (auto, upcast on, vocabulary padded to 50304) against the best SDPA setting,
+# compiled and not, bf16 and fp16; the padding on/off; micro-batch choices for the presets (an H200 has 141 GB).
+PART4 = [
+    dict(attn="auto", precision="bf16", compile=True), dict(attn="sdpa", precision="bf16", upcast=False, compile=True),
+    dict(attn="auto", precision="bf16"), dict(attn="auto", precision="fp16"), dict(attn="auto", precision="fp16", compile=True),
+    dict(attn="auto", precision="bf16", compile=True, vocab_multiple=1),  # the padding off: 50257 rows
+    dict(attn="auto", precision="bf16", vocab_multiple=1),
+    *(dict(attn="auto", precision="bf16", compile=True, micro_batch_size=m) for m in (8, 32, 64)),
+    dict(attn="cuda", precision="bf16", compile=True),
+]
 # what --deterministic costs (run in a fresh process with CUBLAS_WORKSPACE_CONFIG=:4096:8 set from the start)
 # (deterministic runs twice: their final losses should agree to the bit)
 DETERMINISTIC = [dict(attn=attn, precision="bf16", upcast=attn != "sdpa", deterministic=flag)
                  for attn in ("sdpa", "cuda") for flag in (False, True, True)]
+
 
 def gpt2_tokens(work: Path) -> Path:
     """The plays in GPT-2's vocabulary (the bench needs 50257 tokens, not the CPU demo's 4096)."""
@@ -50,17 +61,19 @@ def gpt2_tokens(work: Path) -> Path:
 
 
 def bench_config(data_dir: Path, run_dir: Path, args, attn: str, precision: str, compile: bool = False,
-                 upcast: bool = True, preset: str = "gpt2-small", deterministic: bool = False) -> dict:
+                 upcast: bool = True, preset: str = "gpt2-small", deterministic: bool = False, vocab_multiple: int = 64,
+                 micro_batch_size: int | None = None) -> dict:
     """One short run of the real training loop; its numbers come from its own metrics.jsonl."""
     from train import train
 
     cfg = PRESETS[preset][1]
-    model = replace(cfg.model, attn_impl=attn, upcast_attn=upcast, dropout=0.0)
+    micro_batch_size = micro_batch_size or args.micro_batch_size
+    model = replace(cfg.model, attn_impl=attn, upcast_attn=upcast, dropout=0.0, vocab_multiple=vocab_multiple)
     if args.tiny:
         model = replace(model, n_layer=2, n_head=2, n_embd=128, block_size=256)
     cfg = replace(cfg, model=model, data=DataConfig(dir=data_dir, verify="size"), precision=precision,
-                  compile=compile, max_steps=args.steps, global_batch_size=args.micro_batch_size,
-                  micro_batch_size=args.micro_batch_size, out_dir=run_dir, device=args.device,
+                  compile=compile, max_steps=args.steps, global_batch_size=micro_batch_size,
+                  micro_batch_size=micro_batch_size, out_dir=run_dir, device=args.device,
                   log_interval=args.log_interval, eval_interval=10**9, eval_batches=1, final_eval_batches=0, diag_interval=0,
                   checkpoint=CheckpointConfig(schedule="none", keep_last=1), wandb_mode="disabled",
                   optim=replace(cfg.optim, fused=True), tf32=True, deterministic=deterministic)
@@ -75,7 +88,8 @@ def bench_config(data_dir: Path, run_dir: Path, args, attn: str, precision: str,
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of a benchmark are not worth the disk
     median = lambda key: statistics.median(row[key] for row in steady) if steady and steady[0][key] is not None else None
     return {"preset": preset, "attn_impl": attn if attn != "sdpa" or upcast else "sdpa-16", "precision": precision,
-            "compile": compile, "deterministic": deterministic,
+            "compile": compile, "deterministic": deterministic, "vocab_rows": model.padded_vocab_size,
+            "micro_batch_size": micro_batch_size,
             "tokens_per_sec": median("tokens_per_sec"), "mfu": median("mfu"),
             "peak_memory_gb": max((row["peak_memory_gb"] or 0) for row in steady) if steady else None,
             "skipped_steps": steady[-1]["skipped_steps"] if steady else None, "final_loss": steady[-1]["loss"] if steady else None,
@@ -83,15 +97,16 @@ def bench_config(data_dir: Path, run_dir: Path, args, attn: str, precision: str,
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'preset':<12} {'attention':<8} {'prec':<5} {'compile':<7} {'determ.':<7} {'tokens/s':>10} {'MFU':>6} "
-             f"{'peak GB':>8} {'skipped':>7} {'loss':>7} {'wall s':>7}"]
+    lines = [f"{'preset':<12} {'attention':<8} {'prec':<5} {'compile':<7} {'determ.':<7} {'vocab':>6} {'micro':>5} "
+             f"{'tokens/s':>10} {'MFU':>6} {'peak GB':>8} {'skipped':>7} {'loss':>7} {'wall s':>7}"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['preset']:<12} {r['attn_impl']:<8} {r['precision']:<5} {str(r['compile']):<7} FAILED: {r['error']}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         lines.append(f"{r['preset']:<12} {r['attn_impl']:<8} {r['precision']:<5} {str(r['compile']):<7} "
-                     f"{str(r.get('deterministic', False)):<7} {r['tokens_per_sec']:>10,.0f} {mfu:>6} {r['peak_memory_gb'] or 0:>8.1f} "
+                     f"{str(r.get('deterministic', False)):<7} {r['vocab_rows']:>6} {r['micro_batch_size']:>5} "
+                     f"{r['tokens_per_sec']:>10,.0f} {mfu:>6} {r['peak_memory_gb'] or 0:>8.1f} "
                      f"{r['skipped_steps']:>7} {r['final_loss']:>7.3f} {r['wall_s']:>7.1f}")
     return "\n".join(lines)
 
@@ -105,8 +120,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: dry runs of this script")
     parser.add_argument("--only", default="", help="comma-separated attention paths to run (default: all)")
-    parser.add_argument("--set", choices=("issue7", "deterministic"), default="issue7",
-                        help="issue7: the attention/precision/compile matrix; deterministic: --deterministic on vs off")
+    parser.add_argument("--set", choices=("issue7", "part4", "deterministic"), default="issue7",
+                        help="issue7: the attention/precision/compile matrix; part4: issue 13's default, padding and "
+                             "micro-batch rows; deterministic: --deterministic on vs off")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "work"
@@ -115,7 +131,7 @@ def main(argv=None) -> int:
     header = f"bench: {device} | torch {torch.__version__} | {args.steps} steps × {args.micro_batch_size} × 1024 tokens"
     print(header, flush=True)
     rows = []
-    matrix = CONFIGS if args.set == "issue7" else DETERMINISTIC
+    matrix = {"issue7": CONFIGS, "part4": PART4, "deterministic": DETERMINISTIC}[args.set]
     for config in [c for c in matrix if not args.only or c["attn"] in args.only.split(",")]:
         try:
             rows.append(bench_config(data_dir, work / "run", args, **config))

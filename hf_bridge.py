@@ -73,6 +73,8 @@ def to_hf_state(model: GPT) -> dict[str, torch.Tensor]:
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":
             continue  # the same tensor as wte; safetensors refuses to store shared memory twice
+        if name == "transformer.wte.weight":
+            tensor = tensor[:model.config.vocab_size]  # HF holds exactly the tokenizer's rows, not gust's padding
         state[name] = (tensor.t() if name.endswith(CONV1D) else tensor).detach().float().contiguous()
     if not model.config.bias:  # GPT-2 always has biases; zeros compute exactly what bias=False does
         with torch.device("meta"):  # names and shapes only, no memory
@@ -84,7 +86,8 @@ def to_hf_state(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def from_hf_state(hf_state: dict[str, torch.Tensor], cfg: GPTConfig, where: Path) -> GPT:
-    """A gust GPT holding HF weights (GPT2LMHeadModel's or GPT2Model's key names)."""
+    """A gust GPT holding HF weights (GPT2LMHeadModel's or GPT2Model's key names); GPT.load_state_dict adds
+    the vocabulary's padding rows (zeros) to HF's vocab_size rows."""
     state = {}
     for name, tensor in hf_state.items():
         if name.endswith(HF_BUFFERS):

@@ -445,15 +445,16 @@ def optimization_step(run: Run, step: int, opt_step: int, stop_signal: int, diag
         x, y = run.batches.get(step, micro_step)
         t_compute = time.perf_counter()
         data_time += t_compute - t_data
-        run.raw_model.record_stats(diagnose and micro_step == 0)  # the first micro-batch speaks for the step
+        record = diagnose and micro_step == 0  # the first micro-batch speaks for the step
         with gradient_sync(run.model, run.raw_model, rt, sync=micro_step == run.accum_steps - 1):
             with run.ctx:
-                loss = run.model(x, y)[1]  # not the logits: (B, T, vocab) need not live through backward
+                out = run.model(x, y, diagnose=record)  # (None, loss) or (None, loss, per-layer stats)
+            loss = out[1]
             (loss * (scaler.scale / run.accum_steps)).backward()  # scaled: fp16 gradients stay above underflow
         loss_sum += loss.detach()
         compute_time += time.perf_counter() - t_compute
-        if diagnose and micro_step == 0:
-            stats = run.raw_model.collect_stats()
+        if record:
+            stats = {name: values.tolist() for name, values in out[2].items()}  # act_norm, attn_max_score
 
     t_opt = _sync(rt.device, timed)
     grad_norm = unscale_and_clip(run.params, scaler, cfg.optim.grad_clip)
@@ -603,13 +604,19 @@ def record_start(run: Run, ckpt: Path | None, step: int, changes: dict):
         print(f"gust: config changes from step {step}: {', '.join(changes)} (config-changes.jsonl)", flush=True)
 
 
-def check_model_shape(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
-    """A checkpoint's weights fit only a model of the same shape: say which flag differs."""
+def check_model_shape(state: dict, cfg: TrainConfig, ckpt: Path, same_padding: bool = False) -> None:
+    """A checkpoint's weights fit only a model of the same shape: say which flag differs. The vocabulary's padding
+    rows may differ for weights alone (GPT.load_state_dict fits them), not when resuming (AdamW's moments hold them)."""
     saved_model = state["config"]["model"]
     for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias"):
         if saved_model[name] != getattr(cfg.model, name):
             raise UserError(f"{ckpt}: checkpoint has model.{name} = {saved_model[name]}, but --model.{name.replace('_', '-')} "
                             f"is {getattr(cfg.model, name)}")
+    rows = state["model"]["transformer.wte.weight"].size(0)  # what the weights hold: vocab_size plus padding
+    if same_padding and rows != cfg.model.padded_vocab_size:
+        raise UserError(f"{ckpt}: checkpoint holds {rows} vocabulary rows, but --model.vocab-multiple "
+                        f"{cfg.model.vocab_multiple} gives {cfg.model.padded_vocab_size} — resume with "
+                        f"--model.vocab-multiple {saved_model.get('vocab_multiple', 1)}")
 
 
 def init_weights(path: Path, cfg: TrainConfig, raw_model, rt: Dist) -> None:
@@ -630,7 +637,7 @@ def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, train_split:
     """Load a checkpoint into model, optimizer, scaler and RNG; returns its step, optimizer step, wandb id, the
     config changes (check_resume_config) and the seconds of training before it."""
     state = checkpoint.load(ckpt)
-    check_model_shape(state, cfg, ckpt)
+    check_model_shape(state, cfg, ckpt, same_padding=True)
     changes = check_resume_config(state, cfg, train_split, ckpt)
     load_full_state(model, optimizer, state["model"], state["optimizer"], rt)
     scaler.load_state_dict(state["scaler"])

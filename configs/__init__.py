@@ -1,7 +1,7 @@
 """Every hyperparameter of a gust run, as tyro dataclasses, plus the named presets.
 
 `python train.py <preset> --help` lists each field with its docstring and the preset's value.
-Nothing here runs anything; train.py and data.py read these values and nothing else.
+Nothing here runs anything; model.py, data.py and train.py read these values and nothing else.
 """
 import difflib
 import json
@@ -12,7 +12,57 @@ from pathlib import Path
 from typing import Literal
 
 from errors import UserError
-from model import GPTConfig
+
+# ----------------------------------------------------------------------------- the model
+
+KERNEL_AT_LEAST_AS_FAST_AS_SDPA: dict[str, bool] = {"H200": False}
+"""Per GPU-name fragment: does gust's kernel train GPT-2 Small at least as fast as torch's SDPA there?
+Measured, not guessed (README, Performance; `python bench.py`): on one H200, torch 2.11, bf16, the kernel gave
+323K tokens/s against SDPA's 408K compiled, 185K against 215K eager — so False. `--model.attn-impl auto` takes
+the kernel only on cards listed True here (and where it builds); everywhere else it takes SDPA."""
+
+
+@dataclass
+class GPTConfig:
+    """The shape of the network and how attention is computed."""
+
+    block_size: int = 1024
+    """Context length: the number of learned position embeddings."""
+    vocab_size: int = 50257
+    """Token vocabulary size: the tokenizer's (GPT-2 BPE: 50257). The model holds padded_vocab_size rows."""
+    vocab_multiple: int = 64
+    """Round the embedding and output rows up to a multiple of this (faster matmuls; 1 = no padding)."""
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 768
+    """Width of the residual stream."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention probabilities and residual branches (GPT-2's single pdrop)."""
+    bias: bool = True
+    """Biases in Linear and LayerNorm layers (GPT-2 has them)."""
+    attn_impl: Literal["auto", "naive", "sdpa", "cuda"] = "auto"
+    """auto: gust's kernel where it builds and configs says it is the faster path on this card, else sdpa;
+    naive: explicit math (the reference); sdpa: torch's fused op; cuda: gust's kernel."""
+    upcast_attn: bool = True
+    """Compute QKᵀ and softmax in fp32 even under fp16/bf16 autocast (stability fix 1)."""
+    scale_attn_by_layer_idx: bool = True
+    """Also divide layer i's scores by i (1-based), as HF's scale_attn_by_inverse_layer_idx (stability fix 2)."""
+
+    def __post_init__(self):
+        if self.n_head < 1:
+            raise UserError(f"--model.n-head {self.n_head}: must be ≥ 1")
+        if self.n_embd % self.n_head != 0:
+            raise UserError(f"--model.n-embd {self.n_embd} is not divisible by --model.n-head {self.n_head}")
+        if self.vocab_multiple < 1:
+            raise UserError(f"--model.vocab-multiple {self.vocab_multiple} must be at least 1 (1 = no padding)")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output layer: vocab_size rounded up to vocab_multiple (50257 → 50304).
+        The extra rows belong to no token: their logits are dropped before the loss and before sampling."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 # Mistral's checkpoint schedule: (every N steps, until step M). With step 0 this is 609 checkpoints by 400k.
 MISTRAL_CHECKPOINT_INTERVALS = ((10, 100), (50, 2000), (100, 20_000), (1000, 400_000))

@@ -33,9 +33,10 @@ activation is still saved. gust keeps fp32 weights and autocasts the forward, fo
                a cast made a new tensor (7 at fp16 with upcast and dropout; Korthikanti's 5 without upcast);
                upcast also keeps q, k in fp32 (+2·(4 - e)·s·b·h).
                outside the blocks: s·b·h·(d + 4 + e) (embedding dropout mask, ln_f input, lm_head input)
-               logits: s·b·V·(4 + e + 8): fp32 log-probabilities saved by cross-entropy, the 16-bit logits that
-               train.py's `_, loss = model(x, y)` keeps alive, and two fp32 gradients that cross-entropy's backward
-               holds at once: b·s·V·(e + 4) is what the forward leaves; the 8 lasts only through cross-entropy's
+               logits: s·b·V·2e + 8·r·V, V padded (model.GPTConfig.padded_vocab_size): the logits, which
+               model.cross_entropy saves as they are (e bytes; it makes fp32 copies one chunk of r = min(s·b,
+               model.LOSS_CHUNK_ROWS) rows at a time), then in its backward their gradient (e) and one chunk's two
+               fp32 temporaries: b·s·V·e is what the forward leaves; the rest lasts only through the loss's
                backward, but that runs first, while every other activation is still saved.
 Not counted: the CUDA context and NCCL buffers (~0.5–1.5 GiB), allocator fragmentation, terms O(1/h) smaller
 (LayerNorm statistics, fused attention's log-sum-exp), and AdamW's foreach temporaries (≈ 4 bytes × the largest
@@ -51,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: find configs, model
 from configs import PRESETS, TrainConfig  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, LOSS_CHUNK_ROWS, GPTConfig  # noqa: E402
 
 GIB = 2**30
 TABLE_PRESETS = ("gpt2-small", "gpt2-medium")
@@ -94,7 +95,7 @@ def model_counts(model_cfg: GPTConfig, world_size: int) -> dict[str, int]:
 
 def activation_bytes(m: GPTConfig, micro_batch: int, precision: str) -> dict[str, int]:
     """Bytes saved for backward when it starts, by part (formulas in the module docstring)."""
-    s, b, h, a, V = m.block_size, micro_batch, m.n_embd, m.n_head, m.vocab_size
+    s, b, h, a, V = m.block_size, micro_batch, m.n_embd, m.n_head, m.padded_vocab_size
     e = 4 if precision == "fp32" else 2
     d = 1 if m.dropout > 0 else 0
     per_block = s * b * h * (8 + 14 * e + 2 * d)
@@ -106,7 +107,8 @@ def activation_bytes(m: GPTConfig, micro_batch: int, precision: str) -> dict[str
     elif m.attn_impl == "sdpa" and m.upcast_attn and e == 2:  # fp32 q, k, v and output replace the 16-bit q, k, v
         per_block += 10 * s * b * h
     return {"blocks": m.n_layer * per_block, "embeddings, ln_f, lm_head input": s * b * h * (d + 4 + e),
-            "log-probabilities": 4 * s * b * V, "logits held, cross-entropy gradients": (e + 8) * s * b * V}
+            "logits, saved by the loss": e * s * b * V,
+            "logits held, cross-entropy gradients": e * s * b * V + 8 * min(s * b, LOSS_CHUNK_ROWS) * V}
 
 
 def estimate(cfg: TrainConfig, counts: dict[str, int], world_size: int, mode: str, reshard: bool) -> dict[str, int]:

@@ -96,7 +96,7 @@ def test_counts_match_gpt2(preset, params, width, layers):
     assert counts["P"] == params  # Hugging Face's count: position embeddings in, tied wte/lm_head once
     assert counts["Pb"] == 12 * h * h + 13 * h  # qkv 3h² + proj h² + mlp 8h², and 13h of biases and LayerNorm
     assert counts["Pr"] == V * h + s * h + 2 * h  # wte, wpe, ln_f
-    assert counts["W"] == layers * 12 * h * h + V * h  # every Linear weight, lm_head (= wte) included
+    assert counts["W"] == layers * 12 * h * h + 50304 * h  # every Linear weight, lm_head (= wte, padded rows) included
 
 
 def test_partitions_match_torch_zero_and_fsdp():
@@ -115,7 +115,7 @@ def test_partitions_match_torch_zero_and_fsdp():
         groups = [{"params": [p for p in params if p.dim() >= 2]}, {"params": [p for p in params if p.dim() < 2]}]
         zero = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=1e-3)
         per_rank = [sum(p.numel() for group in rank for p in group["params"]) for rank in zero._partition_parameters()]
-        assert counts["zero1_rank"] == max(per_rank) == 50257 * 768  # wte alone fills one rank
+        assert counts["zero1_rank"] == max(per_rank) == 50304 * 768  # wte (padded to 50304 rows) alone fills one rank
         mesh = init_device_mesh("cpu", (8,))
         for block in model.transformer.h:
             fully_shard(block, mesh=mesh)
@@ -139,7 +139,7 @@ def test_sharding_divides_what_it_should():
     ddp, zero1 = rows[("ddp", False)], rows[("zero1", False)]
     zero2, zero3 = rows[("fsdp", False)], rows[("fsdp", True)]
     assert ddp["optimizer"] == 8 * 124_439_808  # two fp32 AdamW moments
-    assert zero1["optimizer"] == 8 * 50257 * 768 >= ddp["optimizer"] / 8  # whole tensors: wte's rank is the fullest
+    assert zero1["optimizer"] == 8 * 50304 * 768 >= ddp["optimizer"] / 8  # whole tensors: wte's rank is the fullest
     assert {k: v for k, v in zero1.items() if k not in ("optimizer", "total")} == \
            {k: v for k, v in ddp.items() if k not in ("optimizer", "total")}
     assert zero2["optimizer"] == zero3["optimizer"] == 8 * n["fsdp_shard"] < 1.01 * ddp["optimizer"] / 8
