@@ -213,8 +213,8 @@ def bench_startup(gigabytes: float) -> dict:
     return result
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench_data.py", description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="corpus,prepare,encode",
                         help="comma-separated: corpus,prepare,encode,old,startup")
     parser.add_argument("--size-mb", type=int, default=2048, help="synthetic corpus size (MiB of jsonl)")
@@ -222,7 +222,11 @@ def main():
     parser.add_argument("--old-data-py", type=Path, default=None, help="an earlier data.py to compare (part old)")
     parser.add_argument("--startup-gb", type=float, default=4.0, help="size of the synthetic train.bin (part startup)")
     parser.add_argument("--prepare-args", default="--split hash --no-progress", help="extra args for data.py prepare")
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     info = machine()
     print(f"machine: {info}")

@@ -363,7 +363,7 @@ def write_report(out_dir: Path, title: str, table: list[str], diff: list[str], p
     return path
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compare.py", description=__doc__.splitlines()[0])
     parser.add_argument("paths", type=Path, nargs="+", help="a sweep directory, or run directories / their parents")
     parser.add_argument("--metric", action="append", default=[],
@@ -373,7 +373,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of any Monte-Carlo test")
     parser.add_argument("--no-plot", action="store_true", help="skip the picture (no matplotlib needed)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     arms = {arm: runs for arm, runs in load_runs(args.paths).items() if runs}
     if not arms:
         raise UserError(f"{' '.join(map(str, args.paths))}: no run directories (each holds a config.json)")

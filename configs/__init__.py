@@ -256,33 +256,26 @@ def _mistral_gpt2(preset: str, lr: float, model: GPTConfig) -> TrainConfig:
     )
 
 
+def _shakespeare_cpu(preset: str, steps: int, eval_interval: int) -> TrainConfig:
+    """The CPU demo: 4 layers × 256 on the plays' BPE-4096 tokens, bf16 (this CPU's AMX units multiply bf16 ~5×
+    faster than fp32), a cosine schedule that ends with the run."""
+    return TrainConfig(
+        preset=preset,
+        model=GPTConfig(block_size=128, vocab_size=4096, n_layer=4, n_head=4, n_embd=256, dropout=0.0),
+        data=DataConfig(dir=Path("data/shakespeare")),
+        optim=OptimConfig(lr=2e-3, min_lr=1e-4, warmup_steps=50, decay="cosine", decay_steps=steps,
+                          beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, grad_clip=1.0),
+        checkpoint=CheckpointConfig(schedule="every", every=steps // 2, keep_last=2),
+        max_steps=steps, global_batch_size=16, micro_batch_size=16, precision="bf16", seed=21,
+        eval_interval=eval_interval, eval_batches=10, log_interval=25, diag_interval=100, wandb_mode="disabled",
+    )
+
+
 PRESETS: dict[str, tuple[str, TrainConfig]] = {
-    "shakespeare-cpu": (
-        "The default main job: a small GPT-2 on the plays, about 2 minutes on 2 CPU cores with bf16 matrix units.",
-        TrainConfig(
-            preset="shakespeare-cpu",
-            model=GPTConfig(block_size=128, vocab_size=4096, n_layer=4, n_head=4, n_embd=256, dropout=0.0),
-            data=DataConfig(dir=Path("data/shakespeare")),
-            optim=OptimConfig(lr=2e-3, min_lr=1e-4, warmup_steps=50, decay="cosine", decay_steps=600,
-                              beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, grad_clip=1.0),
-            checkpoint=CheckpointConfig(schedule="every", every=300, keep_last=2),
-            max_steps=600, global_batch_size=16, micro_batch_size=16, precision="bf16", seed=21,
-            eval_interval=100, eval_batches=10, log_interval=25, diag_interval=100, wandb_mode="disabled",
-        ),
-    ),
-    "shakespeare-cpu-long": (
-        "The default demo trained 2.5× longer: better quality, about 5 minutes on 2 CPU cores with bf16 matrix units.",
-        TrainConfig(
-            preset="shakespeare-cpu-long",
-            model=GPTConfig(block_size=128, vocab_size=4096, n_layer=4, n_head=4, n_embd=256, dropout=0.0),
-            data=DataConfig(dir=Path("data/shakespeare")),
-            optim=OptimConfig(lr=2e-3, min_lr=1e-4, warmup_steps=50, decay="cosine", decay_steps=1500,
-                              beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, grad_clip=1.0),
-            checkpoint=CheckpointConfig(schedule="every", every=500, keep_last=2),
-            max_steps=1500, global_batch_size=16, micro_batch_size=16, precision="bf16", seed=21,
-            eval_interval=250, eval_batches=10, log_interval=25, diag_interval=100, wandb_mode="disabled",
-        ),
-    ),
+    "shakespeare-cpu": ("The default main job: a small GPT-2 on the plays, about 2.5 minutes on 2 CPU cores with bf16 matrix units.",
+                        _shakespeare_cpu("shakespeare-cpu", steps=400, eval_interval=100)),
+    "shakespeare-cpu-long": ("The default demo trained longer: 2.20 bits per byte, about 4 minutes on 2 CPU cores.",
+                             _shakespeare_cpu("shakespeare-cpu-long", steps=600, eval_interval=100)),
     "shakespeare-quick": (
         "For sweeps (sweep.py): a 4-layer, 128-wide GPT-2 on the plays, about 35 s of training on 2 CPU cores.",
         TrainConfig(

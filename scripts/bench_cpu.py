@@ -65,9 +65,15 @@ def step_times(cfg, iters: int) -> list[float]:
     return [row["time_step"] for row in rows if "time_step" in row and row["step"] >= FIRST_TIMED]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=True)
+def build_parser() -> argparse.ArgumentParser:
+    """--iters; every other argument is train.py's (a preset and its overrides)."""
+    parser = argparse.ArgumentParser(prog="scripts/bench_cpu.py", description=__doc__.splitlines()[0], add_help=True)
     parser.add_argument("--iters", type=int, default=40, help="iterations to train (the median is over 5..N)")
+    return parser
+
+
+def main():
+    parser = build_parser()
     args, train_args = parser.parse_known_args()
     if args.iters < FIRST_TIMED + 1:
         parser.error(f"--iters {args.iters}: at least {FIRST_TIMED + 1} are needed (iterations 1..4 are start-up)")

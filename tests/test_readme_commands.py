@@ -6,6 +6,8 @@ that starts with `--` gives single flags, which must parse under one of the entr
 here is still parsed, and is skipped from running only for one of the reasons in SKIP_REASONS.
 """
 import contextlib
+import importlib
+import importlib.util
 import functools
 import io
 import re
@@ -58,6 +60,18 @@ def parse(script: str, args: list[str]):
     if script == "data.py" and args[:1] == ["prepare"]:
         from configs import PrepareConfig
         return tyro.cli(PrepareConfig, args=args[1:], prog="data.py prepare")
+    if script == "sweep.py":
+        from sweep import parse_args
+        return parse_args(args)
+    if script in ("compare.py", "bench_data.py"):
+        return importlib.import_module(script[:-3]).build_parser().parse_args(args)
+    if script == "scripts/bench_cpu.py":  # its own --iters, then train.py's arguments
+        from train import parse_config
+        spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / script)
+        bench_cpu = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_cpu)
+        _, train_args = bench_cpu.build_parser().parse_known_args(args)
+        return parse_config(train_args)
     raise AssertionError(f"README.md runs `{script} {' '.join(args)}`: no parser known for it — add it to parse()")
 
 
