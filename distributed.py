@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from configs import TrainConfig
+from errors import UserError
 from model import GPT
 
 
@@ -157,5 +158,5 @@ def agree_on_resume(ckpt: Path | None, rt: Dist):
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     if low.item() != high.item():
-        raise RuntimeError(f"ranks disagree on the checkpoint to resume (steps {low.item()} to {high.item()}; -1 = none): "
+        raise UserError(f"ranks disagree on the checkpoint to resume (steps {low.item()} to {high.item()}; -1 = none): "
                            "--out-dir must be on a filesystem every node sees")

@@ -24,7 +24,9 @@ SKIP_REASONS = {
     "torchrun": "needs several processes: parsed only (tests/test_dist.py and test_recipes.py run torchrun)",
     "gpt2": "a GPT-2 preset: a GPU-sized model and OpenWebText",
     "missing": "reads a path that is a placeholder or data not prepared here",
+    "long": "a benchmark or a sweep: minutes of CPU, run by hand (tests/test_sweep.py runs a tiny sweep end to end)",
 }
+LONG_RUNNING = ("bench_data.py", "scripts/bench_cpu.py", "sweep.py", "compare.py", "bench.py")
 TINY = {  # appended to a runnable line: the same command, a few steps or tokens
     "train.py": ["--max-steps", "2", "--eval-interval", "2", "--eval-batches", "1", "--final-eval-batches", "1",
                  "--checkpoint.schedule", "none", "--wandb-mode", "disabled"],
@@ -34,6 +36,8 @@ TINY = {  # appended to a runnable line: the same command, a few steps or tokens
 FOREIGN_FLAGS = {  # inline flags of other programs the README mentions: not checked here
     "--lr": "scripts/stability_demo.py", "--all": "scripts/memory_estimate.py", "--max-restarts": "torchrun",
     "--requeue": "sbatch", "--nproc_per_node": "torchrun",
+    **{flag: "sweep.py" for flag in ("--", "--name", "--parallel", "--threads", "--emit", "--launcher", "--arm", "--seeds")},
+    **{flag: "compare.py" for flag in ("--metric", "--baseline")}, "--x": "plot.py", "--panels": "plot.py",
 }
 
 
@@ -138,6 +142,8 @@ def skip_reason(launcher: str, tokens: list[str], run_root: Path) -> str | None:
         return "torchrun"
     if "--help" in args:
         return None
+    if script in LONG_RUNNING:
+        return "long"
     if script == "train.py" and args and args[0].startswith("gpt2"):
         return "gpt2"
     inputs = [a for i, a in enumerate(args) if not (i and args[i - 1] in OUTPUT_FLAGS) and not a.startswith("-")]

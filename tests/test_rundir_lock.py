@@ -120,7 +120,6 @@ def test_workers_die_with_their_torchrun_agent(tiny_data, tmp_path):
     wait_for(lambda: logged_step(cfg.out_dir) >= 3, agent, timeout=180)
     workers = [pid for pid in children_of(agent.pid) if alive(pid)]
     assert len(workers) == 2, workers
-    checkpoints_at_kill = checkpoint.all_checkpoints(cfg.out_dir)
     agent.send_signal(signal.SIGKILL)  # the agent only: its workers are in sessions of their own
     agent.wait()
     deadline = time.monotonic() + 10
@@ -130,5 +129,6 @@ def test_workers_die_with_their_torchrun_agent(tiny_data, tmp_path):
     for pid in survivors:  # don't leave them training if the test fails
         os.kill(pid, signal.SIGKILL)
     assert survivors == [], "workers trained on after their agent was killed"
+    checkpoints_at_kill = checkpoint.all_checkpoints(cfg.out_dir)  # once they are gone: a save may just have ended
     time.sleep(1)  # at ~10 steps/s and a checkpoint every 2 steps, a survivor would have written more
     assert checkpoint.all_checkpoints(cfg.out_dir) == checkpoints_at_kill
