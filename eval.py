@@ -26,10 +26,10 @@ import torch.nn.functional as F
 import tyro
 
 from checkpoint import find_checkpoint, load_gust
+from distributed import autocast, pick_device
 from errors import UserError, run_cli
 from model import GPT
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TASKS = ("hellaswag", "lambada", "wikitext")
 BENCHMARK_FILES = ("hellaswag_val.jsonl", "lambada_test.jsonl", "wiki.test.raw")
 """The usual names of the TASKS' files (in that order): eval.py reads the copies a user already has."""
@@ -252,7 +252,7 @@ def score_perplexity(cfg: EvalConfig, rank: int = 0, world_size: int = 1, device
 
 
 def autocast_for(cfg: EvalConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=DTYPES[cfg.precision]) if cfg.precision != "fp32" else nullcontext()
+    return autocast(cfg.precision, device)
 
 
 # ----------------------------------------------------------------------------- benchmarks: reading the files
@@ -583,8 +583,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.file is not None and cfg.task == "perplexity":
         raise UserError("--file is a benchmark's file: pass --task hellaswag|lambada|wikitext with it (or --text FILE)")
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}") if use_cuda else torch.device("cpu")
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    use_cuda = device.type == "cuda"
     if world_size > 1:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     try:

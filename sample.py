@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 
 from checkpoint import find_checkpoint, load_gust
+from distributed import pick_device
 from errors import run_cli
 
 
@@ -45,8 +46,7 @@ def sample(cfg: SampleConfig) -> list[str]:
 
     model, state = load_gust(find_checkpoint(cfg.checkpoint, cfg.run_dir))
     tokenizer = load_tokenizer(cfg.data_dir or Path(state["config"]["data"]["dir"]))
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = pick_device(cfg.device)
     model.to(device).set_attn_impl(device)  # resolve "auto" once, not on every forward
     # an empty prompt starts where every training document starts: right after <|endoftext|>
     prompt_ids = tokenizer.encode(cfg.prompt).ids if cfg.prompt else [tokenizer.token_to_id(EOT)]
