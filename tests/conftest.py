@@ -44,3 +44,16 @@ def tiny_run(data_dir: Path, out_dir: Path, **overrides):
         micro_batch_size=4, precision="fp32", seed=21, out_dir=out_dir, eval_interval=5, eval_batches=4,
         log_interval=1, diag_interval=5, wandb_mode="disabled")
     return replace(cfg, **overrides)
+
+
+def eval_on_two_ranks(args: list, out: Path) -> dict:
+    """eval.py's result under `torchrun --nproc_per_node=2` (gloo), read from the JSON it writes to out."""
+    import json
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "eval.py", *args, "--json-out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(out.read_text())

@@ -2,9 +2,6 @@
 windowing, bytes counted from the source text, a second run, and the plotted lines against the rows written here."""
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ import eval as gust_eval  # "eval" the module, not the builtin
 import hf_bridge
 import plot
 import sample
+from conftest import eval_on_two_ranks
 from configs import DataConfig, PrepareConfig, TrainConfig, to_json
 from data import load_tokenizer, prepare
 from model import GPT, GPTConfig
@@ -256,12 +254,7 @@ def test_two_gloo_ranks_report_what_one_rank_does(tmp_path, ckpt, text_file):
     args = ["--checkpoint", str(ckpt), "--text", str(text_file), "--context", "16", "--stride", "8",
             "--batch-size", "2", "--device", "cpu"]
     one_rank = gust_eval.main(args)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "eval.py", *args, "--json-out", str(tmp_path / "two.json")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    two_ranks = json.loads((tmp_path / "two.json").read_text())
+    two_ranks = eval_on_two_ranks(args, tmp_path / "two.json")
     assert two_ranks["tokens_scored"] == one_rank["tokens_scored"]
     assert two_ranks["loss"] == pytest.approx(one_rank["loss"], rel=1e-6)
     assert two_ranks["bits_per_byte"] == pytest.approx(one_rank["bits_per_byte"], rel=1e-6)

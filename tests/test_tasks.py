@@ -7,10 +7,7 @@ eval.py through hf_bridge. The detokeniser is checked on real WikiText idioms, a
 import hashlib
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ import torch
 import eval as gust_eval  # "eval" the module, not the builtin
 import hf_bridge
 import plot
-from conftest import GPT2_VOCAB, tiny_run
+from conftest import GPT2_VOCAB, eval_on_two_ranks, tiny_run
 from errors import UserError
 
 transformers = pytest.importorskip("transformers")
@@ -290,12 +287,7 @@ def test_two_gloo_ranks_report_what_one_rank_does_and_the_results_file_says_what
     args = ["--hf-dir", str(hf_dir), "--device", "cpu", "--batch-size", "3", "--context", "24", "--stride", "10",
             "--all-tasks", *specs]
     one = gust_eval.main([*args, "--out", str(tmp_path / "one.json")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "eval.py", *args, "--out", str(tmp_path / "two.json")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    two = json.loads((tmp_path / "two.json").read_text())
+    two = eval_on_two_ranks(args, tmp_path / "two.json")
     assert two["eval"]["world_size"] == 2
     for name in files:
         for key, value in one["tasks"][name].items():
