@@ -149,7 +149,7 @@ def test_a_bad_config_file_is_one_line_exit_2_and_the_run_untouched(tmp_path, ca
     (["--max-steps", "-5"], r"max_steps \(--max-steps\) = -5: must be ≥ 0"),
     (["--log-interval", "0"], r"log_interval \(--log-interval\) = 0: must be ≥ 1"),
     (["--optim.beta2", "1.0"], r"optim.beta2 \(--optim.beta2\) = 1.0: must be in \[0, 1\)"),
-    (["--global-batch-size", "12"], r"--global-batch-size 12 is not divisible by --micro-batch-size 16"),
+    (["--global-batch-size", "12", "--micro-batch-size", "16"], r"--global-batch-size 12 is not divisible by --micro-batch-size 16"),
 ])
 def test_counts_that_make_no_sense_name_the_flag(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
