@@ -3,7 +3,7 @@
 A checkpoint is a directory checkpoints/step-XXXXXXX/ holding state.pt (plain dicts, lists and tensors,
 so torch.load(weights_only=True) reads it) and MANIFEST.json (file sizes and sha256, step). It is
 written under a temporary name, fsynced, and renamed into place, so a reader never sees half of one.
-Not in here: what goes into state.pt (train.py decides) or any distributed logic.
+Not in here: what goes into state.pt (resume.py decides) or any distributed logic.
 """
 import errno
 import hashlib

@@ -2,7 +2,8 @@
 
 Reads as the story of a run: parse config → set up processes and seeds → build data, model, optimizer,
 loss scaler → loop (batch, forward, backward, unscale/clip/step, log, eval, checkpoint) → clean exit.
-Not in here: the model (model.py), tokens and batch order (data.py), checkpoint files (checkpoint.py).
+Not in here: the model (model.py), tokens and batch order (data.py), checkpoint files (checkpoint.py), what a
+checkpoint holds and the checks before resuming (resume.py), the metrics log, val loss and MFU (metrics.py).
 """
 import os
 
@@ -10,65 +11,26 @@ PARENT_AT_START = os.getppid()  # read before the slow imports: under torchrun, 
 
 import json  # noqa: E402 (the line above must come first)
 import math
-import random
 import signal
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 import checkpoint
 import rundir
-from configs import PRESETS, TrainConfig, changes_that_need_override, check_ranges, config_changes, from_json, to_json
+from configs import PRESETS, TrainConfig, check_ranges, from_json
 from data import TokenSplit, rank_rows
-from distributed import (Dist, agree_on_resume, autocast, distribute, full, full_state, gradient_sync, load_full_state,
-                         setup_processes)
+from distributed import Dist, agree_on_resume, autocast, distribute, full, gradient_sync, setup_processes
 from errors import UserError, run_cli
 from loss_scaler import DynamicLossScaler, unscale_and_clip
+from metrics import MetricsLog, evaluate, flops_per_token, peak_flops
 from model import GPT
-
-PEAK_FLOPS = {  # device-name fragment: dense FLOP/s for (bf16/fp16 tensor cores, TF32 tensor cores, plain fp32)
-    "H100": (989e12, 495e12, 67e12), "H200": (989e12, 495e12, 67e12), "A100": (312e12, 156e12, 19.5e12),
-    "L4": (121e12, 60e12, 30e12), "A10": (125e12, 62.5e12, 31e12), "V100": (125e12, 15.7e12, 15.7e12)}
-"""Peak FLOP/s for MFU, by the precision the matmuls run in (--peak-flops overrides). V100 has no TF32."""
-
-
-# ----------------------------------------------------------------------------- processes, seeds
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds CUDA too
-
-
-def rng_state() -> dict:
-    """This rank's RNG states as plain lists and tensors (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    state = {"python": _to_lists(random.getstate()), "torch": torch.get_rng_state(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict):
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _to_lists(obj):
-    return [_to_lists(x) for x in obj] if isinstance(obj, (tuple, list)) else obj
+from resume import checkpoint_state, init_weights, provenance, record_start, restore, resume_point, seed_everything
 
 
 # ----------------------------------------------------------------------------- schedule, optimizer
@@ -98,111 +60,7 @@ def build_optimizer(model: torch.nn.Module, optim, device: torch.device, sharded
     return torch.optim.AdamW(groups, **hyper)
 
 
-# ----------------------------------------------------------------------------- metrics, eval
-
-class MetricsLog:
-    """metrics.jsonl (one object per logged step), a console line, and wandb when enabled — rank 0 only."""
-
-    def __init__(self, run_dir: Path, cfg: TrainConfig, is_main: bool, resume_step: int | None, run_id: str):
-        self.is_main, self.path, self.wandb = is_main, run_dir / "metrics.jsonl", None
-        if not is_main:
-            return
-        if resume_step is not None and self.path.exists():  # drop rows of the interval about to be replayed
-            rows = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            _write_atomic(self.path, "".join(row + "\n" for row in rows))
-        elif resume_step is None:
-            self.path.write_text("")
-        if cfg.wandb_mode != "disabled":
-            self.wandb = _start_wandb(cfg, run_dir, run_id)
-
-    def log(self, row: dict, console: str | None = None):
-        if not self.is_main:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if console:
-            print(console, flush=True)
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if not isinstance(v, list)}, step=row["step"])
-
-
-def _start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str):
-    try:
-        import wandb  # imported lazily: optional, and slow to import
-    except ImportError:
-        print("wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
-        return None
-    return wandb.init(project=cfg.wandb_project, name=cfg.preset, id=run_id, resume="allow", mode=cfg.wandb_mode,
-                      dir=str(run_dir), config=to_json(cfg))
-
-
-@torch.no_grad()
-def evaluate(model, split: TokenSplit, cfg: TrainConfig, ctx, rt: Dist, max_batches: int) -> dict:
-    """Mean loss (nats/token) over consecutive val windows, split across ranks and summed exactly; and bits/byte."""
-    model.eval()
-    starts = split.eval_starts(max_batches * cfg.micro_batch_size)
-    loss_sum, token_count = torch.zeros((), dtype=torch.float64, device=rt.device), 0
-    per_round = rt.world_size * cfg.micro_batch_size
-    for first in range(rt.rank * cfg.micro_batch_size, math.ceil(len(starts) / per_round) * per_round, per_round):
-        idle = first >= len(starts)  # still run a forward: under fsdp every rank must join each block's gather
-        x, y = split.windows(starts[:cfg.micro_batch_size] if idle else starts[first:first + cfg.micro_batch_size])
-        with ctx:
-            _, loss = model(x.to(rt.device), y.to(rt.device))
-        if not idle:
-            loss_sum += loss.double() * y.numel()
-            token_count += y.numel()
-    totals = torch.stack([loss_sum, torch.tensor(float(token_count), dtype=torch.float64, device=rt.device)])
-    if rt.world_size > 1:
-        dist.all_reduce(totals)
-    model.train()
-    val_loss = (totals[0] / totals[1]).item()
-    tokens_per_byte = len(split.tokens) / split.bytes  # the split's own ratio: tokenizer-independent bpb
-    return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) * tokens_per_byte, "val_tokens": int(totals[1])}
-
-
-def flops_per_token(model: GPT) -> float:
-    """6N for the weights (forward + backward) plus 12·L·C·T for attention scores (C = n_head × head size)."""
-    c = model.config
-    weights = model.num_params() - model.transformer.wpe.weight.numel()  # lookups, not matmuls
-    return 6 * weights + 12 * c.n_layer * c.n_embd * c.block_size
-
-
-def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
-    if cfg.peak_flops > 0 or device.type != "cuda":
-        return cfg.peak_flops
-    name = torch.cuda.get_device_name(device)
-    column = 0 if cfg.precision in ("bf16", "fp16") else 1 if cfg.tf32 else 2  # score a run against its own peak
-    return next((peaks[column] for key, peaks in PEAK_FLOPS.items() if key in name), 0.0)
-
-
-# ----------------------------------------------------------------------------- provenance
-
-def provenance(rt: Dist) -> dict:
-    """Where and with what this run was made, for config.json and every checkpoint."""
-    import tokenizers
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                                  cwd=Path(__file__).parent).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-
-    device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
-            "torch": str(torch.__version__), "numpy": np.__version__, "tokenizers": tokenizers.__version__,
-            "python": sys.version.split()[0], "device": device_name, "world_size": rt.world_size}
-
-
-def _write_atomic(path: Path, text: str):
-    """path holds the old text or the new, never half of one (a killed write leaves NAME.tmp, removed at the next start)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-
+# ----------------------------------------------------------------------------- the run
 
 def check_batch_sizes(cfg: TrainConfig, world_size: int) -> int:
     """Gradient-accumulation steps per optimizer step, or a one-line error naming the flags."""
@@ -212,8 +70,6 @@ def check_batch_sizes(cfg: TrainConfig, world_size: int) -> int:
                         f"{cfg.micro_batch_size} × world size {world_size}")
     return cfg.global_batch_size // per_step
 
-
-# ----------------------------------------------------------------------------- the run
 
 class StopRequest:
     """SIGTERM / SIGINT set a flag; the loop checks it at the next step boundary (all ranks agree)."""
@@ -358,7 +214,7 @@ def _train(cfg: TrainConfig) -> dict:
     rt = run.rt
     tasks = None
     if cfg.eval_tasks:  # benchmark files read and tokenised once, before anything is written
-        from eval import load_tasks, score_tasks
+        from eval import load_tasks
         tasks = load_tasks(cfg.eval_tasks, cfg.data.dir, cfg.model.block_size)
     if rt.is_main:
         record_start(run, ckpt, step, changes)
@@ -396,23 +252,12 @@ def _train(cfg: TrainConfig) -> dict:
             log.log(row, console_line(row, cfg.max_steps))
         result = None
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            result = evaluate(run.model, run.val_split, cfg, run.ctx, rt,
-                              cfg.final_eval_batches if step == cfg.max_steps else cfg.eval_batches)
-            if tasks:  # the raw model: fsdp's gathers still run, DDP and compile are for training
-                result.update(score_tasks(tasks, run.raw_model, rt.device, run.ctx, rt.rank, rt.world_size,
-                                          cfg.micro_batch_size))
-            log.log({"step": step, **result, "elapsed": run.elapsed()},
-                    f"step {step:>7} | val loss {result['val_loss']:.4f} | val bits/byte {result['val_bpb']:.4f}")
+            result = evaluate_and_log(run, log, tasks, step)
         rolling = cfg.checkpoint.schedule == "every" and step % cfg.checkpoint.every == 0
         if step in run.keep_steps or rolling or out.stop_requested:
             save(run, step, opt_step)
         if out.stop_requested:
-            signum = stop.signal or signal.SIGTERM  # a rank that was not signalled itself exits as if it had been
-            if rt.is_main:
-                print(f"gust: {signal.Signals(signum).name} received; checkpoint at step {step} written, exiting",
-                      flush=True)
-            finish(log, rt)
-            sys.exit(128 + signum)  # the shell's convention for "ended by this signal"
+            exit_for_signal(log, rt, stop.signal, step)
     if result is None:  # resumed at the end: report the final numbers again, without a duplicate row
         result = evaluate(run.model, run.val_split, cfg, run.ctx, rt, cfg.final_eval_batches)
     finish(log, rt)
@@ -525,6 +370,20 @@ def console_line(row: dict, max_steps: int) -> str:
     return line
 
 
+def evaluate_and_log(run: Run, log: MetricsLog, tasks: dict | None, step: int) -> dict:
+    """Val loss and bits/byte (over final_eval_batches at the last step), the --eval-tasks benchmarks, one row."""
+    cfg, rt = run.cfg, run.rt
+    result = evaluate(run.model, run.val_split, cfg, run.ctx, rt,
+                      cfg.final_eval_batches if step == cfg.max_steps else cfg.eval_batches)
+    if tasks:  # the raw model: fsdp's gathers still run, DDP and compile are for training
+        from eval import score_tasks  # imported only when --eval-tasks is given, as load_tasks is in _train
+        result.update(score_tasks(tasks, run.raw_model, rt.device, run.ctx, rt.rank, rt.world_size,
+                                  cfg.micro_batch_size))
+    log.log({"step": step, **result, "elapsed": run.elapsed()},
+            f"step {step:>7} | val loss {result['val_loss']:.4f} | val bits/byte {result['val_bpb']:.4f}")
+    return result
+
+
 def finish(log: MetricsLog, rt: Dist):
     if log.wandb is not None:
         log.wandb.finish()
@@ -532,123 +391,13 @@ def finish(log: MetricsLog, rt: Dist):
         dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------- checkpoints in and out
-
-def checkpoint_state(run: Run, step: int, opt_step: int) -> dict:
-    """Everything needed to continue bitwise: weights, AdamW moments, scaler, counters, every rank's RNG."""
-    mine = {"rng": rng_state(), "scaler": run.scaler.state_dict()}  # the scaler too: proof every rank agreed
-    per_rank = [mine]
-    if run.rt.world_size > 1:
-        per_rank = [None] * run.rt.world_size
-        dist.all_gather_object(per_rank, mine)
-    model_state, optimizer_state = full_state(run.raw_model, run.optimizer, run.rt)
-    return {"model": model_state, "optimizer": optimizer_state, "scaler": run.scaler.state_dict(),
-            "step": step, "opt_step": opt_step, "per_rank": per_rank, "config": to_json(run.cfg),
-            "data_sha256": {"train": run.train_split.meta["splits"]["train"]["sha256"],
-                            "val": run.val_split.meta["splits"]["val"]["sha256"]},
-            "wandb_run_id": run.run_id, "provenance": run.made_with}
-
-
-def resume_point(cfg: TrainConfig, run_dir: Path) -> Path | None:
-    """The checkpoint to continue, or None for a fresh start; refuses to start over a run by accident."""
-    if cfg.resume == "none":
-        if checkpoint.all_checkpoints(run_dir):  # never overwrite a run by accident
-            raise UserError(f"{run_dir}: already holds checkpoints — pass --resume auto to continue it, "
-                            "or choose a new --out-dir")
-        return None
-    if cfg.resume == "auto":
-        found = checkpoint.all_checkpoints(run_dir)
-        ckpt = checkpoint.latest_complete(run_dir)
-        if found and ckpt is None:  # starting over would lose the run: only the user may decide that
-            raise UserError(f"{run_dir}: none of its {len(found)} checkpoint(s) verifies (newest "
-                            f"{found[0].name}: {checkpoint.verify(found[0])}) — nothing was changed; pass "
-                            "--resume with a checkpoint path you trust, or start over in a new --out-dir")
-        return ckpt
-    path = Path(cfg.resume)
-    if not path.is_dir():
-        raise UserError(f"--resume {path}: no such checkpoint directory")
-    return path
-
-
-def check_resume_config(state: dict, cfg: TrainConfig, train_split: TokenSplit, ckpt: Path) -> dict:
-    """The fields that differ from the checkpoint's config, {dotted key: (old, new)}; a one-line UserError naming
-    them if any changes the data stream or the optimisation (configs.FREE_ON_RESUME lists what may change) and
-    --allow-config-change is not given."""
-    changes = config_changes(state["config"], cfg)
-    old_sha, new_sha = state.get("data_sha256", {}).get("train"), train_split.meta["splits"]["train"]["sha256"]
-    if old_sha is not None and old_sha != new_sha:  # same path, other tokens: a different data stream
-        changes["data.train_sha256"] = (old_sha, new_sha)
-    for act_of_resuming in ("resume", "allow_config_change"):  # how this start was asked for, not a change
-        changes.pop(act_of_resuming, None)
-    blocked = changes_that_need_override(changes)
-    if blocked and not cfg.allow_config_change:
-        listed = ", ".join(f"{key} {json.dumps(old)} → {json.dumps(new)}" for key, (old, new) in blocked.items())
-        raise UserError(f"{ckpt}: this resume changes the run — {listed} (checkpoint → now); resume with the "
-                        "run's own values, or pass --allow-config-change to continue (recorded in config-changes.jsonl)")
-    return changes
-
-
-def record_start(run: Run, ckpt: Path | None, step: int, changes: dict):
-    """Rank 0, lock held, run built: remove killed writers' leftovers; write config.json for a fresh run (never over
-    a run's own), and append a resume's config changes, with the step they take effect, to config-changes.jsonl."""
-    for path in rundir.remove_leftovers(run.run_dir):
-        print(f"gust: removed {path}, left by a writer that was killed", flush=True)
-    config_json = run.run_dir / "config.json"
-    if ckpt is None or not config_json.exists():
-        _write_atomic(config_json, json.dumps(to_json(run.cfg), indent=2))
-    if changes:
-        row = {"step": step, "checkpoint": str(ckpt), "overridden": run.cfg.allow_config_change,
-               "changes": {key: {"from": old, "to": new} for key, (old, new) in changes.items()}}
-        with open(run.run_dir / "config-changes.jsonl", "a") as file:
-            file.write(json.dumps(row) + "\n")
-        print(f"gust: config changes from step {step}: {', '.join(changes)} (config-changes.jsonl)", flush=True)
-
-
-def check_model_shape(state: dict, cfg: TrainConfig, ckpt: Path, same_padding: bool = False) -> None:
-    """A checkpoint's weights fit only a model of the same shape: say which flag differs. The vocabulary's padding
-    rows may differ for weights alone (GPT.load_state_dict fits them), not when resuming (AdamW's moments hold them)."""
-    saved_model = state["config"]["model"]
-    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "bias"):
-        if saved_model[name] != getattr(cfg.model, name):
-            raise UserError(f"{ckpt}: checkpoint has model.{name} = {saved_model[name]}, but --model.{name.replace('_', '-')} "
-                            f"is {getattr(cfg.model, name)}")
-    rows = state["model"]["transformer.wte.weight"].size(0)  # what the weights hold: vocab_size plus padding
-    if same_padding and rows != cfg.model.padded_vocab_size:
-        raise UserError(f"{ckpt}: checkpoint holds {rows} vocabulary rows, but --model.vocab-multiple "
-                        f"{cfg.model.vocab_multiple} gives {cfg.model.padded_vocab_size} — resume with "
-                        f"--model.vocab-multiple {saved_model.get('vocab_multiple', 1)}")
-
-
-def init_weights(path: Path, cfg: TrainConfig, raw_model, rt: Dist) -> None:
-    """--init-from: only the model weights of a checkpoint directory, or of a run directory's newest one."""
-    ckpt = path if (path / checkpoint.MANIFEST).is_file() else checkpoint.latest_complete(path)
-    if ckpt is None:
-        raise UserError(f"--init-from {path}: no complete checkpoint there (a step-XXXXXXX directory or a run "
-                        f"directory holding checkpoints/)")
-    state = checkpoint.load(ckpt)
-    check_model_shape(state, cfg, ckpt)
-    raw_model.load_state_dict(state["model"])
+def exit_for_signal(log: MetricsLog, rt: Dist, signum: int, step: int):
+    """After the stop checkpoint at step is written: every rank ends as the signal would have ended it."""
+    signum = signum or signal.SIGTERM  # a rank that was not signalled itself exits as if it had been
     if rt.is_main:
-        print(f"gust: weights from {ckpt} (its step {state['step']}); optimizer and step start fresh", flush=True)
-
-
-def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, train_split: TokenSplit,
-            rt: Dist) -> tuple[int, int, str, dict, float]:
-    """Load a checkpoint into model, optimizer, scaler and RNG; returns its step, optimizer step, wandb id, the
-    config changes (check_resume_config) and the seconds of training before it."""
-    state = checkpoint.load(ckpt)
-    check_model_shape(state, cfg, ckpt, same_padding=True)
-    changes = check_resume_config(state, cfg, train_split, ckpt)
-    load_full_state(model, optimizer, state["model"], state["optimizer"], rt)
-    scaler.load_state_dict(state["scaler"])
-    if len(state["per_rank"]) == rt.world_size:
-        set_rng_state(state["per_rank"][rt.rank]["rng"])
-    else:  # a new world size cannot continue the old per-rank streams; derive fresh ones from the step
-        seed_everything(cfg.seed + rt.rank + 1_000_003 * state["step"])
-    if rt.is_main:
-        print(f"gust: resumed from {ckpt} (step {state['step']})", flush=True)
-    elapsed = state.get("elapsed", 0.0)  # seconds of training before this checkpoint (older checkpoints: 0)
-    return state["step"], state["opt_step"], state["wandb_run_id"], changes, elapsed
+        print(f"gust: {signal.Signals(signum).name} received; checkpoint at step {step} written, exiting", flush=True)
+    finish(log, rt)
+    sys.exit(128 + signum)  # the shell's convention for "ended by this signal"
 
 
 def parse_config(argv: list[str]) -> TrainConfig:

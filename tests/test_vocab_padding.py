@@ -75,7 +75,7 @@ def save_weights(model: GPT, run_dir):
 
 
 def test_init_from_fits_the_rows_and_resume_names_the_flag(tmp_path):
-    from train import check_model_shape, init_weights
+    from resume import check_model_shape, init_weights
 
     unpadded, padded = padded_and_unpadded()
     ckpt = save_weights(unpadded, tmp_path / "old")  # as a checkpoint from before the padding: 100 rows
