@@ -229,7 +229,7 @@ class TrainConfig:
     tf32: bool = True
     """Allow TF32 matmuls for fp32 work on Ampere+ GPUs."""
     peak_flops: float = 0.0
-    """Peak FLOP/s of one device for MFU; 0 looks the device name up in train.py's table."""
+    """Peak FLOP/s of one device for MFU; 0 looks the device name up in metrics.PEAK_FLOPS."""
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     """Weights & Biases logging; offline writes under out_dir/wandb and syncs never."""
     wandb_project: str = "gust"
