@@ -12,12 +12,20 @@ variants also return each (batch, head)'s max |score|. CPU tensors (any float dt
 reference.py's twin instead: slow, for tests. Each is one torch.library custom op with a fake
 (meta) implementation, so torch.compile traces it without a graph break.
 
+The backward on CUDA is one of two, chosen once per process by the environment variable
+GUST_ATTN_BACKWARD (read at import into `BACKWARD`): `split` (the default; a dK/dV kernel and a dQ
+kernel, 7 matmuls, measured) or `fused` (one kernel for dK, dV and dQ, 5 matmuls, dQ added in a
+fixed order so it stays bitwise deterministic; not yet measured on a GPU: NOTES.md says how
+gpu_check's output decides which becomes the default). Both give dK, dV, dQ within rounding of
+each other and are each bitwise repeatable.
+
 Importing this package compiles nothing; the first CUDA call (or `available()`) runs nvcc once
 per source version and GPU architecture and caches the library under attention_cuda/build/.
 Not for: non-causal attention, dropout, masks, or GPUs older than sm_80.
 """
 
 import contextlib
+import os
 
 import torch
 
@@ -33,7 +41,21 @@ def _compile_library(archs):
 
 
 __all__ = ["available", "unavailable_reason", "attention", "attention_with_max_score", "attention_qkv",
-           "attention_qkv_with_max_score"]
+           "attention_qkv_with_max_score", "BACKWARD", "backward_kind"]
+
+BACKWARDS = ("split", "fused")
+
+
+def _backward_from_env(environ) -> str:
+    """GUST_ATTN_BACKWARD's value ("split" when unset or empty); a one-line error for anything else."""
+    value = environ.get("GUST_ATTN_BACKWARD", "").strip().lower() or "split"
+    if value not in BACKWARDS:
+        raise ValueError(f"attention_cuda: GUST_ATTN_BACKWARD={value!r} — expected one of {', '.join(BACKWARDS)}")
+    return value
+
+
+# The one switch between the two backwards (see the module docstring): read once, here.
+BACKWARD = _backward_from_env(os.environ)
 
 _library = None  # the loaded ctypes library, once built
 _failure = None  # why it cannot be loaded, once known (checked once per process)
@@ -101,6 +123,20 @@ def emulated_on_cpu():
         yield
     finally:
         _cpu_library = previous
+
+
+@contextlib.contextmanager
+def backward_kind(name: str):
+    """For tests and gpu_check: inside this block the ops' backward is `name` ("split" or "fused")
+    instead of BACKWARD's process-wide choice."""
+    global BACKWARD
+    if name not in BACKWARDS:
+        raise ValueError(f"attention_cuda: backward {name!r} — expected one of {', '.join(BACKWARDS)}")
+    previous, BACKWARD = BACKWARD, name
+    try:
+        yield
+    finally:
+        BACKWARD = previous
 
 
 # ---- checks and the implementations (CUDA kernel or its CPU emulation; the CPU twin) ----
@@ -188,7 +224,14 @@ def _backward_into(grad_y, q, k, v, y, lse, scale: float, dq, dk, dv) -> None:
     delta = torch.empty_like(lse)  # (B, H, T) rowsum(dO * O), scratch for the kernels
     k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()  # (B, H, D) each head's mean key: dQ centers on it
     with on_device:
-        _launch.backward_into(library, q, k, v, y, lse, grad_y, k_mean, scale, dq, dk, dv, delta, stream=stream)
+        if BACKWARD == "fused":
+            B, H, T, D = q.shape  # scratch whose contents do not matter: fp32 dQ accumulator, turn counters
+            dq_acc = torch.empty((B, H, T, D), dtype=torch.float32, device=q.device)
+            dq_turn = torch.empty((B * H * -(-T // reference.BLOCK_Q),), dtype=torch.int32, device=q.device)
+            _launch.backward_fused_into(library, q, k, v, y, lse, grad_y, k_mean, scale, dq, dk, dv, delta, dq_acc,
+                                        dq_turn, stream=stream)
+        else:
+            _launch.backward_into(library, q, k, v, y, lse, grad_y, k_mean, scale, dq, dk, dv, delta, stream=stream)
 
 
 def _stats_shapes(q, with_max_score: bool):

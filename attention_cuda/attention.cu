@@ -105,6 +105,27 @@ struct DqSmem : Tiles<D> {
     static constexpr int bytes = 7 * tile + 2 * row_values;
 };
 
+// Fused backward (dK, dV and dQ in one kernel): k_tile, v_tile, kc_tile (16-bit k - k_mean, built once:
+// the K tile is the block's for the whole loop), ds_tile (this pass's 16-bit dSᵀ, keys as rows, which
+// every warp reads for its 16 queries' dQ), then twice q_tile, do_tile, lse, delta as in dK/dV.
+// D = 64: 74,752 bytes (2 blocks per SM, as dK/dV); D = 128: 132,096 (1 block per SM, dK/dV has 2).
+template <int D>
+struct FusedSmem : Tiles<D> {
+    using Tiles<D>::tile, Tiles<D>::row_values;
+    static constexpr int ds_bytes = tile_bytes(BLOCK_K, ld16(BLOCK_Q), 2);  // (64 keys, 64 queries)
+    static constexpr int k_tile = 0;
+    static constexpr int v_tile = tile;
+    static constexpr int kc_tile = 2 * tile;
+    static constexpr int ds_tile = 3 * tile;
+    __host__ __device__ static constexpr int q_tile(int buffer) { return 3 * tile + ds_bytes + buffer * tile; }
+    __host__ __device__ static constexpr int do_tile(int buffer) { return 5 * tile + ds_bytes + buffer * tile; }
+    __host__ __device__ static constexpr int lse_tile(int buffer) { return 7 * tile + ds_bytes + buffer * row_values; }
+    __host__ __device__ static constexpr int delta_tile(int buffer) {
+        return 7 * tile + ds_bytes + (2 + buffer) * row_values;
+    }
+    static constexpr int bytes = 7 * tile + ds_bytes + 4 * row_values;
+};
+
 // ----------------------------------------------------------------------------------------
 // Where the tensors are: strided (B, H, T, D) views
 // ----------------------------------------------------------------------------------------
@@ -213,6 +234,9 @@ __device__ __forceinline__ bool fragment_needs_mask(int i0, int queries, int j0,
 // grouped by cp_async_commit; cp_async_wait<N> returns when all but the newest N groups of
 // this thread have landed.
 //
+// The fused backward also orders blocks through counters in global memory: ld.acquire in a spin
+// loop, red.release to hand the turn on (spin_until_equal, release_increment).
+//
 // cuda_on_cpu.h defines the same functions for the CPU tests.
 // ----------------------------------------------------------------------------------------
 
@@ -252,6 +276,20 @@ __device__ __forceinline__ void cp_async_4(void* destination, const void* source
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+// The fused backward's turn counters (see attention_backward_fused_kernel). Spins until *counter ==
+// value; each read is an acquire at GPU scope, so what the block that set the value wrote before
+// its release is visible to this thread (and, after a __syncthreads, to the block).
+__device__ __forceinline__ void spin_until_equal(const unsigned* counter, unsigned value) {
+    unsigned seen;
+    do {
+        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
+    } while (seen != value);
+}
+// *counter += 1 as a release at GPU scope: every write ordered before it (this thread's, and the
+// block's through __threadfence and __syncthreads) is visible to a thread that acquires the new value.
+__device__ __forceinline__ void release_increment(unsigned* counter) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter) : "memory");
+}
 #endif
 
 // Starts copying rows [row0, row0 + ROWS) of one head's (seq_len, D) matrix into a shared tile
@@ -328,6 +366,16 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4], const scalar_t* tile, i
     ldmatrix_x4(a, tile + (row0 + lane % 16) * ld + col0 + (lane / 16) * 8);
 }
 
+// A fragment of A = tileᵀ: A[m][k] = tile[col0 + k][row0 + m] for m, k in [0, 16), from a tile that holds
+// the matrix transposed (the fused backward's dSᵀ, keys as rows, read as dS). Matrix i of the x4 is
+// a[i]'s 8x8 block, A rows 8 (i % 2).. and columns 8 (i / 2)..: tile rows col0 + 8 (i / 2).., columns
+// row0 + 8 (i % 2)..; .trans hands lane (g, t) tile[2t, 2t+1][g] of it, which is A[g][2t, 2t+1].
+template <typename scalar_t>
+__device__ __forceinline__ void load_a_transposed(uint32_t (&a)[4], const scalar_t* tile, int ld, int row0, int col0) {
+    const int lane = threadIdx.x % 32, matrix = lane / 8;
+    ldmatrix_x4_trans(a, tile + (col0 + 8 * (matrix / 2) + lane % 8) * ld + row0 + 8 * (matrix % 2));
+}
+
 // Two B fragments (columns n0.. and n0+8..) for B[k][n] = tile[n][k], k in [k0, k0+16): the
 // "other tile transposed" operand of q kᵀ, dO vᵀ. Matrix i of the x4 covers tile rows
 // n0 + 8 (i / 2).. and columns k0 + 8 (i % 2)..; b[j] is the fragment of columns n0 + 8 j...
@@ -372,14 +420,15 @@ __device__ void warp_matmul_abt(float (&acc)[COLS / 8][4], const scalar_t* a_til
     }
 }
 
-// acc (16, D) fp32 += a (16, INNER) @ b_tile (INNER, D), with `a` already in registers as A
-// fragments (P or dS, from to_a_fragments) and b_tile 16-bit in shared memory.
-template <int INNER, int D, typename scalar_t>
-__device__ void warp_matmul_ab(float (&acc)[D / 8][4], const uint32_t (&a)[INNER / 16][4], const scalar_t* b_tile) {
+// acc (16, COLS) fp32 += a (16, INNER) @ b_tile (INNER, COLS), with `a` already in registers as A
+// fragments (P or dS, from to_a_fragments or load_a_transposed) and b_tile 16-bit in shared memory
+// with row stride ld16(D): all D columns of a tile (COLS = D), or the COLS columns at b_tile.
+template <int INNER, int D, typename scalar_t, int COLS = D>
+__device__ void warp_matmul_ab(float (&acc)[COLS / 8][4], const uint32_t (&a)[INNER / 16][4], const scalar_t* b_tile) {
 #pragma unroll
     for (int kk = 0; kk < INNER / 16; ++kk) {
 #pragma unroll
-        for (int n = 0; n < D / 16; ++n) {
+        for (int n = 0; n < COLS / 16; ++n) {
             uint32_t b[2][2];
             load_b(b, b_tile, ld16(D), 16 * kk, 16 * n);
             mma_16x8x16<scalar_t>(acc[2 * n], a[kk], b[0]);
@@ -746,6 +795,196 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
 }
 
 // ----------------------------------------------------------------------------------------
+// Fused backward: dK, dV and dQ in one kernel, 5 matmuls per (Q tile, K tile) pair instead of the
+// 7 of the two kernels above, with dQ still bitwise deterministic (FlashAttention-3's scheme).
+//
+// One block per (K tile j, batch*head), as in the dK/dV kernel; the block also computes, on each
+// pass, the dQ partial dQ_ij = dS_ij (K_j - k_mean) of the Q tile i it visits. The partials of Q tile i
+// come from blocks j = 0..i and are added into an fp32 accumulator dq_acc (B*H, T, D) in that
+// fixed order, so every run adds the same numbers in the same order: the same bits. The order is
+// kept by one counter per (head, Q tile), dq_turn[bh][i] = how many K tiles have added into Q
+// tile i so far: block j waits (one thread spins on acquire loads, then a barrier) until it reads
+// j, adds its partial with plain loads and stores (no other block touches those rows while it
+// holds the turn), makes its adds visible (__threadfence, barrier) and hands the turn on (one
+// release increment). Block 0 stores instead of adding (so dq_acc needs no zeroing) and takes its
+// turn without waiting; block i, the last, writes scale * (accumulator + its partial) as the
+// 16-bit dQ instead of storing it back, and releases nothing (nobody comes after it): no
+// conversion kernel. The counters are zeroed (cudaMemsetAsync) before every launch.
+//
+// Why no block waits forever, and why the waits are short:
+// - A block waits only on blocks of its own head with a smaller K tile, which have a smaller
+//   linear block index (blockIdx.x = head, blockIdx.y = K tile: linear index head + heads * j).
+//   CUDA hands blocks to the SMs in increasing linear index in practice (not a documented
+//   guarantee; FlashAttention-3's deterministic backward relies on the same), so when block j is
+//   resident, every block it waits on is resident or finished, and by induction from K tile 0
+//   (which never waits) all of them finish. Blocks dispatched in another order could hang; the
+//   CPU emulation runs blocks in increasing index and turns a spin whose condition is false into
+//   an error, so a kernel that waits on a later block fails there (the tests reverse the order
+//   to show that this check fires).
+// - Each block walks its Q tiles downwards (i = n-1, ..., j), so blocks j-1 and j visit the same
+//   Q tile on the same pass and a block trails its predecessor by one add. (Walking upwards,
+//   block j's first tile, i = j, would wait until blocks 0..j-1 had all reached it: j passes idle.)
+//
+// dQ keeps the dQ kernel's centered keys (see there): kc_tile = K_j - k_mean is built once per
+// block, since the K tile stays the block's for the whole loop.
+// The dQ product needs, for each of a warp's 16 queries, dS over all 64 keys, while a warp's
+// registers hold dSᵀ for its own 16 keys: each warp writes its 16-bit dSᵀ into ds_tile and, after
+// a barrier, reads its queries' dS back as A fragments (load_a_transposed). dQ is computed and
+// added DQ_COLS columns at a time (once at D = 64, twice at D = 128), so the partial costs 32
+// registers.
+// Costs: dq_acc (B*H*T*D*4 bytes: 25 MB at GPT-2 Small's 8x12x1024x64), two more shared tiles
+// (kc_tile, ds_tile), and 4 barriers per pass instead of 2.
+// ----------------------------------------------------------------------------------------
+
+constexpr int DQ_COLS = 64;  // columns of dQ computed and added at a time
+
+// Writes a warp's (16, COLS) 16-bit A fragments (to_a_fragments' layout) into rows [row0, row0 + 16)
+// of a shared tile with row stride ld, as the 16-bit matrix they hold.
+template <int COLS, typename scalar_t>
+__device__ __forceinline__ void store_a_fragments(scalar_t* tile, int ld, const uint32_t (&a)[COLS / 16][4], int row0) {
+    const int lane = threadIdx.x % 32;
+    uint32_t* top = reinterpret_cast<uint32_t*>(tile + (row0 + lane / 4) * ld);         // row g
+    uint32_t* bottom = reinterpret_cast<uint32_t*>(tile + (row0 + lane / 4 + 8) * ld);  // row g + 8
+#pragma unroll
+    for (int kk = 0; kk < COLS / 16; ++kk) {  // a[kk]: columns 16 kk + 2t (regs 0, 1) and 16 kk + 8 + 2t (2, 3)
+        top[8 * kk + lane % 4] = a[kk][0];
+        bottom[8 * kk + lane % 4] = a[kk][1];
+        top[8 * kk + 4 + lane % 4] = a[kk][2];
+        bottom[8 * kk + 4 + lane % 4] = a[kk][3];
+    }
+}
+
+// Adds a warp's (16, DQ_COLS) fp32 dQ partial, rows [row0, row0 + 16) and columns [col0, col0 +
+// DQ_COLS) of the head, into the head's fp32 accumulator acc (seq_len, D) while the block holds the
+// turn: `first` stores it (acc holds nothing of this run yet), otherwise load, add, store; `last`
+// writes scale * (acc + partial) to dq as 16-bit instead of storing. Rows past seq_len are skipped.
+// acc is read and written at L2 (.cg), where the other blocks' adds land, not through this SM's L1.
+template <int D, typename scalar_t>
+__device__ void add_dq_partial(const float (&part)[DQ_COLS / 8][4], float* acc, HeadMatrix<scalar_t> dq, int row0,
+                               int col0, int seq_len, bool first, bool last, float scale) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int row = row0 + frag_row(2 * h);
+        if (row >= seq_len) continue;
+        float* acc_row = acc + row * D + col0;
+        uint32_t* out_row = reinterpret_cast<uint32_t*>(dq.rows + row * dq.stride + col0);
+#pragma unroll
+        for (int n = 0; n < DQ_COLS / 8; ++n) {
+            const int col = 8 * n + frag_col(0);
+            float2 sum = make_float2(part[n][2 * h], part[n][2 * h + 1]);
+            if (!first) {
+                const float2 before = __ldcg(reinterpret_cast<const float2*>(acc_row + col));
+                sum.x = before.x + sum.x;
+                sum.y = before.y + sum.y;
+            }
+            if (last) out_row[col / 2] = pack2<scalar_t>(sum.x * scale, sum.y * scale);  // dQ = scale dS (K - k_mean)
+            else __stcg(reinterpret_cast<float2*>(acc_row + col), sum);
+        }
+    }
+}
+
+// dK, dV for one K tile and its share of dQ for every Q tile that sees it: one block per (K tile,
+// batch*head). Warp w owns keys [16 w, 16 w + 16) of the tile for dK, dV (as in the dK/dV kernel)
+// and queries [16 w, 16 w + 16) of each visited Q tile for dQ.
+template <int D, typename scalar_t>
+__global__ void __launch_bounds__(THREADS)
+attention_backward_fused_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+                                const scalar_t* __restrict__ v, const scalar_t* __restrict__ d_o,
+                                const float* __restrict__ lse, const float* __restrict__ delta,
+                                const float* __restrict__ k_mean, float* dq_acc,  // both shared with other blocks:
+                                unsigned* dq_turn, scalar_t* __restrict__ dq,     // no __restrict__
+                                scalar_t* __restrict__ dk, scalar_t* __restrict__ dv, const Layout layout,
+                                int seq_len, float scale) {
+    using Smem = FusedSmem<D>;
+    extern __shared__ __align__(128) unsigned char smem[];
+    scalar_t* k_tile = reinterpret_cast<scalar_t*>(smem + Smem::k_tile);
+    scalar_t* v_tile = reinterpret_cast<scalar_t*>(smem + Smem::v_tile);
+    scalar_t* kc_tile = reinterpret_cast<scalar_t*>(smem + Smem::kc_tile);  // 16-bit(k - k_mean)
+    scalar_t* ds_tile = reinterpret_cast<scalar_t*>(smem + Smem::ds_tile);  // this pass's dSᵀ, keys as rows
+    auto q_tile = [&](int buffer) { return reinterpret_cast<scalar_t*>(smem + Smem::q_tile(buffer)); };
+    auto do_tile = [&](int buffer) { return reinterpret_cast<scalar_t*>(smem + Smem::do_tile(buffer)); };
+    auto lse_tile = [&](int buffer) { return reinterpret_cast<float*>(smem + Smem::lse_tile(buffer)); };
+    auto delta_tile = [&](int buffer) { return reinterpret_cast<float*>(smem + Smem::delta_tile(buffer)); };
+
+    const int warp = threadIdx.x / 32;
+    const size_t head_rows = (size_t)blockIdx.x * seq_len;  // this head's first entry in lse, delta, dq_acc rows
+    const HeadMatrix<const scalar_t> q_head = head_matrix(q, layout.q, layout.heads);
+    const HeadMatrix<const scalar_t> do_head = head_matrix(d_o, layout.d_o, layout.heads);
+    const HeadMatrix<scalar_t> dq_head = head_matrix(dq, layout.dq, layout.heads);
+    float* head_acc = dq_acc + head_rows * D;                        // (seq_len, D) fp32
+    unsigned* head_turns = dq_turn + (size_t)blockIdx.x * gridDim.y;  // one counter per Q tile
+    const int k_start = blockIdx.y * BLOCK_K;  // K tile j = blockIdx.y: the order the turns rely on (above)
+    const int k_row0 = k_start + warp * STRIPE;  // this warp's first key position
+    const bool first = blockIdx.y == 0;          // K tile 0 adds first into every Q tile
+    const int last_q_start = (gridDim.y - 1) * BLOCK_Q;  // Q tiles from the last down to the diagonal one
+
+    auto load_q_side = [&](int buffer, int q_start) {  // q, dO, lse, delta of one pass into `buffer`
+        load_tile_async<BLOCK_Q, D>(q_tile(buffer), q_head, q_start, seq_len);
+        load_tile_async<BLOCK_Q, D>(do_tile(buffer), do_head, q_start, seq_len);
+        load_rows_async<BLOCK_Q>(lse_tile(buffer), lse + head_rows, q_start, seq_len);
+        load_rows_async<BLOCK_Q>(delta_tile(buffer), delta + head_rows, q_start, seq_len);
+    };
+    load_tile_async<BLOCK_K, D>(k_tile, head_matrix(k, layout.k, layout.heads), k_start, seq_len);
+    load_tile_async<BLOCK_K, D>(v_tile, head_matrix(v, layout.v, layout.heads), k_start, seq_len);
+    load_q_side(0, last_q_start);
+    cp_async_commit();
+    float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};  // this warp's (16, D) dK and dV, fp32
+
+    int buffer = 0;  // which q_tile / do_tile / lse / delta holds this pass's queries
+    for (int q_start = last_q_start; q_start >= k_start; q_start -= BLOCK_Q, buffer ^= 1) {
+        if (q_start - BLOCK_Q >= k_start) load_q_side(buffer ^ 1, q_start - BLOCK_Q);  // prefetch the next pass
+        cp_async_commit();   // one group per pass (empty on the last), so that:
+        cp_async_wait<1>();  // everything but the newest group, the prefetch, has landed
+        if (q_start == last_q_start) {  // first pass: this thread's chunks of k_tile have landed; center them
+            float mean[8];  // the head's mean key at the 8 columns this thread centers
+#pragma unroll
+            for (int e = 0; e < 8; ++e) mean[e] = k_mean[(size_t)blockIdx.x * D + (threadIdx.x % (D / 8)) * 8 + e];
+            center_own_chunks<D>(kc_tile, k_tile, mean, k_start, seq_len);
+        }
+        __syncthreads();  // for every thread: this pass's tiles (and k_tile, v_tile, kc_tile) are complete
+        const scalar_t* q_now = q_tile(buffer);
+        const scalar_t* do_now = do_tile(buffer);
+        float s[BLOCK_Q / 8][4], dp[BLOCK_Q / 8][4];  // sᵀ and dpᵀ: (16 keys, BLOCK_Q queries)
+        warp_matmul_abt<D, BLOCK_Q>(s, k_tile, q_now, warp * STRIPE);    // sᵀ = k_tile @ q_tileᵀ
+        warp_matmul_abt<D, BLOCK_Q>(dp, v_tile, do_now, warp * STRIPE);  // dpᵀ = v_tile @ do_tileᵀ
+        if (fragment_needs_mask(q_start, BLOCK_Q, k_row0, STRIPE, seq_len))  // uniform per warp
+            recompute_p_and_ds<true, true>(s, dp, lse_tile(buffer), delta_tile(buffer), k_start, q_start, seq_len, scale);
+        else
+            recompute_p_and_ds<true, false>(s, dp, lse_tile(buffer), delta_tile(buffer), k_start, q_start, seq_len, scale);
+        uint32_t a[BLOCK_Q / 16][4];
+        to_a_fragments<BLOCK_Q, scalar_t>(a, s);                  // pᵀ in 16 bits
+        warp_matmul_ab<BLOCK_Q, D, scalar_t>(dv_acc, a, do_now);  // dv += pᵀ @ do_tile
+        to_a_fragments<BLOCK_Q, scalar_t>(a, dp);                 // dsᵀ in 16 bits
+        warp_matmul_ab<BLOCK_Q, D, scalar_t>(dk_acc, a, q_now);   // dk += dsᵀ @ q_tile
+        store_a_fragments<BLOCK_Q>(ds_tile, ld16(BLOCK_Q), a, warp * STRIPE);  // this warp's keys' rows of dsᵀ
+        __syncthreads();  // ds_tile is complete
+
+        const bool last = q_start == k_start;  // the diagonal Q tile: this block adds last into it
+        unsigned* turn = head_turns + q_start / BLOCK_Q;
+        uint32_t ds[BLOCK_K / 16][4];  // dS as A fragments: this warp's 16 queries x the tile's 64 keys
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_K / 16; ++kk) load_a_transposed(ds[kk], ds_tile, ld16(BLOCK_Q), warp * STRIPE, 16 * kk);
+#pragma unroll
+        for (int c = 0; c < D / DQ_COLS; ++c) {
+            float part[DQ_COLS / 8][4] = {};
+            warp_matmul_ab<BLOCK_K, D, scalar_t, DQ_COLS>(part, ds, kc_tile + c * DQ_COLS);  // dS (K - k_mean)
+            if (c == 0 && !first) {  // block-uniform: wait until K tiles 0..j-1 have added into this Q tile
+                if (threadIdx.x == 0) spin_until_equal(turn, blockIdx.y);
+                __syncthreads();  // the turn is the block's (thread 0's acquire, passed on by the barrier)
+            }
+            add_dq_partial<D>(part, head_acc, dq_head, q_start + warp * STRIPE, c * DQ_COLS, seq_len, first, last, scale);
+        }
+        if (!last) __threadfence();  // this thread's adds are visible GPU-wide before the release below
+        __syncthreads();  // every warp is done with this buffer and ds_tile, and has added
+        if (!last && threadIdx.x == 0) release_increment(turn);  // the turn passes to K tile j + 1
+    }
+
+    const float one[2] = {1.0f, 1.0f}, by_scale[2] = {scale, scale};  // dK = scale dSᵀ Q, in fp32
+    store_stripe<D>(dv_acc, one, head_matrix(dv, layout.dv, layout.heads), k_row0, seq_len);
+    store_stripe<D>(dk_acc, by_scale, head_matrix(dk, layout.dk, layout.heads), k_row0, seq_len);
+}
+
+// ----------------------------------------------------------------------------------------
 // Host side: launches for one (head size, dtype), then the extern "C" API for ctypes
 // ----------------------------------------------------------------------------------------
 
@@ -783,6 +1022,18 @@ int launch_forward(const void* q, const void* k, const void* v, void* o, float* 
     return cudaGetLastError();
 }
 
+// delta = rowsum(dO * O), the first kernel of both backwards.
+template <int D, typename scalar_t>
+int launch_delta(const void* o, const void* d_o, float* delta, const Layout& layout, int batch_heads, int seq_len,
+                 cudaStream_t stream) {
+    const long long total_rows = (long long)batch_heads * seq_len;
+    const unsigned delta_blocks = (unsigned)((total_rows + WARPS - 1) / WARPS);  // a warp per row
+    auto delta_kernel = attention_backward_delta_kernel<D, scalar_t>;
+    delta_kernel<<<delta_blocks, THREADS, 0, stream>>>(static_cast<const scalar_t*>(o), static_cast<const scalar_t*>(d_o),
+                                                       delta, layout, seq_len, total_rows);
+    return cudaGetLastError();
+}
+
 template <int D, typename scalar_t>
 int launch_backward(const void* q, const void* k, const void* v, const void* o, const void* d_o,
                     const float* lse, const float* k_mean, float* delta, void* dq, void* dk, void* dv,
@@ -791,12 +1042,7 @@ int launch_backward(const void* q, const void* k, const void* v, const void* o, 
     const scalar_t* k_ = static_cast<const scalar_t*>(k);
     const scalar_t* v_ = static_cast<const scalar_t*>(v);
     const scalar_t* do_ = static_cast<const scalar_t*>(d_o);
-    const long long total_rows = (long long)batch_heads * seq_len;
-    auto delta_kernel = attention_backward_delta_kernel<D, scalar_t>;
-    const unsigned delta_blocks = (unsigned)((total_rows + WARPS - 1) / WARPS);  // a warp per row
-    delta_kernel<<<delta_blocks, THREADS, 0, stream>>>(static_cast<const scalar_t*>(o), do_, delta, layout, seq_len,
-                                                       total_rows);
-    cudaError_t err = cudaGetLastError();
+    cudaError_t err = static_cast<cudaError_t>(launch_delta<D, scalar_t>(o, d_o, delta, layout, batch_heads, seq_len, stream));
     if (err != cudaSuccess) return err;
 
     const dim3 grid(batch_heads, ceil_div(seq_len, BLOCK_Q));  // x: (batch, head); y: K tile, then Q tile
@@ -810,6 +1056,30 @@ int launch_backward(const void* q, const void* k, const void* v, const void* o, 
     if ((err = allow_smem(dq_kernel, DqSmem<D>::bytes)) != cudaSuccess) return err;
     dq_kernel<<<grid, THREADS, DqSmem<D>::bytes, stream>>>(q_, k_, v_, do_, lse, delta, k_mean,
                                                      static_cast<scalar_t*>(dq), layout, seq_len, scale);
+    return cudaGetLastError();
+}
+
+// The fused backward: delta, the turn counters zeroed, then one kernel for dK, dV and dQ. dq_acc:
+// (batch_heads, seq_len, head_dim) fp32 scratch (need not be zeroed); dq_turn: batch_heads * ⌈T/64⌉
+// counters, zeroed here on the stream.
+template <int D, typename scalar_t>
+int launch_backward_fused(const void* q, const void* k, const void* v, const void* o, const void* d_o,
+                          const float* lse, const float* k_mean, float* delta, float* dq_acc, unsigned* dq_turn,
+                          void* dq, void* dk, void* dv, const Layout& layout, int batch_heads, int seq_len,
+                          float scale, cudaStream_t stream) {
+    cudaError_t err = static_cast<cudaError_t>(launch_delta<D, scalar_t>(o, d_o, delta, layout, batch_heads, seq_len, stream));
+    if (err != cudaSuccess) return err;
+    // x: (batch, head); y: K tile. This order is what the kernel's turns rely on: a block waits only
+    // on blocks of its head with a smaller y, hence a smaller linear index, dispatched before it.
+    const dim3 grid(batch_heads, ceil_div(seq_len, BLOCK_K));
+    err = cudaMemsetAsync(dq_turn, 0, sizeof(unsigned) * (size_t)batch_heads * grid.y, stream);
+    if (err != cudaSuccess) return err;
+    auto kernel = attention_backward_fused_kernel<D, scalar_t>;
+    if ((err = allow_smem(kernel, FusedSmem<D>::bytes)) != cudaSuccess) return err;
+    kernel<<<grid, THREADS, FusedSmem<D>::bytes, stream>>>(
+        static_cast<const scalar_t*>(q), static_cast<const scalar_t*>(k), static_cast<const scalar_t*>(v),
+        static_cast<const scalar_t*>(d_o), lse, delta, k_mean, dq_acc, dq_turn, static_cast<scalar_t*>(dq),
+        static_cast<scalar_t*>(dk), static_cast<scalar_t*>(dv), layout, seq_len, scale);
     return cudaGetLastError();
 }
 
@@ -911,20 +1181,51 @@ int gust_attention_backward(const void* q, const void* k, const void* v, const v
     });
 }
 
-// Dynamic shared memory one block needs: which = 0 forward, 1 backward (the larger of dK/dV, dQ).
+// The fused backward: the same arguments as gust_attention_backward, plus dq_acc, (batch * heads,
+// seq_len, head_dim) fp32 scratch (16-byte aligned, any contents), and dq_turn, batch * heads *
+// ⌈seq_len / 64⌉ unsigned counters (any contents: zeroed on the stream first). dK, dV and dQ come out of one
+// kernel; dQ is accumulated in a fixed order, so two calls give the same bits (see the kernel).
+int gust_attention_backward_fused(const void* q, const void* k, const void* v, const void* o, const void* d_o,
+                                  const void* lse, const void* k_mean, void* delta, void* dq_acc, void* dq_turn,
+                                  void* dq, void* dk, void* dv, const long long* strides, int batch, int heads,
+                                  int seq_len, int head_dim, float scale, int dtype, void* stream) {
+    if (int bad = check_sizes(batch, heads, seq_len)) return bad;
+    const void* tiles[] = {q, k, v, o, d_o, dq, dk, dv, dq_acc};
+    for (const void* p : tiles)
+        if (!aligned16(p)) return GUST_MISALIGNED;
+    Layout layout;
+    if (int bad = make_layout(&layout, strides, 8, heads, seq_len)) return bad;
+    if (batch == 0 || seq_len == 0) return GUST_OK;
+    return dispatch(head_dim, dtype, [&](auto head_dim_tag, auto type_tag) {
+        constexpr int D = decltype(head_dim_tag)::value;
+        using scalar_t = typename decltype(type_tag)::type;
+        return launch_backward_fused<D, scalar_t>(q, k, v, o, d_o, static_cast<const float*>(lse),
+                                                  static_cast<const float*>(k_mean), static_cast<float*>(delta),
+                                                  static_cast<float*>(dq_acc), static_cast<unsigned*>(dq_turn), dq, dk,
+                                                  dv, layout, batch * heads, seq_len, scale,
+                                                  static_cast<cudaStream_t>(stream));
+    });
+}
+
+// Dynamic shared memory one block needs: which = 0 forward, 1 split backward (the larger of dK/dV,
+// dQ), 2 fused backward.
 int gust_attention_smem_bytes(int head_dim, int which) {
-    if (head_dim == 64) return which == 0 ? ForwardSmem<64>::bytes : std::max(DkDvSmem<64>::bytes, DqSmem<64>::bytes);
-    if (head_dim == 128) return which == 0 ? ForwardSmem<128>::bytes : std::max(DkDvSmem<128>::bytes, DqSmem<128>::bytes);
+    if (which < 0 || which > 2) return GUST_BAD_SIZE;
+    if (head_dim == 64)
+        return which == 0 ? ForwardSmem<64>::bytes
+               : which == 1 ? std::max(DkDvSmem<64>::bytes, DqSmem<64>::bytes) : FusedSmem<64>::bytes;
+    if (head_dim == 128)
+        return which == 0 ? ForwardSmem<128>::bytes
+               : which == 1 ? std::max(DkDvSmem<128>::bytes, DqSmem<128>::bytes) : FusedSmem<128>::bytes;
     return GUST_BAD_HEAD_DIM;
 }
 
 // 0 if the kernels for head_dim can run on the current device: the library holds machine code
 // for it (cudaFuncGetAttributes fails otherwise) and a block may have the shared memory needed.
 int gust_attention_check_device(int head_dim) {
-    const int needed = gust_attention_smem_bytes(head_dim, 1) > gust_attention_smem_bytes(head_dim, 0)
-                           ? gust_attention_smem_bytes(head_dim, 1)
-                           : gust_attention_smem_bytes(head_dim, 0);
-    if (needed < 0) return needed;
+    int needed = 0;
+    for (int which = 0; which <= 2; ++which) needed = std::max(needed, gust_attention_smem_bytes(head_dim, which));
+    if (gust_attention_smem_bytes(head_dim, 0) < 0) return gust_attention_smem_bytes(head_dim, 0);
     cudaFuncAttributes attributes;
     cudaError_t err = cudaFuncGetAttributes(&attributes, attention_forward_kernel<64, __half, false>);
     if (err != cudaSuccess) return err;

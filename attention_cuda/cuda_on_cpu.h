@@ -8,7 +8,9 @@
 // register layouts the PTX ISA documents (bottom of this file). Checks that fail loudly: ldmatrix
 // rows not 16-byte aligned or outside shared memory, and the opt-in shared-memory limit of an
 // H100. Shared memory starts filled with NaN bytes so a read of a never-written tile poisons
-// the output.
+// the output. Blocks run one at a time in increasing linear index (or reversed, for a test), and
+// a spin-wait on a counter that does not yet hold its value fails the launch instead of hanging
+// (bottom of this file).
 //
 // emulate.py compiles attention.cu with this header in place of the CUDA headers, after turning
 // each `kernel<<<grid, threads, smem_bytes, stream>>>(args)` into `emu_launch(kernel, ...)` and
@@ -17,6 +19,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -48,6 +51,10 @@ struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+struct alignas(8) float2 {
+    float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 
 // ---- 16-bit floats: fp16 through GCC's _Float16, bf16 by hand (round to nearest even) ----
 struct __half {
@@ -77,7 +84,7 @@ inline float emu_to_float(__nv_bfloat16 b) { return __bfloat162float(b); }
 inline float emu_to_float(float f) { return f; }
 
 // ---- the runtime pieces attention.cu's host code calls ----
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 719 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 struct CUstream_st;
@@ -120,7 +127,15 @@ inline cudaError_t cudaGetLastError() {
     return error;
 }
 inline const char* cudaGetErrorString(cudaError_t error) {
+    if (error == cudaErrorLaunchFailure)
+        return "emulated kernel: a spin-wait's condition was false when it ran, so on a GPU it would wait for a "
+               "block launched after it (blocks are ordered wrongly); see stderr";
     return error == cudaSuccess ? "no error" : "emulated launch error (bad configuration or shared memory)";
+}
+// Stream-ordered memset: the emulation runs everything at once, in call order.
+inline cudaError_t cudaMemsetAsync(void* destination, int value, size_t bytes, cudaStream_t) {
+    std::memset(destination, value, bytes);
+    return cudaSuccess;
 }
 
 [[noreturn]] inline void emu_fail(const char* what) {
@@ -139,6 +154,7 @@ inline size_t shared_bytes = 0;
 inline std::barrier<>* block_barrier = nullptr;
 inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 inline float warp_exchange[32][32];  // [warp][lane] slots for the shuffles
+inline std::atomic<bool> spin_failed{false};  // a spin-wait of this launch found its condition false (spin_until_equal)
 }  // namespace emu
 
 #define threadIdx (emu::thread_idx)
@@ -158,7 +174,11 @@ inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
 }
 
 // Runs every block of the grid, one block at a time, with `threads` OS threads; each thread
-// walks the blocks in the same order, so the per-block barriers line up.
+// walks the blocks in the same order, so the per-block barriers line up. The order is increasing
+// linear block index (x fastest, then y), the order in which a GPU hands blocks to its SMs in
+// practice; with GUST_EMU_BLOCK_ORDER=reverse in the environment (tests only) it is decreasing,
+// which a kernel whose blocks wait on earlier blocks (the fused backward) must not survive: its
+// spin-waits then find their condition false and the launch fails (see spin_until_equal).
 template <typename... Params, typename... Args>
 cudaError_t emu_launch(void (*kernel)(Params...), dim3 grid, int threads, int smem_bytes, cudaStream_t,
                        Args... args) {
@@ -166,6 +186,9 @@ cudaError_t emu_launch(void (*kernel)(Params...), dim3 grid, int threads, int sm
         emu_last_error() = cudaErrorInvalidValue;
         return cudaErrorInvalidValue;
     }
+    const char* order = std::getenv("GUST_EMU_BLOCK_ORDER");
+    const bool reverse = order != nullptr && std::strcmp(order, "reverse") == 0;
+    emu::spin_failed = false;
     const size_t bytes = (size_t(smem_bytes) + 127) / 128 * 128;
     unsigned char* shared = bytes ? static_cast<unsigned char*>(std::aligned_alloc(128, bytes)) : nullptr;
     std::barrier<> block_barrier(threads);
@@ -177,20 +200,24 @@ cudaError_t emu_launch(void (*kernel)(Params...), dim3 grid, int threads, int sm
     emu::shared_bytes = bytes;
     auto run = [&](unsigned thread) {
         emu::thread_idx = uint3_emu{thread, 0, 0};
-        for (unsigned by = 0; by < grid.y; ++by) {
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
-                if (thread == 0 && shared) std::memset(shared, 0xff, bytes);  // NaN in every dtype
-                block_barrier.arrive_and_wait();  // shared memory is reset before the block starts
-                emu::block_idx = uint3_emu{bx, by, 0};
-                kernel(static_cast<Params>(args)...);
-                block_barrier.arrive_and_wait();  // the block is over before shared memory is reset
-            }
+        const size_t blocks = size_t(grid.x) * grid.y;
+        for (size_t n = 0; n < blocks; ++n) {
+            const size_t linear = reverse ? blocks - 1 - n : n;  // blockIdx.x + gridDim.x * blockIdx.y
+            if (thread == 0 && shared) std::memset(shared, 0xff, bytes);  // NaN in every dtype
+            block_barrier.arrive_and_wait();  // shared memory is reset before the block starts
+            emu::block_idx = uint3_emu{unsigned(linear % grid.x), unsigned(linear / grid.x), 0};
+            kernel(static_cast<Params>(args)...);
+            block_barrier.arrive_and_wait();  // the block is over before shared memory is reset
         }
     };
     std::vector<std::thread> pool;
     for (int t = 0; t < threads; ++t) pool.emplace_back(run, unsigned(t));
     for (auto& thread : pool) thread.join();
     std::free(shared);
+    if (emu::spin_failed) {
+        emu_last_error() = cudaErrorLaunchFailure;
+        return cudaErrorLaunchFailure;
+    }
     return cudaSuccess;
 }
 
@@ -302,3 +329,29 @@ inline void cp_async_wait() {
         emu::committed.erase(emu::committed.begin());
     }
 }
+
+// ---- ordering between blocks: global-memory fences, L2 loads and stores, acquire/release counters ----
+// PTX: __threadfence() is fence.sc.gpu (membar.gl); ld.global.cg / st.global.cg (__ldcg, __stcg) read and
+// write at L2, bypassing L1; ld.acquire.gpu and red.release.gpu are a load-acquire and an atomic
+// add-release at GPU scope. The emulation runs one block at a time, so between blocks every effect is
+// already ordered; within a block the OS threads still need real fences and atomics, which these give.
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline float2 __ldcg(const float2* address) { return *address; }
+inline void __stcg(float2* address, float2 value) { *address = value; }
+
+// A spin until *counter == value (the GPU version loops on ld.acquire.gpu). Here no other block runs
+// while this one does, so a counter that does not already hold the value never will: on a GPU this
+// block would wait for one launched after it. That is reported instead of hanging: the first such
+// spin prints which block waited for what, and the launch fails with cudaErrorLaunchFailure. The
+// thread then carries on as if it had the turn (the results are garbage; the error is the point).
+inline void spin_until_equal(const unsigned* counter, unsigned value) {
+    const unsigned seen = __atomic_load_n(counter, __ATOMIC_ACQUIRE);
+    if (seen == value) return;
+    if (!emu::spin_failed)
+        std::fprintf(stderr, "cuda_on_cpu: block (%u, %u) spins until a counter holds %u, but it holds %u and no "
+                     "other block runs: on a GPU it would wait for a block launched after it\n",
+                     emu::block_idx.x, emu::block_idx.y, value, seen);
+    emu::spin_failed = true;
+}
+inline void release_increment(unsigned* counter) { __atomic_fetch_add(counter, 1u, __ATOMIC_RELEASE); }
+

@@ -4,7 +4,10 @@ it against the naive upcast path and PyTorch's SDPA backends at GPT-2 shapes.
     python -m attention_cuda.gpu_check --out DIR [--quick] [--no-bench]
     python -m attention_cuda.gpu_check --out DIR --cpu-dry-run   # no GPU: checks this script itself
 
-Needs torch and nvcc only (no model.py: the fp64 and fp32 oracles are reference.py's). Each section
+Both backwards (split: today's default; fused: one kernel, attention_cuda.BACKWARD) are checked for
+correctness and bitwise repeatability (section b) and timed against each other (section c2, which
+ends with the default NOTES.md's rule picks). Needs torch and nvcc only (no model.py: the fp64 and
+fp32 oracles are reference.py's). Each section
 runs in its own try/except and prints PASS/FAIL lines as it goes; everything also goes to
 DIR/gpu_check.txt and DIR/gpu_check.json (with the card, torch version and git commit), and the
 summary table prints last. Timings: "back-to-back" is the median per-call time of ≥ 20 calls
@@ -114,8 +117,8 @@ def section_build(report: Report) -> None:
     start = time.perf_counter()
     library = kernel_library()  # nvcc on first use, then ctypes load and device check
     seconds = time.perf_counter() - start
-    smem = {d: [library.gust_attention_smem_bytes(d, which) for which in (0, 1)] for d in launch.HEAD_DIMS}
-    report.say(f"PASS build+load in {seconds:.1f} s; shared memory per block (fwd, bwd): {smem}")
+    smem = {d: [library.gust_attention_smem_bytes(d, which) for which in (0, 1, 2)] for d in launch.HEAD_DIMS}
+    report.say(f"PASS build+load in {seconds:.1f} s; shared memory per block (fwd, split bwd, fused bwd): {smem}")
     report.results["build"] = {"seconds": seconds, "smem_bytes": smem, "torch": torch.__version__,
                                "device": name, "nvcc": version, "git_commit": commit}
     report.summary.append(("build", "PASS", f"{seconds:.1f} s"))
@@ -154,23 +157,40 @@ def make_inputs(B, H, T, D, dtype, kind, seed):
     return [t.to(dtype) for t in (q, k, v, do)]
 
 
+def run_backward(library, backward, q, k, v, o, lse, do, k_mean, scale, fill):
+    """One backward ("split" or "fused") through the raw launchers into outputs prefilled with `fill`
+    (NaN: unwritten shows); the fused one's scratch starts as `fill` too (its contents must not matter)."""
+    B, H, T, D = q.shape
+    full = lambda shape, dtype: torch.full(shape, fill, dtype=dtype, device=q.device)  # noqa: E731
+    dq, dk, dv = (full(q.shape, q.dtype) for _ in range(3))
+    delta, stream = full((B, H, T), torch.float32), current_stream()
+    if backward == "fused":
+        dq_acc = full((B, H, T, D), torch.float32)
+        dq_turn = torch.full((B * H * -(-T // reference.BLOCK_Q),), 12345, dtype=torch.int32, device=q.device)
+        launch.backward_fused_into(library, q, k, v, o, lse, do, k_mean, scale, dq, dk, dv, delta, dq_acc, dq_turn,
+                                   stream=stream)
+    else:
+        launch.backward_into(library, q, k, v, o, lse, do, k_mean, scale, dq, dk, dv, delta, stream=stream)
+    return dq, dk, dv
+
+
 def kernel_outputs(library, q, k, v, do, scale):
-    """Forward and backward through the raw launchers into NaN-filled outputs (unwritten shows)."""
+    """Forward, then each backward twice, through the raw launchers into NaN-filled outputs.
+
+    Returns (o, lse, row_abs_max, {backward: ((dq, dk, dv), deterministic)}) for backward in
+    attention_cuda.BACKWARDS; deterministic: the two passes gave the same bits (the second one
+    with 0 instead of NaN in every output and scratch buffer beforehand)."""
     B, H, T, D = q.shape
     nan = lambda shape, dtype: torch.full(shape, math.nan, dtype=dtype, device=q.device)  # noqa: E731
     o, lse, row_abs_max = nan(q.shape, q.dtype), nan((B, H, T), torch.float32), nan((B, H, T), torch.float32)
-    stream = current_stream()
-    launch.forward_into(library, q, k, v, scale, o, lse, row_abs_max, stream=stream)
+    launch.forward_into(library, q, k, v, scale, o, lse, row_abs_max, stream=current_stream())
     k_mean = k.mean(dim=2, dtype=torch.float32)  # (B, H, D)
-    grads = []
-    for _ in range(2):  # twice: the backward must be bitwise deterministic
-        dq, dk, dv = (nan(q.shape, q.dtype) for _ in range(3))
-        launch.backward_into(library, q, k, v, o, lse, do, k_mean, scale, dq, dk, dv,
-                             nan((B, H, T), torch.float32), stream=stream)
-        grads.append((dq, dk, dv))
-    synchronize()
-    deterministic = all(torch.equal(a, b) for a, b in zip(*grads))
-    return o, lse, row_abs_max, grads[0], deterministic
+    backwards = {}
+    for backward in attention_cuda.BACKWARDS:
+        grads = [run_backward(library, backward, q, k, v, o, lse, do, k_mean, scale, fill) for fill in (math.nan, 0.0)]
+        synchronize()
+        backwards[backward] = (grads[0], all(torch.equal(a, b) for a, b in zip(*grads)))
+    return o, lse, row_abs_max, backwards
 
 
 def relative_error(out, ref) -> float:
@@ -178,37 +198,54 @@ def relative_error(out, ref) -> float:
     return (out.double() - ref.double()).norm().item() / (ref_norm if ref_norm > 0 else 1.0)
 
 
-def check_case(report, library, B, H, T, D, dtype, layer_idx, kind, seed) -> bool:
+def check_case(report, library, B, H, T, D, dtype, layer_idx, kind, seed):
+    """One correctness case for the forward and both backwards: (split passed, fused passed).
+
+    split: o, lse, max |score|, dq, dk, dv of the split backward (today's default) all within
+    tolerance and bitwise repeatable; fused: dq, dk, dv of the fused backward the same way."""
     q, k, v, do = make_inputs(B, H, T, D, dtype, kind, seed)
     scale = 1 / math.sqrt(D) / layer_idx
-    o, lse, row_abs_max, (dq, dk, dv), deterministic = kernel_outputs(library, q, k, v, do, scale)
+    o, lse, row_abs_max, backwards = kernel_outputs(library, q, k, v, do, scale)
+    (dq, dk, dv), deterministic = backwards["split"]
+    fused_grads, fused_deterministic = backwards["fused"]
     o_ref, lse_ref, dq_ref, dk_ref, dv_ref = oracle(q, k, v, do, scale, torch.float64)
     refs = (o_ref, dq_ref, dk_ref, dv_ref)
     fp32_o, _, *fp32_grads = oracle(q, k, v, do, scale, torch.float32)
     names = ["o", "dq", "dk", "dv"]
     errors = {n: relative_error(x, r) for n, x, r in zip(names, (o, dq, dk, dv), refs)}
     fp32_errors = {n: relative_error(x, r) for n, x, r in zip(names, (fp32_o, *fp32_grads), refs)}
+    fused_errors = {n: relative_error(x, r) for n, x, r in zip(names[1:], fused_grads, refs[1:])}
+    fused_vs_split = {n: relative_error(x, r) for n, x, r in zip(names[1:], fused_grads, (dq, dk, dv))}
     errors["lse"] = relative_error(lse, lse_ref)
     max_ref = reference.max_abs_score(q.double(), k.double(), scale)  # (B, H) max |score| over causal entries
     max_error = (row_abs_max.amax(dim=-1).double() - max_ref).abs().max().item() / max(1.0, max_ref.max().item())
     finite = all(torch.isfinite(t).all().item() for t in (o, lse, row_abs_max, dq, dk, dv))
+    fused_finite = all(torch.isfinite(t).all().item() for t in fused_grads)
     # a case passes at the dtype's tolerance, or at twice what the fp32 upcast path itself gets
     # (scores near 67,600 carry fp32 rounding of ~0.01 that no fp32 method avoids)
     within = all(errors[n] <= max(TOLERANCE[dtype], 2 * fp32_errors[n]) for n in names)
+    fused_within = all(fused_errors[n] <= max(TOLERANCE[dtype], 2 * fp32_errors[n]) for n in names[1:])
     passed = finite and deterministic and within and errors["lse"] <= LSE_TOLERANCE and max_error <= 1e-5
+    fused_passed = fused_finite and fused_deterministic and fused_within
     label = f"{DTYPE_NAMES[dtype]} B={B} H={H} T={T} D={D} layer={layer_idx} {kind}"
     detail = " ".join(f"{n} {errors[n]:.1e}" for n in names + ["lse"])
     fp32_detail = " ".join(f"{n} {fp32_errors[n]:.1e}" for n in names)
+    fused_detail = " ".join(f"{n} {fused_errors[n]:.1e}" for n in names[1:])
     sdpa_errors, sdpa_detail = {}, ""
     if kind == "overflow":  # the accuracy claim in NOTES.md is a comparison: SDPA's errors on the same inputs
         sdpa_errors = {n: relative_error(x, r) for n, x, r in zip(names, sdpa_outputs(q, k, v, do, scale), refs)}
         sdpa_detail = " | sdpa 16-bit: " + " ".join(f"{n} {sdpa_errors[n]:.1e}" for n in names)
     report.say(f"{'PASS' if passed else 'FAIL'} {label}: {detail} max_score {max_error:.1e} "
                f"finite={finite} bitwise_repeat={deterministic} | fp32 naive: {fp32_detail}{sdpa_detail}")
+    report.say(f"  {'PASS' if fused_passed else 'FAIL'} fused backward: {fused_detail} finite={fused_finite} "
+               f"bitwise_repeat={fused_deterministic} | vs split: "
+               + " ".join(f"{n} {fused_vs_split[n]:.1e}" for n in names[1:]))
     report.results.setdefault("correctness", []).append(
         {"case": label, "passed": passed, "errors": errors, "fp32_naive_errors": fp32_errors,
-         "sdpa_errors": sdpa_errors, "max_score_error": max_error, "finite": finite, "deterministic": deterministic})
-    return passed
+         "sdpa_errors": sdpa_errors, "max_score_error": max_error, "finite": finite, "deterministic": deterministic,
+         "fused": {"passed": fused_passed, "errors": fused_errors, "vs_split": fused_vs_split,
+                   "finite": fused_finite, "deterministic": fused_deterministic}})
+    return passed, fused_passed
 
 
 def correctness_cases(quick: bool):
@@ -234,11 +271,16 @@ def section_correctness(report: Report, quick: bool) -> None:
     library = kernel_library()
     cases = [(1, 3, 70, 64, torch.float16, 12, "random"), (1, 1, 130, 64, torch.bfloat16, 1, "overflow")] \
         if DRY_RUN else correctness_cases(quick)
-    passed = sum(check_case(report, library, *case, seed=i) for i, case in enumerate(cases))
+    outcomes = [check_case(report, library, *case, seed=i) for i, case in enumerate(cases)]
     q, k, _, _ = make_inputs(1, 3, 257, 64, torch.float16, "overflow", seed=0)
     fp16_max = (q[0, 0] @ k[0, 0].T).float().abs().max().item()
     report.say(f"note: in the overflow cases plain fp16 q@kᵀ reaches {fp16_max} (inf = overflowed)")
-    report.summary.append(("correctness", "PASS" if passed == len(cases) else "FAIL", f"{passed}/{len(cases)} cases"))
+    passed, fused_passed = (sum(outcome[i] for outcome in outcomes) for i in (0, 1))
+    report.results["fused_correctness_all_pass"] = fused_passed == len(cases)
+    report.summary.append(("correctness", "PASS" if passed == len(cases) else "FAIL",
+                           f"{passed}/{len(cases)} cases (forward + split backward)"))
+    report.summary.append(("correctness fused bwd", "PASS" if fused_passed == len(cases) else "FAIL",
+                           f"{fused_passed}/{len(cases)} cases (dq, dk, dv vs fp64, bitwise repeat)"))
 
 
 def section_api(report: Report) -> None:
@@ -247,7 +289,8 @@ def section_api(report: Report) -> None:
     if DRY_RUN:  # attention() on CPU tensors runs the twin, not the kernel: bits would differ
         q, k, v, do = (t[:1, :1, :70] for t in (q, k, v, do))
     scale = 1 / 8 / 2
-    o, _, _, (dq, dk, dv), _ = kernel_outputs(kernel_library(), q, k, v, do, scale)
+    o, _, _, backwards = kernel_outputs(kernel_library(), q, k, v, do, scale)
+    (dq, dk, dv), _ = backwards[attention_cuda.BACKWARD]  # the one the op runs
     if DRY_RUN:
         o, dq, dk, dv = attention_twin(q, k, v, do, scale)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -265,6 +308,12 @@ def section_api(report: Report) -> None:
     report.say(f"{'PASS' if errors_ok else 'FAIL'} unsupported dtype / head size raise one-line errors")
     compiled_ok = check_compiled(q, k, v, do, scale, o, dq)
     qkv_ok = check_qkv(report, q, k, v, do, scale, o, (dq, dk, dv))
+    for backward in attention_cuda.BACKWARDS:  # each backward through the op: the raw launchers' bits
+        if DRY_RUN or backward == attention_cuda.BACKWARD:
+            continue  # the dry run's op runs the twin; the op's own backward was checked above
+        with attention_cuda.backward_kind(backward):
+            report.say(f"{backward} backward selected (attention_cuda.backward_kind):")
+            qkv_ok &= check_qkv(report, q, k, v, do, scale, o, backwards[backward][0])
     ok = same and same_views and errors_ok and compiled_ok and qkv_ok
     report.summary.append(("api", "PASS" if ok else "FAIL", "op, autograd, views, errors, compile, qkv layout"))
 
@@ -444,6 +493,7 @@ def section_benchmark(report: Report, quick: bool) -> None:
                "backward = 2.5x forward; fwd+bwd = 3.5x forward")
     report.say("times: median of 25 back-to-back calls (TFLOP/s from these); [isolated: median of 10 single "
                "calls after a sync]")
+    report.say(f"gust rows run the {attention_cuda.BACKWARD} backward (GUST_ATTN_BACKWARD); section c2 times both")
     impls = {name: (impl, False) for name, impl in implementations(report).items()}
     impls.update({name: (impl, True) for name, impl in qkv_implementations().items()})
     shapes = [(8, 12)] if quick else [(8, 12), (8, 16), (16, 12), (16, 16)]
@@ -488,6 +538,57 @@ def add_speedups(report: Report, rows) -> None:
                                    f"goal <= 1), peak {row['fwd_bwd_peak_mib']:.0f} MiB"))
 
 
+# ---- c2. which backward: split or fused ----
+
+# (B, H, D) at T = 1024; C = H * D is GPT-2 Small's 768 (and GPT-2 Medium's 1024) at either head size
+BACKWARD_SHAPES = [(8, 12, 64), (16, 16, 64), (8, 6, 128), (16, 8, 128)]
+# fused/split fwd+bwd time at or below which fused should be the default: at B=8 H=12 D=64 in both
+# dtypes (FUSED_WINS), and at every other D = 64 shape (FUSED_NOT_WORSE)
+FUSED_WINS, FUSED_NOT_WORSE = 0.97, 1.03
+
+
+def section_backward_choice(report: Report, quick: bool) -> None:
+    """attention_qkv forward + backward with each backward (back-to-back and isolated), bf16 and fp16,
+    D 64 and 128, then the default NOTES.md's rule picks from these numbers and section b's."""
+    shapes = [(1, 1, 64)] if DRY_RUN else (BACKWARD_SHAPES[::2] if quick else BACKWARD_SHAPES)
+    dtypes = (torch.bfloat16,) if DRY_RUN else (torch.bfloat16, torch.float16)
+    T = 64 if DRY_RUN else 1024
+    rows, ratios = [], {}
+    for dtype in dtypes:
+        for B, H, D in shapes:
+            times = {}
+            for backward in attention_cuda.BACKWARDS:
+                with attention_cuda.backward_kind(backward):
+                    row = {"backward": backward, "dtype": DTYPE_NAMES[dtype], "B": B, "H": H, "T": T, "D": D,
+                           **bench_one(attention_cuda.attention_qkv, B, H, T, D, dtype, qkv_layout=True)}
+                rows.append(row)
+                times[backward] = row["fwd_bwd_ms"]
+                report.say(f"gust qkv, {backward:5s} backward, {row['dtype']} B={B:2d} H={H:2d} D={D:3d}: fwd+bwd "
+                           f"{row['fwd_bwd_ms']:.3f} ms back-to-back [isolated {row['fwd_bwd_isolated_ms']:.3f}], "
+                           f"fwd {row['fwd_ms']:.3f}, peak {row['fwd_bwd_peak_mib']:.0f} MiB")
+                if not DRY_RUN:
+                    torch.cuda.empty_cache()
+            ratios[(DTYPE_NAMES[dtype], B, H, D)] = times["fused"] / times["split"]
+            report.say(f"  fused / split fwd+bwd time: {ratios[(DTYPE_NAMES[dtype], B, H, D)]:.3f} "
+                       f"(back-to-back medians; < 1: fused faster)")
+    report.results["backward_choice"] = {
+        "rows": rows, "fused_over_split": {f"{d} B={b} H={h} D={dd}": r for (d, b, h, dd), r in ratios.items()}}
+    # the rule (NOTES.md, "Fused backward: how to decide the default"): fused must pass every correctness
+    # case with bitwise repeats, win at GPT-2 Small's shape in both dtypes, and lose at no other D = 64 shape
+    correct = report.results.get("fused_correctness_all_pass") is True
+    main = [r for (d, b, h, dd), r in ratios.items() if (b, h, dd) == (8, 12, 64)]
+    others = [r for (d, b, h, dd), r in ratios.items() if dd == 64 and (b, h) != (8, 12)]
+    wins = len(main) == len(dtypes) and max(main) <= FUSED_WINS and all(r <= FUSED_NOT_WORSE for r in others)
+    choice = "fused" if correct and wins and not DRY_RUN else "split"
+    d128 = [r for (d, b, h, dd), r in ratios.items() if dd == 128]
+    detail = (f"fused correct {correct}; fused/split at 8x12 D=64 {', '.join(f'{r:.3f}' for r in main)} (need <= "
+              f"{FUSED_WINS}), other D=64 max {max(others, default=float('nan')):.3f} (need <= {FUSED_NOT_WORSE}), "
+              f"D=128 max {max(d128, default=float('nan')):.3f} -> default {choice}")
+    report.results["backward_choice"]["suggested_default"] = choice
+    report.say(f"backward choice: {detail}")
+    report.summary.append(("backward choice", "INFO", detail))
+
+
 # ---- d. summary ----
 
 def print_summary(report: Report) -> None:
@@ -522,6 +623,7 @@ def main(argv=None) -> int:
     run_section(report, "b2. public op on CUDA", section_api)
     if not args.no_bench:
         run_section(report, "c. benchmark (T=1024, D=64)", section_benchmark, args.quick)
+        run_section(report, "c2. backward choice (split vs fused, T=1024)", section_backward_choice, args.quick)
     print_summary(report)
     return 0 if all(status != "FAIL" for _, status, _ in report.summary) else 1
 

@@ -24,6 +24,8 @@ def load(path) -> ctypes.CDLL:
     lib.gust_attention_forward.restype = integer
     lib.gust_attention_backward.argtypes = [pointer] * 11 + sizes
     lib.gust_attention_backward.restype = integer
+    lib.gust_attention_backward_fused.argtypes = [pointer] * 13 + sizes
+    lib.gust_attention_backward_fused.restype = integer
     lib.gust_attention_check_device.argtypes = [integer]
     lib.gust_attention_check_device.restype = integer
     lib.gust_attention_smem_bytes.argtypes = [integer, integer]
@@ -85,3 +87,22 @@ def backward_into(lib, q, k, v, o, lse, do, k_mean, scale: float, dq, dk, dv, de
         _pointer(delta), _pointer(dq), _pointer(dk), _pointer(dv), _strides(q, k, v, o, do, dq, dk, dv),
         B, H, T, D, float(scale), DTYPE_FLAGS[q.dtype], ctypes.c_void_p(stream))
     check_code(lib, code, "backward")
+
+
+def backward_fused_into(lib, q, k, v, o, lse, do, k_mean, scale: float, dq, dk, dv, delta, dq_acc, dq_turn,
+                        stream: int = 0) -> None:
+    """The fused backward (one kernel for dK, dV and dQ, dQ added in a fixed order): the same
+    arguments and outputs as backward_into, plus two scratch tensors whose contents do not matter
+    (the kernel stores before it adds; the counters are zeroed on the stream): dq_acc, contiguous
+    fp32 with B*H*T*D elements, 16-byte aligned (the fused backward's extra memory), and dq_turn,
+    B*H*⌈T/64⌉ contiguous 32-bit counters."""
+    B, H, T, D = q.shape
+    if not (dq_acc.is_contiguous() and dq_acc.dtype == torch.float32 and dq_acc.numel() == B * H * T * D):
+        raise ValueError("attention_cuda: dq_acc must be a contiguous fp32 tensor of B*H*T*D elements")
+    if not (dq_turn.is_contiguous() and dq_turn.element_size() == 4 and dq_turn.numel() >= B * H * -(-T // 64)):
+        raise ValueError("attention_cuda: dq_turn must hold B*H*ceil(T/64) contiguous 32-bit counters")
+    code = lib.gust_attention_backward_fused(
+        _pointer(q), _pointer(k), _pointer(v), _pointer(o), _pointer(do), _pointer(lse), _pointer(k_mean),
+        _pointer(delta), _pointer(dq_acc), _pointer(dq_turn), _pointer(dq), _pointer(dk), _pointer(dv),
+        _strides(q, k, v, o, do, dq, dk, dv), B, H, T, D, float(scale), DTYPE_FLAGS[q.dtype], ctypes.c_void_p(stream))
+    check_code(lib, code, "fused backward")

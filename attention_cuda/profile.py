@@ -4,7 +4,9 @@ backward through the public op, beside the wall time of the same calls.
 For: finding the slow kernel before tuning it (NOTES.md records what this printed). If the
 kernels' sum is far below the wall time, the GPU waited for the host (Python, launches).
 Not for: the numbers we report (gpu_check.py's benchmark is that). Needs a GPU:
-    python -m attention_cuda.profile --shapes 8x12,16x16 --dtype bf16
+    python -m attention_cuda.profile --shapes 8x12,16x16 --dtype bf16 [--backward split,fused]
+Each shape is profiled once per backward (both by default: the split dK/dV + dQ kernels and the
+fused one, attention_cuda.backward_kind).
 """
 
 import argparse
@@ -35,7 +37,7 @@ def fwd_bwd(q, k, v, do, scale):
     return torch.autograd.grad(attention_cuda.attention(q, k, v, scale), (q, k, v), do)
 
 
-def profile_shape(B: int, H: int, dtype, iters: int, T: int = 1024, D: int = 64) -> None:
+def profile_shape(B: int, H: int, dtype, iters: int, T: int = 1024, D: int = 64, backward: str = "split") -> None:
     q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype) for _ in range(4))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     scale = 1 / math.sqrt(D)
@@ -53,7 +55,7 @@ def profile_shape(B: int, H: int, dtype, iters: int, T: int = 1024, D: int = 64)
         torch.cuda.synchronize()
     events = kernel_rows(prof.key_averages())
     gpu_ms = sum(e.self_device_time_total for e in events) / 1e3 / iters
-    print(f"\nB={B} H={H} T={T} D={D} {dtype}: wall {wall_ms:.3f} ms per fwd+bwd (back-to-back), "
+    print(f"\nB={B} H={H} T={T} D={D} {dtype}, {backward} backward: wall {wall_ms:.3f} ms per fwd+bwd (back-to-back), "
           f"GPU kernels {gpu_ms:.3f} ms (sum of kernel rows only)")
     for e in events[:12]:
         us = e.self_device_time_total / iters
@@ -65,13 +67,16 @@ def main() -> None:
     parser.add_argument("--shapes", default="8x12,16x16", help="comma-separated BxH at T=1024, D=64")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--backward", default="split,fused", help="comma-separated: split, fused (both by default)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("attention_cuda.profile: no CUDA device (torch.cuda.is_available() is False); run it on a GPU")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
     for shape in args.shapes.split(","):
         B, H = (int(x) for x in shape.split("x"))
-        profile_shape(B, H, DTYPES[args.dtype], args.iters)
+        for backward in args.backward.split(","):
+            with attention_cuda.backward_kind(backward):
+                profile_shape(B, H, DTYPES[args.dtype], args.iters, backward=backward)
 
 
 if __name__ == "__main__":
