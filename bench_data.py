@@ -2,7 +2,7 @@
 
   python bench_data.py --parts corpus --size-mb 2048        # write the synthetic corpus once, into .cache/bench_data/
   python bench_data.py --parts prepare --size-mb 2048       # data.py prepare on it: MB/s, tokens/s, peak RSS
-  python bench_data.py --parts encode --size-mb 2048        # the tokenizers' raw encode_batch rate, all cores
+  python bench_data.py --parts encode --size-mb 2048        # each raw encode API, all cores: the fastest is the ceiling
   python bench_data.py --parts old --size-mb 256 --old-data-py /tmp/old/data.py   # an earlier data.py, same corpus
   python bench_data.py --parts startup --startup-gb 4       # python train.py → first step on a 4 GB train.bin
 
@@ -62,17 +62,31 @@ def write_corpus(size_mb: int) -> Path:
     return out
 
 
+# Runs the measured script in this same child process and writes its VmHWM (peak resident memory) at exit.
+# Not wait4's ru_maxrss: on Linux that also counts the memory this parent had when it forked the child.
+PEAK_WRAPPER = """import atexit, os, runpy, sys
+peak_file, script = sys.argv[1], sys.argv[2]
+atexit.register(lambda: open(peak_file, "w").write(
+    next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM"))))
+sys.argv, sys.path[0] = sys.argv[2:], os.path.dirname(os.path.abspath(script))
+runpy.run_path(script, run_name="__main__")
+"""
+
+
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
-    """(wall seconds, peak RSS in MB, CPU seconds: user + system, all threads) of a child process.
+    """(wall seconds, peak RSS in MB, CPU seconds: user + system, all threads) of `python script args...`.
     CPU seconds hardly change when other jobs share the machine; wall seconds do."""
+    peak_file = BENCH_DIR / "peak-rss-kb.txt"
+    peak_file.unlink(missing_ok=True)
     started = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    proc = subprocess.Popen([cmd[0], "-c", PEAK_WRAPPER, str(peak_file), *cmd[1:]], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=env, text=True)
     stdout = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)}: exit status {proc.returncode}\n{stdout[-2000:]}")
-    return time.time() - started, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+    return time.time() - started, int(peak_file.read_text()) / 1024, usage.ru_utime + usage.ru_stime
 
 
 def corpus_stats(corpus: Path) -> int:
@@ -90,7 +104,8 @@ def bench_prepare(size_mb: int, data_py: Path, label: str, extra: list[str]) -> 
     tokens = sum(info["tokens"] for info in meta["splits"].values())
     subprocess.run(["rm", "-rf", str(out)], check=True)  # tokens of a synthetic corpus: not worth the disk
     return {"part": label, "size_mb": size_mb, "seconds": round(seconds, 1),
-            "text_MB_per_s": round(text_bytes / seconds / 1e6, 2), "file_MB_per_s": round(corpus_stats(corpus) / seconds / 1e6, 2), "tokens_per_s": round(tokens / seconds),
+            "text_MB_per_s": round(text_bytes / seconds / 1e6, 2),
+            "file_MB_per_s": round(corpus_stats(corpus) / seconds / 1e6, 2), "tokens_per_s": round(tokens / seconds),
             "peak_rss_mb": round(peak_mb), "tokens": tokens, "text_bytes": text_bytes,
             "cpu_seconds": round(cpu_seconds, 1), "text_MB_per_cpu_s": round(text_bytes / cpu_seconds / 1e6, 2)}
 
@@ -107,37 +122,75 @@ def sample_texts(size_mb: int, sample_mb: int) -> list[str]:
     return texts
 
 
-def bench_encode(size_mb: int, sample_mb: int) -> dict:
-    """encode_batch with all cores on the corpus's first sample_mb, in prepare's batch size: the ceiling."""
-    sys.path.insert(0, str(ROOT))
-    import data
+def prepare_chunks(texts: list[str]) -> list[list[str]]:
+    """The texts cut as prepare cuts them for its tokenizer threads (--batch-documents, --batch-bytes)."""
     from configs import PrepareConfig
 
-    texts, cores = sample_texts(size_mb, sample_mb), os.cpu_count()
-    n_bytes, batch_bytes = sum(len(t.encode()) for t in texts), PrepareConfig().batch_bytes
-    batches, batch, chars = [], [], 0
+    max_documents, max_bytes = PrepareConfig().batch_documents, PrepareConfig().batch_bytes
+    chunks, chunk, chars = [], [], 0
     for text in texts:
-        batch.append(text)
+        chunk.append(text)
         chars += len(text)
-        if chars >= batch_bytes:
-            batches.append(batch)
-            batch, chars = [], 0
-    batches.append(batch)
-    result = {"part": "encode", "sample_MB": round(n_bytes / 1e6, 1), "cores": cores}
-    tiktoken_gpt2 = data.gpt2_tiktoken(GPT2_VOCAB)
-    encoders = {"tiktoken": data.gpt2_encoder(GPT2_VOCAB, cores)[0],  # what prepare calls: ids as numpy buffers
-                "tiktoken_encode_batch": lambda texts: tiktoken_gpt2.encode_batch(  # ids as Python lists
-                    texts, num_threads=cores, allowed_special={data.EOT}),
-                "tokenizers": data.tokenizers_encoder(data.gpt2_tokenizer(GPT2_VOCAB))}
-    for name, encode in encoders.items():
-        use = batches if name.startswith("tiktoken") else batches[:max(1, len(batches) // 4)]  # slow one: a quarter
-        use_bytes = sum(len(t.encode()) for b in use for t in b)
+        if len(chunk) >= max_documents or chars >= max_bytes:
+            chunks.append(chunk)
+            chunk, chars = [], 0
+    return chunks + [chunk] if chunk else chunks
+
+
+def raw_encoders(cores: int) -> dict:
+    """Every way to run GPT-2's tokenizers on all cores: name -> encode(chunks) -> number of ids (separators not
+    counted). The fastest of them is the ceiling prepare is compared with."""
+    from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
+
+    import data
+
+    enc, pool, special = data.gpt2_tiktoken(GPT2_VOCAB), ThreadPoolExecutor(max_workers=cores), {data.EOT}
+    joined, _ = data.gpt2_encoder(GPT2_VOCAB)
+    tok = data.gpt2_tokenizer(GPT2_VOCAB)
+
+    def tiktoken_joined_numpy(chunks):  # prepare's call: a chunk's texts as one string, one chunk per thread
+        return sum(len(ids) - (len(chunk) - 1) for ids, chunk in zip(pool.map(joined, chunks), chunks))
+
+    def tiktoken_numpy_per_document(chunks):  # one call per document, the ids as a buffer
+        texts = [text for chunk in chunks for text in chunk]
+        return sum(len(ids) for ids in pool.map(partial(enc.encode_to_numpy, allowed_special=special), texts))
+
+    def tiktoken_encode_batch(chunks):  # tiktoken's own threads; the ids as Python lists
+        return sum(len(ids) for chunk in chunks
+                   for ids in enc.encode_batch(chunk, num_threads=cores, allowed_special=special))
+
+    def tiktoken_encode_ordinary_batch(chunks):  # the same without the special-token check
+        return sum(len(ids) for chunk in chunks for ids in enc.encode_ordinary_batch(chunk, num_threads=cores))
+
+    def tokenizers_encode_batch(chunks):  # the tokenizers library's Rust threads
+        return sum(len(encoding.ids) for chunk in chunks for encoding in tok.encode_batch(chunk))
+
+    return {f.__name__: f for f in (tiktoken_joined_numpy, tiktoken_numpy_per_document, tiktoken_encode_batch,
+                                    tiktoken_encode_ordinary_batch, tokenizers_encode_batch)}
+
+
+def bench_encode(size_mb: int, sample_mb: int) -> dict:
+    """Each raw encode with all cores on the corpus's first sample_mb, the texts already in memory; the fastest
+    (MB/s) is the ceiling for prepare on this machine. The slow tokenizers library runs on a quarter of it."""
+    sys.path.insert(0, str(ROOT))
+    cores = os.cpu_count()
+    chunks = prepare_chunks(sample_texts(size_mb, sample_mb))
+    result = {"part": "encode", "sample_MB": round(sum(len(t.encode()) for c in chunks for t in c) / 1e6, 1),
+              "cores": cores}
+    for name, encode in raw_encoders(cores).items():
+        use = chunks if name.startswith("tiktoken") else chunks[:max(1, len(chunks) // 4)]
+        use_bytes = sum(len(t.encode()) for c in use for t in c)
         started, cpu_before = time.time(), cpu_seconds_so_far()
-        tokens = sum(len(ids) for b in use for ids in encode(b))
+        tokens = encode(use)
         seconds, cpu_seconds = time.time() - started, cpu_seconds_so_far() - cpu_before
         result[f"{name}_MB_per_s"] = round(use_bytes / seconds / 1e6, 2)
         result[f"{name}_MB_per_cpu_s"] = round(use_bytes / cpu_seconds / 1e6, 2)
         result[f"{name}_tokens_per_s"] = round(tokens / seconds)
+    rates = {name[:-len("_MB_per_s")]: rate for name, rate in result.items() if name.endswith("_MB_per_s")}
+    result["ceiling"] = max(rates, key=rates.get)
+    result["ceiling_MB_per_s"] = rates[result["ceiling"]]
+    result["ceiling_MB_per_cpu_s"] = result[f"{result['ceiling']}_MB_per_cpu_s"]
     return result
 
 
@@ -230,6 +283,7 @@ def main():
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     info = machine()
     print(f"machine: {info}")
+    results = {}
     for part in args.parts.split(","):
         if part == "corpus":
             started = time.time()
@@ -249,6 +303,21 @@ def main():
         print(json.dumps(result))
         with open(BENCH_DIR / "results.jsonl", "a") as f:
             f.write(json.dumps(dict(result, machine=info, time=time.strftime("%Y-%m-%d %H:%M:%S"))) + "\n")
+        results[part] = result
+    if "prepare" in results and "encode" in results:
+        print(compare_with_ceiling(results["prepare"], results["encode"]))
+    if "prepare" in results and "old" in results:
+        old, new = results["old"], results["prepare"]
+        print(f"prepare vs the old data.py: {new['text_MB_per_s'] / old['text_MB_per_s']:.2f}x the MB/s, "
+              f"{new['text_MB_per_cpu_s'] / old['text_MB_per_cpu_s']:.2f}x the MB per CPU-second")
+
+
+def compare_with_ceiling(prepare: dict, encode: dict) -> str:
+    """One line: prepare's rate as a share of the ceiling's, and both in CPU-seconds per MB of text."""
+    share = prepare["text_MB_per_s"] / encode["ceiling_MB_per_s"]
+    return (f"prepare: {prepare['text_MB_per_s']} MB/s = {share:.0%} of the fastest raw encode "
+            f"({encode['ceiling']}, {encode['ceiling_MB_per_s']} MB/s); CPU-s per MB of text: prepare "
+            f"{1 / prepare['text_MB_per_cpu_s']:.4f}, that encode {1 / encode['ceiling_MB_per_cpu_s']:.4f}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,12 @@ Not in here: reading the input formats (data_sources.py), the model or the loop.
 
 prepare streams documents from the inputs through the tokenizer into shards of ~shard_tokens uint16 tokens per
 split (train.bin / val.bin when a split fits in one shard, else train-000000.bin, ...), with one <|endoftext|>
-between documents. After each completed shard it records where it is in prepare-state.json (written atomically),
-so a killed prepare re-run with the same arguments continues there and writes the same bytes; meta.json, written
-last, lists the shards with their sizes, sha256s, cheap fingerprints and the largest token id.
+between documents. The reader (main thread) cuts the documents into chunks and one tokenizer thread per core encodes
+a chunk at a time — its documents as one string per split, so a chunk's ids come out just as they are written —
+with a fixed number of chunks in flight. After each completed shard it records where it is in prepare-state.json
+(written atomically), so a killed prepare re-run with the same arguments continues there and writes the same
+bytes; meta.json, written last, lists the shards with their sizes, sha256s, cheap fingerprints and the largest
+token id.
 
 The order of batches is a pure function of (seed, step); a split's shards are read as one token stream:
   * The token stream of a split is cut into fixed windows of block_size + 1 tokens (x = first T, y = last T).
@@ -20,16 +23,20 @@ So resuming replays nothing, and any world size / accumulation split of the same
 import hashlib
 import json
 import os
+import re
 import resource
 import sys
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported where batches are made: prepare never needs torch (2 CPU-s and ~280 MB to import)
+    import torch
 
 from data_sources import corpus_files, file_documents, read_documents  # noqa: F401  (read_documents: eval.py)
 from errors import UserError
@@ -103,25 +110,47 @@ def gpt2_tiktoken(vocab_dir: Path, fix: str = GPT2_FIX):
                              special_tokens={EOT: vocab[EOT]}, explicit_n_vocab=len(vocab))
 
 
-def gpt2_encoder(vocab_dir: Path, threads: int):
-    """(encode, library): encode maps a list of texts to their GPT-2 ids (uint16 arrays); tiktoken if installed
-    (~6x faster per core here than the tokenizers library)."""
+def gpt2_encoder(vocab_dir: Path):
+    """(encode, library): encode maps a list of texts to their GPT-2 ids joined by <|endoftext|> (one uint16 array,
+    see join_documents); tiktoken if installed (~6x faster per core here than the tokenizers library)."""
     try:
         import tiktoken  # noqa: F401
     except ImportError:
-        return tokenizers_encoder(gpt2_tokenizer(vocab_dir)), "tokenizers"
-    from functools import partial
+        return tokenizers_encoder(gpt2_tokenizer(vocab_dir), 50256), "tokenizers"
+    enc = gpt2_tiktoken(vocab_dir)
 
-    enc, pool = gpt2_tiktoken(vocab_dir), ThreadPoolExecutor(max_workers=threads)  # Rust releases the GIL
-    # allowed_special: "<|endoftext|>" inside a text becomes id 50256, as the tokenizers library does;
-    # encode_to_numpy: the ids as one buffer, not a Python list of ints (a tenth of the time otherwise)
-    encode_one = partial(enc.encode_to_numpy, allowed_special={EOT})
-    return (lambda texts: [ids.astype(np.uint16) for ids in pool.map(encode_one, texts)]), "tiktoken"
+    def encode(texts: list[str]) -> np.ndarray:
+        # One call for all the texts, not one per text: tiktoken cuts its input at each allowed special token and
+        # encodes the pieces apart, so these are exactly each text's ids with 50256 between them.
+        # allowed_special: "<|endoftext|>" inside a text becomes id 50256 too, as the tokenizers library does;
+        # encode_to_numpy: the ids as one buffer, not a Python list of ints (its Rust part releases the GIL)
+        return enc.encode_to_numpy(EOT.join(texts), allowed_special={EOT}).astype(np.uint16)
+    return encode, "tiktoken"
 
 
-def tokenizers_encoder(tok):
-    """encode for a tokenizers-library Tokenizer (its Rust threads use every core): uint16 arrays."""
-    return lambda texts: [np.array(encoding.ids, dtype=np.uint16) for encoding in tok.encode_batch(texts)]
+def tokenizers_encoder(tok, eot_id: int):
+    """encode for a tokenizers-library Tokenizer (its Rust threads use every core): ids joined by eot_id."""
+    return lambda texts: join_documents([np.array(e.ids, dtype=np.uint16) for e in tok.encode_batch(texts)], eot_id)
+
+
+def join_documents(ids_per_text: list[np.ndarray], eot_id: int) -> np.ndarray:
+    """The texts' ids with one <|endoftext|> between consecutive texts: how documents lie in a token file."""
+    separator = np.array([eot_id], dtype=np.uint16)
+    parts = [part for i, ids in enumerate(ids_per_text) for part in ((separator, ids) if i else (ids,))]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+def document_ids(ids: np.ndarray, texts: list[str], eot_id: int) -> list[np.ndarray]:
+    """Each text's ids (views) from an encoder's output for texts. A text may itself hold "<|endoftext|>", which
+    encodes to eot_id as well: counting those tells which eot_ids are the separators."""
+    eots = np.flatnonzero(ids == eot_id)
+    inside = np.cumsum([text.count(EOT) for text in texts])  # eot_ids within texts[0..i]
+    if len(eots) != inside[-1] + len(texts) - 1:
+        raise RuntimeError(f"the tokenizer gave {len(eots)} <|endoftext|> ids for {len(texts)} texts holding "
+                           f"{inside[-1]}: it must encode each \"<|endoftext|>\" as one id, and nothing else so")
+    separators = eots[inside[:-1] + np.arange(len(texts) - 1)]  # the one after text i follows i earlier ones
+    starts, ends = np.concatenate(([0], separators + 1)), np.concatenate((separators, [len(ids)]))
+    return [ids[start:end] for start, end in zip(starts, ends)]
 
 
 def train_bpe(texts, vocab_size: int):
@@ -198,30 +227,48 @@ def val_chooser(cfg, files: list[Path]):
     return set(split_documents(n_docs, cfg.val_fraction, cfg.split_seed).tolist()).__contains__
 
 
-def document_batches(docs, max_documents: int, max_bytes: int):
-    """Lists of documents of at most max_documents, or about max_bytes of text: the unit the tokenizer gets."""
-    batch, batch_chars = [], 0
+class Chunk(NamedTuple):
+    """Consecutive documents sorted into their splits: the unit one tokenizer thread encodes."""
+    docs: dict[str, list[Document]]  # split -> its documents in this chunk, in corpus order
+    last: Document                   # the chunk's last document (of either split)
+
+
+def document_chunks(docs, in_val, max_documents: int, max_bytes: int):
+    """Chunks of at most max_documents, or about max_bytes of text (a chunk closes once it holds that much)."""
+    chunk, n_docs, n_chars = {split: [] for split in SPLITS}, 0, 0
     for doc in docs:
-        batch.append(doc)
-        batch_chars += len(doc.text)
-        if len(batch) >= max_documents or batch_chars >= max_bytes:
-            yield batch
-            batch, batch_chars = [], 0
-    if batch:
-        yield batch
+        chunk["val" if in_val(doc.index) else "train"].append(doc)
+        n_docs, n_chars = n_docs + 1, n_chars + len(doc.text)
+        if n_docs >= max_documents or n_chars >= max_bytes:
+            yield Chunk(chunk, doc)
+            chunk, n_docs, n_chars = {split: [] for split in SPLITS}, 0, 0
+    if n_docs:
+        yield Chunk(chunk, doc)
 
 
-def encoded_batches(batches, encode):
-    """(batch, ids per document), encoding batch k + 1 in a thread while the caller writes batch k."""
-    with ThreadPoolExecutor(max_workers=1) as pool:  # the tokenizers release the GIL while they encode
-        pending = None
-        for batch in batches:
-            future = pool.submit(encode, [doc.text for doc in batch])
-            if pending is not None:
-                yield pending[0], pending[1].result()
-            pending = (batch, future)
-        if pending is not None:
-            yield pending[0], pending[1].result()
+CHUNKS_PER_WORKER = 3  # in flight: one encoding and two waiting per tokenizer thread, so none waits for the reader
+
+
+def encoded_chunks(chunks, encode, workers: int):
+    """(chunk, {split: its documents' ids joined by <|endoftext|>}) in order, encoded by `workers` threads.
+
+    The reader (this thread) keeps up to CHUNKS_PER_WORKER · workers chunks in flight: enough that a thread
+    finishing a chunk finds the next one queued, and the bound that keeps memory flat — about that many times
+    --batch-bytes of text and its tokens, whatever the size of the corpus.
+    """
+    def encode_chunk(chunk: Chunk) -> dict:
+        return {split: encode([doc.text for doc in docs]) for split, docs in chunk.docs.items() if docs}
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # the tokenizers release the GIL while they encode
+        pending = deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.submit(encode_chunk, chunk)))
+            if len(pending) >= CHUNKS_PER_WORKER * workers:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
 
 
 # ----------------------------------------------------------------------------- prepare: shards and resuming
@@ -257,22 +304,26 @@ class ShardWriter:
         self.hasher = hashlib.sha256(self.file.read(size))  # ≤ one shard: 200 MB at the default size
         self.file.seek(size)
 
-    def add(self, ids: np.ndarray, eot_id: int, n_bytes: int, name: str) -> bool:
-        """Append one document (uint16 ids), after an <|endoftext|> unless it is the split's first; True if full."""
+    def fits(self, n_tokens: int) -> bool:
+        """Whether n_tokens more (after their separator) leave the open shard short of full."""
+        return self.open_tokens + n_tokens + (self.stats["documents"] > 0) < self.shard_tokens
+
+    def add(self, ids: np.ndarray, eot_id: int, docs: list[Document]):
+        """Append documents (their uint16 ids joined by <|endoftext|>), after an <|endoftext|> unless they are the
+        split's first. The caller closes the shard when it is full."""
         if self.file is None:
             self.file, self.hasher = open(self.path(len(self.shards)), "wb"), hashlib.sha256()
-        if self.stats["documents"] > 0:
-            ids = np.concatenate([np.array([eot_id], dtype=np.uint16), ids])  # a boundary the model can see
-        self.file.write(ids.tobytes())
-        self.hasher.update(ids)
-        self.open_tokens += len(ids)
         stats = self.stats
-        stats["documents"], stats["tokens"], stats["bytes"] = stats["documents"] + 1, stats["tokens"] + len(ids), \
-            stats["bytes"] + n_bytes
-        stats["max_token_id"] = max(stats["max_token_id"], int(ids.max()) if len(ids) else -1)
-        if len(stats["names"]) < VAL_NAMES_KEPT:
-            stats["names"].append(name)
-        return self.open_tokens >= self.shard_tokens
+        separator = np.array([eot_id] if stats["documents"] else [], dtype=np.uint16)  # a boundary the model sees
+        for part in (separator, ids):
+            self.file.write(part)  # an array is a buffer: written and hashed without a copy
+            self.hasher.update(part)
+        n_tokens = len(separator) + len(ids)
+        self.open_tokens += n_tokens
+        stats["documents"], stats["tokens"] = stats["documents"] + len(docs), stats["tokens"] + n_tokens
+        stats["bytes"] += sum(len(doc.text.encode("utf-8")) for doc in docs)
+        stats["max_token_id"] = max(stats["max_token_id"], int(ids.max()) if len(ids) else -1, *separator.tolist())
+        stats["names"] += [doc.name for doc in docs[:max(VAL_NAMES_KEPT - len(stats["names"]), 0)]]
 
     def sync(self):
         """Make the open shard's bytes durable (before prepare-state.json says they exist)."""
@@ -397,9 +448,8 @@ def _saved_bpe_is_intact(out: Path, state: dict) -> bool:
 
 def open_encoder(cfg, out: Path, state: dict, trained_bpe):
     """(encode, tokenizer's meta entry, vocab size, <|endoftext|> id); a new BPE is saved next to the tokens."""
-    threads = cfg.workers or os.cpu_count() or 1
     if cfg.tokenizer == "gpt2":
-        encode, library = gpt2_encoder(cfg.gpt2_vocab_dir, threads)
+        encode, library = gpt2_encoder(cfg.gpt2_vocab_dir)
         files = {p.name: sha256_file(p) for p in find_gpt2_files(cfg.gpt2_vocab_dir)}
         return encode, {"kind": "gpt2", "vocab_dir": str(cfg.gpt2_vocab_dir), "files": files, "library": library}, \
             50257, 50256
@@ -413,7 +463,7 @@ def open_encoder(cfg, out: Path, state: dict, trained_bpe):
         write_json_atomic(out / STATE_FILE, state)
     tok = Tokenizer.from_file(str(path))
     meta = {"kind": "bpe", "files": {"tokenizer.json": state["tokenizer_sha256"]}}
-    return tokenizers_encoder(tok), meta, tok.get_vocab_size(), tok.token_to_id(EOT)
+    return tokenizers_encoder(tok, tok.token_to_id(EOT)), meta, tok.get_vocab_size(), tok.token_to_id(EOT)
 
 
 def write_shards(cfg, files, encode, in_val, eot_id: int, out: Path, state: dict, writers: dict):
@@ -421,18 +471,15 @@ def write_shards(cfg, files, encode, in_val, eot_id: int, out: Path, state: dict
     from tqdm import tqdm
 
     docs = iter_documents(files, cfg.text_field, state["resume"])
-    total = sum(p.stat().st_size for p in files)
-    started, tokens_before, doc = time.time(), sum(w.stats["tokens"] for w in writers.values()), None
+    chunks = document_chunks(docs, in_val, cfg.batch_documents, cfg.batch_bytes)
+    total, workers = sum(p.stat().st_size for p in files), cfg.workers or os.cpu_count() or 1
+    started, tokens_before, last = time.time(), sum(w.stats["tokens"] for w in writers.values()), None
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"prepare {out}", file=sys.stderr,
               disable=not cfg.progress, smoothing=0.1) as bar:
-        for batch, ids_per_doc in encoded_batches(document_batches(docs, cfg.batch_documents, cfg.batch_bytes),
-                                                  encode):
-            for doc, ids in zip(batch, ids_per_doc):
-                writer = writers["val" if in_val(doc.index) else "train"]
-                if writer.add(ids, eot_id, len(doc.text.encode("utf-8")), doc.name):
-                    writer.close_shard()
-                    commit(out, state, writers, after=doc)
-            bar.update(batch[-1].bytes_read - bar.n)
+        for chunk, ids in encoded_chunks(chunks, encode, workers):
+            write_chunk(chunk, ids, eot_id, out, state, writers)
+            last = chunk.last
+            bar.update(last.bytes_read - bar.n)
             tokens_now = sum(w.stats["tokens"] for w in writers.values()) - tokens_before
             bar.set_postfix_str(f"{tokens_now / max(time.time() - started, 1e-9) / 1e6:.2f}M tokens/s", refresh=False)
     for split, writer in writers.items():
@@ -444,7 +491,25 @@ def write_shards(cfg, files, encode, in_val, eot_id: int, out: Path, state: dict
         if writer.open_tokens:
             writer.close_shard()
     state["finished"] = True
-    commit(out, state, writers, after=doc)
+    commit(out, state, writers, after=last)
+
+
+def write_chunk(chunk: Chunk, ids: dict, eot_id: int, out: Path, state: dict, writers: dict):
+    """Append a chunk's documents to their splits. Where no shard fills, each split's run is written at once;
+    else document by document in corpus order, closing each full shard and committing right after its document."""
+    if all(writers[split].fits(len(split_ids)) for split, split_ids in ids.items()):
+        for split, split_ids in ids.items():
+            writers[split].add(split_ids, eot_id, chunk.docs[split])
+        return
+    pieces = {split: iter(document_ids(split_ids, [doc.text for doc in chunk.docs[split]], eot_id))
+              for split, split_ids in ids.items()}
+    in_order = sorted(((doc.index, split, doc) for split, docs in chunk.docs.items() for doc in docs))
+    for _, split, doc in in_order:
+        writer = writers[split]
+        writer.add(next(pieces[split]), eot_id, [doc])
+        if writer.open_tokens >= writer.shard_tokens:
+            writer.close_shard()
+            commit(out, state, writers, after=doc)
 
 
 def discard(out: Path, writers: dict):
@@ -632,8 +697,10 @@ class TokenSplit:
             raise UserError(f"{path}: sha256 differs from meta.json — the file changed since `data.py prepare`")
         return np.memmap(path, dtype=np.uint16, mode="r")
 
-    def windows(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def windows(self, starts: np.ndarray) -> tuple["torch.Tensor", "torch.Tensor"]:
         """x, y (len(starts), T) int64 for windows starting at the given token offsets."""
+        import torch
+
         rows = starts[:, None] + np.arange(self.block_size + 1)[None, :]  # (n, T+1)
         block = torch.from_numpy(self.tokens[rows].astype(np.int64))
         return block[:, :-1].contiguous(), block[:, 1:].contiguous()
@@ -677,7 +744,12 @@ def rank_rows(global_batch: int, world_size: int, rank: int, micro_batch: int, m
 
 
 def peak_memory_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident memory: VmHWM, not ru_maxrss, which on Linux also counts the memory its parent
+    had when it forked this process (a large parent would read as our peak)."""
+    try:
+        return int(re.search(r"VmHWM:\s*(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+    except (OSError, AttributeError):  # not Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv: list[str] | None = None):

@@ -41,9 +41,11 @@ def test_tiktoken_gives_the_tokenizers_ids_on_the_whole_corpus(gpt2_both):
     texts = [p.read_text() for p in sorted(PLAYS.glob("*_gut.txt"))] + AWKWARD
     assert len(texts) == 42 + len(AWKWARD)
     expected = [enc.ids for enc in reference.encode_batch(texts)]
-    encode, library = data.gpt2_encoder(GPT2_VOCAB, threads=2)  # what prepare uses
+    encode, library = data.gpt2_encoder(GPT2_VOCAB)  # what prepare uses: all the texts in one call
     assert library == "tiktoken"
-    got = encode(texts)
+    joined = encode(texts)
+    assert joined.tolist() == [i for n, ids in enumerate(expected) for i in ([50256] if n else []) + ids]
+    got = data.document_ids(joined, texts, 50256)  # back to each text's ids, "<|endoftext|>" inside texts or not
     for text, want, have in zip(texts, expected, got):
         assert have.tolist() == want, text[:80]
     assert got[-len(AWKWARD) + AWKWARD.index("a<|endoftext|>b")].tolist() == [64, 50256, 65]  # as today
@@ -105,6 +107,63 @@ def test_compressed_and_parquet_inputs_give_the_same_tokens(tmp_path):
 
 def hash_says_val(seed, index, fraction):
     return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "little") < fraction * 2**64
+
+
+@pytest.mark.parametrize("workers,batch_documents,batch_bytes,shard_tokens",
+                         [(1, 1, 1 << 20, 10**8), (3, 7, 1 << 20, 400), (2, 64, 900, 1)])
+def test_threads_chunks_and_shards_do_not_change_a_token(tmp_path, workers, batch_documents, batch_bytes,
+                                                         shard_tokens):
+    """Each split is its documents' ids — the tokenizers library's, one document at a time — joined by
+    <|endoftext|> in corpus order, and a shard ends after the first document that fills it; whatever the
+    threads, the chunk size and the shard size, and for documents that hold "<|endoftext|>" themselves."""
+    if not GPT2_VOCAB.is_dir():
+        pytest.skip("GPT-2 vocabulary missing: run `make setup`")
+    texts = write_corpus(tmp_path / "src", n_docs=200, seed=1)
+    for i in (0, 5, 6, 77, 199):  # the first and last document too
+        texts[i] = ["<|endoftext|>", "a<|endoftext|>b<|endoftext|>", texts[i] + " <|endoftext|>"][i % 3]
+    (tmp_path / "src" / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "out"
+    meta = prepare(gpt2_cfg([tmp_path / "src"], out, workers=workers, batch_documents=batch_documents,
+                            batch_bytes=batch_bytes, shard_tokens=shard_tokens))
+    reference = gpt2_tokenizer(GPT2_VOCAB)
+    for split, in_split in (("train", lambda i: not hash_says_val(1337, i, 0.2)),
+                            ("val", lambda i: hash_says_val(1337, i, 0.2))):
+        chosen = [enc.ids for i, enc in enumerate(reference.encode_batch(texts)) if in_split(i)]
+        expected, shard_sizes, open_tokens = [], [], 0
+        for k, ids in enumerate(chosen):
+            expected += ([50256] if k else []) + ids
+            open_tokens += len(ids) + (1 if k else 0)
+            if open_tokens >= shard_tokens:  # the rule of --shard-tokens, written out here
+                shard_sizes.append(open_tokens)
+                open_tokens = 0
+        shard_sizes += [open_tokens] if open_tokens else []
+        assert all_tokens(out, split).tolist() == expected, split
+        assert [shard["tokens"] for shard in meta["splits"][split]["shards"]] == shard_sizes, split
+        assert meta["splits"][split]["documents"] == len(chosen)
+        assert meta["splits"][split]["max_token_id"] == max(expected)
+
+
+def test_the_reader_keeps_a_bounded_number_of_chunks_in_flight():
+    """Memory stays flat: however far the tokenizer threads lag, the reader reads at most
+    CHUNKS_PER_WORKER · workers chunks ahead of the one being written."""
+    read = []
+
+    def chunks():
+        for i in range(50):
+            read.append(i)
+            yield i
+
+    def slow_encode(texts):
+        time.sleep(0.002)
+        return np.zeros(1, dtype=np.uint16)
+
+    chunk_of = lambda i: data.Chunk({"train": [data.Document(i, 0, 0, str(i), "x", 0)], "val": []}, None)
+    for workers in (1, 3):
+        read.clear()
+        for i, (chunk, ids) in enumerate(data.encoded_chunks(map(chunk_of, chunks()), slow_encode, workers)):
+            assert chunk.docs["train"][0].index == i and list(ids) == ["train"]  # in order
+            assert len(read) - i <= data.CHUNKS_PER_WORKER * workers
+        assert len(read) == 50
 
 
 @pytest.mark.parametrize("case", ["truncated_gz", "truncated_zst", "parquet_no_column", "bad_json", "no_package"])
