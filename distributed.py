@@ -6,6 +6,8 @@ reduced, and how the whole model and optimizer state is gathered into one rank-i
 checkpoint written by N ranks in one mode resumes on M ranks in another). Not in here: the loop, the loss
 scaler, checkpoint files.
 """
+import atexit
+import gc
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -60,8 +62,40 @@ def setup_processes(cfg: TrainConfig) -> Dist:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     if world_size > 1:
+        import torch.distributed.nn  # noqa: F401 (before the group exists: see _hold_group_until_exit)
+        if cfg.dist == "zero1":
+            import torch.distributed.optim  # noqa: F401 (likewise: imported for ZeRO anyway, only earlier)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        _hold_group_until_exit(dist.group.WORLD)
     return Dist(rank, local_rank, world_size, device, cfg.dist if world_size > 1 else "single")
+
+
+_HELD_GROUPS = []
+"""The process group, kept by this module from init to exit: _hold_group_until_exit."""
+
+
+def _hold_group_until_exit(group):
+    """Have the group's worker threads joined at exit while Python still runs, not during its finalization.
+
+    destroy_process_group (train.finish) only unregisters the group: its backend, and gloo's worker threads, live on
+    while anything holds it. A worker drops each finished collective itself, and their tensors and thread-local
+    state hold Python objects, so it needs the GIL. One that asks for it once the interpreter is finalizing is ended
+    by CPython (pthread_exit, before 3.14) through a noexcept C++ destructor: "terminate called without an active
+    exception", SIGABRT, at the end of a run that went well. Dropping the last reference from C++ instead (DDP's
+    reducer, GIL held) deadlocks: the destructor joins a worker that waits for the GIL. So this module holds the group
+    and lets go last, at exit, after the run (DDP, ZeRO) has: the Python handle releases the GIL while the backend
+    joins its workers. torch.distributed.nn and .optim take `group=group.WORLD` as a default argument; imported after
+    init (DDP imports the first via torch.distributed._shard) they would hold the group for good, so they come first.
+    FSDP's fully_shard keeps a reference of its own (not found): under --dist fsdp the workers still outlive Python.
+    """
+    if not _HELD_GROUPS:
+        atexit.register(_release_held_groups)  # registered first, so it runs after the run's own exit handlers
+    _HELD_GROUPS.append(group)
+
+
+def _release_held_groups():
+    gc.collect()  # holders in reference cycles let go first (the GIL held, but they are not the last)
+    _HELD_GROUPS.clear()  # the last reference: the backend joins its worker threads here
 
 
 def distribute(raw_model: GPT, cfg: TrainConfig, rt: Dist) -> torch.nn.Module:
