@@ -62,9 +62,11 @@ def setup_processes(cfg: TrainConfig) -> Dist:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     if world_size > 1:
-        import torch.distributed.nn  # noqa: F401 (before the group exists: see _hold_group_until_exit)
+        # `import x.y as name` binds only `name`: a bare `import torch.distributed.nn` here would make `torch` a
+        # local of this whole function, unbound on the lines above it
+        import torch.distributed.nn as _before_init  # noqa: F401 (before the group exists: _hold_group_until_exit)
         if cfg.dist == "zero1":
-            import torch.distributed.optim  # noqa: F401 (likewise: imported for ZeRO anyway, only earlier)
+            import torch.distributed.optim as _zero_before_init  # noqa: F401 (ZeRO imports it anyway, only later)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         _hold_group_until_exit(dist.group.WORLD)
     return Dist(rank, local_rank, world_size, device, cfg.dist if world_size > 1 else "single")
