@@ -48,10 +48,13 @@ BACKWARDS = ("split", "fused")
 
 def _backward_from_env(environ) -> str:
     """GUST_ATTN_BACKWARD's value ("split" when unset or empty); a one-line error for anything else."""
-    value = environ.get("GUST_ATTN_BACKWARD", "").strip().lower() or "split"
-    if value not in BACKWARDS:
-        raise ValueError(f"attention_cuda: GUST_ATTN_BACKWARD={value!r} — expected one of {', '.join(BACKWARDS)}")
-    return value
+    return _checked_backward(environ.get("GUST_ATTN_BACKWARD", "").strip().lower() or "split", "GUST_ATTN_BACKWARD=")
+
+
+def _checked_backward(name: str, what: str) -> str:
+    if name not in BACKWARDS:
+        raise ValueError(f"attention_cuda: {what}{name!r} — expected one of {', '.join(BACKWARDS)}")
+    return name
 
 
 # The one switch between the two backwards (see the module docstring): read once, here.
@@ -130,9 +133,7 @@ def backward_kind(name: str):
     """For tests and gpu_check: inside this block the ops' backward is `name` ("split" or "fused")
     instead of BACKWARD's process-wide choice."""
     global BACKWARD
-    if name not in BACKWARDS:
-        raise ValueError(f"attention_cuda: backward {name!r} — expected one of {', '.join(BACKWARDS)}")
-    previous, BACKWARD = BACKWARD, name
+    previous, BACKWARD = BACKWARD, _checked_backward(name, "backward ")
     try:
         yield
     finally:

@@ -11,6 +11,8 @@ import ctypes
 
 import torch
 
+from attention_cuda.reference import BLOCK_Q  # the kernels' Q-tile rows: one turn counter per Q tile
+
 DTYPE_FLAGS = {torch.float16: 0, torch.bfloat16: 1}  # attention.cu's GUST_FP16, GUST_BF16
 HEAD_DIMS = (64, 128)  # the head sizes attention.cu is instantiated for
 
@@ -99,7 +101,7 @@ def backward_fused_into(lib, q, k, v, o, lse, do, k_mean, scale: float, dq, dk, 
     B, H, T, D = q.shape
     if not (dq_acc.is_contiguous() and dq_acc.dtype == torch.float32 and dq_acc.numel() == B * H * T * D):
         raise ValueError("attention_cuda: dq_acc must be a contiguous fp32 tensor of B*H*T*D elements")
-    if not (dq_turn.is_contiguous() and dq_turn.element_size() == 4 and dq_turn.numel() >= B * H * -(-T // 64)):
+    if not (dq_turn.is_contiguous() and dq_turn.element_size() == 4 and dq_turn.numel() >= B * H * -(-T // BLOCK_Q)):
         raise ValueError("attention_cuda: dq_turn must hold B*H*ceil(T/64) contiguous 32-bit counters")
     code = lib.gust_attention_backward_fused(
         _pointer(q), _pointer(k), _pointer(v), _pointer(o), _pointer(do), _pointer(lse), _pointer(k_mean),
