@@ -273,6 +273,11 @@ def encoded_chunks(chunks, encode, workers: int):
 
 # ----------------------------------------------------------------------------- prepare: shards and resuming
 
+def utf8_length(text: str) -> int:
+    """len(text.encode("utf-8")), without encoding an ASCII text (isascii() reads a flag: no scan, no copy)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 class ShardWriter:
     """One split's token files: documents are appended to the open shard, which closes once it holds shard_tokens.
 
@@ -321,7 +326,7 @@ class ShardWriter:
         n_tokens = len(separator) + len(ids)
         self.open_tokens += n_tokens
         stats["documents"], stats["tokens"] = stats["documents"] + len(docs), stats["tokens"] + n_tokens
-        stats["bytes"] += sum(len(doc.text.encode("utf-8")) for doc in docs)
+        stats["bytes"] += sum(utf8_length(doc.text) for doc in docs)
         stats["max_token_id"] = max(stats["max_token_id"], int(ids.max()) if len(ids) else -1, *separator.tolist())
         stats["names"] += [doc.name for doc in docs[:max(VAL_NAMES_KEPT - len(stats["names"]), 0)]]
 

@@ -76,7 +76,7 @@ def _txt_document(path: Path):
     except UnicodeDecodeError as err:
         warnings.warn(f"{path}: not UTF-8 ({err.reason} at byte {err.start}), skipped")
         return
-    if text.strip():
+    if has_text(text):
         yield str(path), text, path.stat().st_size
     else:
         warnings.warn(f"{path}: empty, skipped")
@@ -121,13 +121,18 @@ def _split_lines(chunks):
         yield pending
 
 
+def has_text(text: str) -> bool:
+    """Whether text holds anything but whitespace (what `text.strip()` tells, without copying the text)."""
+    return bool(text) and not text.isspace()
+
+
 def _jsonl_documents(path: Path, text_field: str, suffix: str):
     empty = True
     with open(path, "rb") as raw:
         try:
             for line_no, line in enumerate(_open_lines(raw, suffix), start=1):
                 text = _jsonl_text(path, line_no, line, text_field)
-                if text is not None and text.strip():
+                if text is not None and has_text(text):
                     empty = False
                     yield f"{path}:{line_no}", text, raw.tell()  # raw.tell(): compressed bytes read so far
         except (EOFError, OSError, zlib.error) as err:  # truncated .gz / .zst, or not compressed at all
@@ -141,7 +146,7 @@ def _jsonl_documents(path: Path, text_field: str, suffix: str):
 
 
 def _jsonl_text(path: Path, line_no: int, line: bytes, text_field: str) -> str | None:
-    if not line.strip():
+    if not line or line.isspace():  # not line.strip(): that copies every line
         return None
     try:
         value = json.loads(line)[text_field]
@@ -176,7 +181,7 @@ def _parquet_documents(path: Path, text_field: str):
         for batch in table.iter_batches(batch_size=1024, columns=[text_field]):  # bounded memory per read
             for text in batch.column(0).to_pylist():
                 row += 1
-                if isinstance(text, str) and text.strip():
+                if isinstance(text, str) and has_text(text):
                     yield f"{path}:{row}", text, size * row // rows_total
                 elif text is not None and not isinstance(text, str):
                     raise UserError(f"{path}: column \"{text_field}\" holds {type(text).__name__}, not text")

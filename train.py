@@ -24,8 +24,9 @@ import torch.distributed as dist
 import checkpoint
 import rundir
 from configs import PRESETS, TrainConfig, check_ranges, from_json
+from cpu_fp16 import fp16_matmuls
 from data import TokenSplit, rank_rows
-from distributed import Dist, agree_on_resume, autocast, distribute, full, gradient_sync, setup_processes
+from distributed import Dist, agree_on_resume, autocast, distribute, full, gradient_sync, pick_device, setup_processes
 from errors import UserError, run_cli
 from loss_scaler import DynamicLossScaler, unscale_and_clip
 from metrics import MetricsLog, evaluate, flops_per_token, peak_flops
@@ -205,7 +206,8 @@ def train(cfg: TrainConfig) -> dict:
     check_ranges(cfg)  # parse_config checked already; this covers a TrainConfig built in code (tests, scripts)
     check_batch_sizes(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # here too: bad input is refused before the lock
     writer = int(os.environ.get("RANK", 0)) == 0  # rank 0 writes the run directory: it holds the lock
-    with rundir.holding(cfg.run_dir()) if writer else nullcontext():  # before anything there is written or cleaned
+    with (rundir.holding(cfg.run_dir()) if writer else nullcontext(),  # before anything there is written or cleaned
+          fp16_matmuls(cfg.precision, pick_device(cfg.device), cfg.compile)):  # CPU fp16 without fp16 units
         return _train(cfg)
 
 

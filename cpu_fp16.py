@@ -1,0 +1,54 @@
+"""fp16 on a CPU without fp16 arithmetic: matrix products of fp16 tensors run in fp32 and round back to fp16.
+
+Where the CPU has no AVX512-FP16 or AMX-FP16 (e.g. the AMD EPYC gust's CPU numbers come from; Intel server parts
+before Sapphire Rapids), torch multiplies fp16 matrices in a scalar fallback: a quick-preset step took 4.0 s there
+against 0.41 s through this file and 0.26 s in fp32 (README, "fp16 on a CPU", has the command). That fallback,
+like a GPU's tensor cores, takes fp16 inputs, accumulates in fp32 and rounds the result to fp16. Doing the same
+with torch's fp32 matrix kernels gives the same arithmetic — the same fp16 inputs (exact in fp32), fp32
+accumulation, fp16's range and rounding of the result (a product past 65504 is inf); only the summation order
+differs, as between any two gemm kernels. Everything else (elementwise ops, the softmax, the loss scaler) stays
+as autocast runs it. Not under --compile (the compiled graph has its own kernels), and GUST_CPU_FP16=native in
+the environment keeps torch's own fp16 path (to compare, or where this one is in doubt).
+"""
+
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+           torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default}
+"""What nn.Linear, @ and their backward reach under autocast (linear and matmul decompose into these)."""
+
+
+class Fp16MatmulsInFp32(TorchDispatchMode):
+    """Inside this mode an fp16 matrix product on the CPU is computed as fp32(inputs) → fp32 product → fp16."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if func in MATMULS and tensors and all(t.dtype == torch.float16 and t.device.type == "cpu" for t in tensors):
+            wide = [a.float() if isinstance(a, torch.Tensor) else a for a in args]  # fp16 → fp32 is exact
+            return func(*wide, **kwargs).half()  # fp16's rounding and range: past 65504 is inf
+        return func(*args, **kwargs)
+
+
+def cpu_has_fp16_arithmetic() -> bool:
+    """True where the CPU multiplies fp16 natively (x86 flags avx512_fp16 / amx_fp16), or where we cannot tell
+    (no /proc/cpuinfo: macOS, whose Apple cores have fp16 arithmetic)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return True
+    return "avx512_fp16" in flags or "amx_fp16" in flags
+
+
+def fp16_matmuls(precision: str, device: torch.device, compiled: bool = False):
+    """The context a run trains in: Fp16MatmulsInFp32 for eager fp16 on a CPU without fp16 arithmetic, else
+    nothing. It covers forward and backward (the backward's products are fp16 too), so it wraps the whole loop."""
+    native = os.environ.get("GUST_CPU_FP16") == "native"
+    if precision == "fp16" and device.type == "cpu" and not compiled and not native and not cpu_has_fp16_arithmetic():
+        return Fp16MatmulsInFp32()
+    return nullcontext()

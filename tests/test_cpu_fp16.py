@@ -1,0 +1,114 @@
+"""cpu_fp16: fp16 matrix products computed in fp32 keep fp16's arithmetic (against fp64 and torch's own fp16 path)."""
+import pytest
+import torch
+
+import cpu_fp16
+from conftest import tiny_run
+from cpu_fp16 import Fp16MatmulsInFp32, fp16_matmuls
+
+
+def fp16_operands(*shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=gen).half() for shape in shapes]
+
+
+@pytest.mark.parametrize("op", ["mm", "addmm", "bmm", "baddbmm", "linear"])
+def test_products_equal_fp64_rounded_to_fp16(op):
+    """Each product is the fp64 product of the fp16 inputs rounded to fp16, within one fp16 rounding (fp32 sums)."""
+    if op in ("bmm", "baddbmm"):
+        a, b, c = fp16_operands((3, 24, 40), (3, 40, 16), (3, 24, 16))
+    else:
+        a, b, c = fp16_operands((24, 40), (40, 16), (24, 16))
+    exact = {"mm": lambda: a.double() @ b.double(), "bmm": lambda: a.double() @ b.double(),
+             "addmm": lambda: c.double() + a.double() @ b.double(), "baddbmm": lambda: c.double() + a.double() @ b.double(),
+             "linear": lambda: a.double() @ b.double() + c[0].double()}[op]()
+    call = {"mm": lambda: torch.mm(a, b), "bmm": lambda: torch.bmm(a, b), "addmm": lambda: torch.addmm(c, a, b),
+            "baddbmm": lambda: torch.baddbmm(c, a, b), "linear": lambda: torch.nn.functional.linear(a, b.T, c[0])}[op]
+    with Fp16MatmulsInFp32():
+        ours = call()
+    assert ours.dtype == torch.float16
+    torch.testing.assert_close(ours.double(), exact.half().double(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ours, call(), rtol=2e-3, atol=2e-3)  # torch's scalar fp16 path, the same arithmetic
+
+
+@pytest.mark.parametrize("a_t, b_t", [(False, False), (True, False), (False, True), (True, True)])
+def test_long_sums_accumulate_in_fp32_in_every_layout(a_t, b_t):
+    """K = 2048 in every layout the backward uses (dW = dYᵀX): still one fp16 rounding of the exact product, as
+    torch's own fp16 path gives (fp16 accumulation would be off by far more)."""
+    a, b = fp16_operands((2048, 64) if a_t else (64, 2048), (64, 2048) if b_t else (2048, 64), seed=1)
+    a, b = (a.T if a_t else a), (b.T if b_t else b)
+    with Fp16MatmulsInFp32():
+        ours = a @ b
+    exact = a.double() @ b.double()
+    assert (ours.double() - exact).abs().max() <= (exact.half().double() - exact).abs().max() * 1.01
+    assert (ours.double() - exact).abs().max() <= ((a @ b).double() - exact).abs().max() * 1.01
+
+
+def test_a_product_past_fp16s_range_is_inf_as_in_fp16():
+    """fp16's range is kept: 256·256 = 65536 > 65504 is inf, exactly as torch's fp16 matmul gives it."""
+    a, b = torch.full((2, 1), 256.0).half(), torch.full((1, 2), 256.0).half()
+    with Fp16MatmulsInFp32():
+        ours = a @ b
+    assert torch.isinf(ours).all() and torch.isinf(a @ b).all()
+
+
+def test_backward_products_go_through_too(monkeypatch):
+    """A GPT's forward and backward under fp16 autocast: gradients match torch's fp16 path; every product is ours."""
+    from model import GPT, GPTConfig
+
+    calls = []
+
+    class Counting(Fp16MatmulsInFp32):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func in cpu_fp16.MATMULS and all(a.dtype == torch.float16 for a in args
+                                                          if isinstance(a, torch.Tensor)))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+
+    def grads(mode):
+        model.zero_grad()
+        with mode:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(x, y)[1]
+            loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    ours, native = grads(Counting()), grads(torch.autocast("cpu", enabled=False))
+    forward_products = 2 * (3 + 1) + 1  # per block: qkv, out, fc, proj — plus lm_head (scores are upcast, fp32)
+    assert sum(calls) >= 2 * forward_products  # the backward's products (dX and dW) came through the mode too
+    torch.testing.assert_close(ours, native, rtol=0, atol=2e-3 * native.abs().max().item())
+
+
+def test_the_mode_is_chosen_only_for_fp16_on_a_cpu_without_fp16(monkeypatch):
+    monkeypatch.setattr(cpu_fp16, "cpu_has_fp16_arithmetic", lambda: False)
+    assert isinstance(fp16_matmuls("fp16", torch.device("cpu")), Fp16MatmulsInFp32)
+    for precision, device in (("bf16", "cpu"), ("fp32", "cpu"), ("fp16", "cuda")):
+        assert not isinstance(fp16_matmuls(precision, torch.device(device)), Fp16MatmulsInFp32)
+    assert not isinstance(fp16_matmuls("fp16", torch.device("cpu"), compiled=True), Fp16MatmulsInFp32)
+    monkeypatch.setenv("GUST_CPU_FP16", "native")  # the way back to torch's own fp16 path
+    assert not isinstance(fp16_matmuls("fp16", torch.device("cpu")), Fp16MatmulsInFp32)
+    monkeypatch.delenv("GUST_CPU_FP16")
+    monkeypatch.setattr(cpu_fp16, "cpu_has_fp16_arithmetic", lambda: True)
+    assert not isinstance(fp16_matmuls("fp16", torch.device("cpu")), Fp16MatmulsInFp32)
+
+
+def test_an_fp16_cpu_training_run_multiplies_through_the_mode(tiny_data, tmp_path, monkeypatch):
+    """train() wraps its loop (forward, backward, evals) in the mode where this CPU lacks fp16 arithmetic."""
+    from configs import CheckpointConfig
+    from train import train
+
+    entered = []
+
+    class Recording(Fp16MatmulsInFp32):
+        def __enter__(self):
+            entered.append(True)
+            return super().__enter__()
+
+    monkeypatch.setattr(cpu_fp16, "cpu_has_fp16_arithmetic", lambda: False)
+    monkeypatch.setattr(cpu_fp16, "Fp16MatmulsInFp32", Recording)
+    result = train(tiny_run(tiny_data, tmp_path / "run", precision="fp16", max_steps=3, eval_interval=3,
+                            checkpoint=CheckpointConfig(schedule="none")))
+    assert entered and result["step"] == 3
