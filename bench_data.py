@@ -5,6 +5,7 @@
   python bench_data.py --parts encode --size-mb 2048        # each raw encode API, all cores: the fastest is the ceiling
   python bench_data.py --parts old --size-mb 256 --old-data-py /tmp/old/data.py   # an earlier data.py, same corpus
   python bench_data.py --parts startup --startup-gb 4       # python train.py → first step on a 4 GB train.bin
+  python bench_data.py --parts pairs --size-mb 256 --pairs 5   # prepare and the ceiling alternated: median ratio
 
 Each part prints its numbers and appends them, with the machine, to .cache/bench_data/results.jsonl. Parts are
 separate so that each measurement fits a short exclusive hold of the machine (`/work/wt/cpu bench ...`).
@@ -194,6 +195,38 @@ def bench_encode(size_mb: int, sample_mb: int) -> dict:
     return result
 
 
+def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str]) -> dict:
+    """prepare and the ceiling's encode (tiktoken, a chunk as one string, all cores) alternated `pairs` times, in
+    turn first: on a machine whose speed drifts within minutes (this KVM guest: the same raw encode measured
+    11–18 MB/s within half an hour), one sequential pair is mostly noise; the median of adjacent pairs' ratios
+    is the number to read."""
+    import statistics
+
+    sys.path.insert(0, str(ROOT))
+    chunks = prepare_chunks(sample_texts(size_mb, sample_mb))
+    sample_bytes = sum(len(t.encode()) for c in chunks for t in c)
+    joined = raw_encoders(os.cpu_count())["tiktoken_joined_numpy"]
+
+    def ceiling() -> float:
+        started = time.time()
+        joined(chunks)
+        return sample_bytes / (time.time() - started) / 1e6
+
+    prepare_rates, ceiling_rates = [], []
+    for i in range(pairs):
+        for step in (("prepare", "encode") if i % 2 == 0 else ("encode", "prepare")):
+            if step == "prepare":
+                prepare_rates.append(bench_prepare(size_mb, ROOT / "data.py", "prepare", extra)["text_MB_per_s"])
+            else:
+                ceiling_rates.append(round(ceiling(), 2))
+        print(f"pair {i + 1}: prepare {prepare_rates[-1]} MB/s, encode {ceiling_rates[-1]} MB/s, "
+              f"{prepare_rates[-1] / ceiling_rates[-1]:.0%}", flush=True)
+    ratios = [p / c for p, c in zip(prepare_rates, ceiling_rates)]
+    return {"part": "pairs", "size_mb": size_mb, "sample_MB": round(sample_bytes / 1e6, 1), "pairs": pairs,
+            "prepare_MB_per_s": prepare_rates, "encode_MB_per_s": ceiling_rates,
+            "ratios": [round(r, 3) for r in ratios], "median_ratio": round(statistics.median(ratios), 3)}
+
+
 def cpu_seconds_so_far() -> float:
     import resource
 
@@ -269,11 +302,12 @@ def bench_startup(gigabytes: float) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench_data.py", description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="corpus,prepare,encode",
-                        help="comma-separated: corpus,prepare,encode,old,startup")
+                        help="comma-separated: corpus,prepare,encode,old,startup,pairs")
     parser.add_argument("--size-mb", type=int, default=2048, help="synthetic corpus size (MiB of jsonl)")
     parser.add_argument("--encode-sample-mb", type=int, default=128, help="text the raw encode rate is measured on")
     parser.add_argument("--old-data-py", type=Path, default=None, help="an earlier data.py to compare (part old)")
     parser.add_argument("--startup-gb", type=float, default=4.0, help="size of the synthetic train.bin (part startup)")
+    parser.add_argument("--pairs", type=int, default=5, help="(prepare, encode) pairs alternated (part pairs)")
     parser.add_argument("--prepare-args", default="--split hash --no-progress", help="extra args for data.py prepare")
     return parser
 
@@ -298,6 +332,8 @@ def main():
             result = bench_encode(args.size_mb, args.encode_sample_mb)
         elif part == "startup":
             result = bench_startup(args.startup_gb)
+        elif part == "pairs":
+            result = bench_pairs(args.size_mb, args.encode_sample_mb, args.pairs, args.prepare_args.split())
         else:
             sys.exit(f"--parts: unknown part {part!r}")
         print(json.dumps(result))
