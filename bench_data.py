@@ -138,6 +138,11 @@ def prepare_chunks(texts: list[str]) -> list[list[str]]:
     return chunks + [chunk] if chunk else chunks
 
 
+def utf8_bytes(chunks: list[list[str]]) -> int:
+    """UTF-8 bytes of the texts in chunks: the MB every rate here is counted in."""
+    return sum(len(text.encode()) for chunk in chunks for text in chunk)
+
+
 def raw_encoders(cores: int) -> dict:
     """Every way to run GPT-2's tokenizers on all cores: name -> encode(chunks) -> number of ids (separators not
     counted). The fastest of them is the ceiling prepare is compared with."""
@@ -177,11 +182,11 @@ def bench_encode(size_mb: int, sample_mb: int) -> dict:
     sys.path.insert(0, str(ROOT))
     cores = os.cpu_count()
     chunks = prepare_chunks(sample_texts(size_mb, sample_mb))
-    result = {"part": "encode", "sample_MB": round(sum(len(t.encode()) for c in chunks for t in c) / 1e6, 1),
+    result = {"part": "encode", "sample_MB": round(utf8_bytes(chunks) / 1e6, 1),
               "cores": cores}
     for name, encode in raw_encoders(cores).items():
         use = chunks if name.startswith("tiktoken") else chunks[:max(1, len(chunks) // 4)]
-        use_bytes = sum(len(t.encode()) for c in use for t in c)
+        use_bytes = utf8_bytes(use)
         started, cpu_before = time.time(), cpu_seconds_so_far()
         tokens = encode(use)
         seconds, cpu_seconds = time.time() - started, cpu_seconds_so_far() - cpu_before
@@ -198,13 +203,13 @@ def bench_encode(size_mb: int, sample_mb: int) -> dict:
 def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str]) -> dict:
     """prepare and the ceiling's encode (tiktoken, a chunk as one string, all cores) alternated `pairs` times, in
     turn first: on a machine whose speed drifts within minutes (this KVM guest: the same raw encode measured
-    11–18 MB/s within half an hour), one sequential pair is mostly noise; the median of adjacent pairs' ratios
+    11–23 MB/s in one afternoon), one sequential pair is mostly noise; the median of adjacent pairs' ratios
     is the number to read."""
     import statistics
 
     sys.path.insert(0, str(ROOT))
     chunks = prepare_chunks(sample_texts(size_mb, sample_mb))
-    sample_bytes = sum(len(t.encode()) for c in chunks for t in c)
+    sample_bytes = utf8_bytes(chunks)
     joined = raw_encoders(os.cpu_count())["tiktoken_joined_numpy"]
 
     def ceiling() -> float:
