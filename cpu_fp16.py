@@ -45,10 +45,21 @@ def cpu_has_fp16_arithmetic() -> bool:
     return "avx512_fp16" in flags or "amx_fp16" in flags
 
 
-def fp16_matmuls(precision: str, device: torch.device, compiled: bool = False):
-    """The context a run trains in: Fp16MatmulsInFp32 for eager fp16 on a CPU without fp16 arithmetic, else
-    nothing. It covers forward and backward (the backward's products are fp16 too), so it wraps the whole loop."""
+def fp16_products(precision: str, device: torch.device, compiled: bool = False) -> str | None:
+    """How a run's fp16 matrix products are computed, as its provenance records it: "fp32, rounded to fp16"
+    (Fp16MatmulsInFp32: eager fp16 on a CPU without fp16 arithmetic), "torch" (torch's own fp16 kernels), or None
+    when the run is not fp16. Recorded because the two give different bits, though the same arithmetic."""
+    if precision != "fp16":
+        return None
     native = os.environ.get("GUST_CPU_FP16") == "native"
-    if precision == "fp16" and device.type == "cpu" and not compiled and not native and not cpu_has_fp16_arithmetic():
+    if device.type == "cpu" and not compiled and not native and not cpu_has_fp16_arithmetic():
+        return "fp32, rounded to fp16"
+    return "torch"
+
+
+def fp16_matmuls(precision: str, device: torch.device, compiled: bool = False):
+    """The context a run trains in: Fp16MatmulsInFp32 where fp16_products says so, else nothing. It covers
+    forward and backward (the backward's products are fp16 too), so it wraps the whole loop."""
+    if fp16_products(precision, device, compiled) == "fp32, rounded to fp16":
         return Fp16MatmulsInFp32()
     return nullcontext()

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import checkpoint
 import cpu_fp16
 from conftest import tiny_run
 from cpu_fp16 import Fp16MatmulsInFp32, fp16_matmuls
@@ -95,6 +96,15 @@ def test_the_mode_is_chosen_only_for_fp16_on_a_cpu_without_fp16(monkeypatch):
     assert not isinstance(fp16_matmuls("fp16", torch.device("cpu")), Fp16MatmulsInFp32)
 
 
+def test_the_products_path_is_named_for_the_provenance(monkeypatch):
+    monkeypatch.setattr(cpu_fp16, "cpu_has_fp16_arithmetic", lambda: False)
+    assert cpu_fp16.fp16_products("fp16", torch.device("cpu")) == "fp32, rounded to fp16"
+    assert cpu_fp16.fp16_products("fp16", torch.device("cuda")) == "torch"
+    assert cpu_fp16.fp16_products("bf16", torch.device("cpu")) is None
+    monkeypatch.setattr(cpu_fp16, "cpu_has_fp16_arithmetic", lambda: True)
+    assert cpu_fp16.fp16_products("fp16", torch.device("cpu")) == "torch"
+
+
 def test_an_fp16_cpu_training_run_multiplies_through_the_mode(tiny_data, tmp_path, monkeypatch):
     """train() wraps its loop (forward, backward, evals) in the mode where this CPU lacks fp16 arithmetic."""
     from configs import CheckpointConfig
@@ -110,5 +120,7 @@ def test_an_fp16_cpu_training_run_multiplies_through_the_mode(tiny_data, tmp_pat
     monkeypatch.setattr(cpu_fp16, "cpu_has_fp16_arithmetic", lambda: False)
     monkeypatch.setattr(cpu_fp16, "Fp16MatmulsInFp32", Recording)
     result = train(tiny_run(tiny_data, tmp_path / "run", precision="fp16", max_steps=3, eval_interval=3,
-                            checkpoint=CheckpointConfig(schedule="none")))
+                            checkpoint=CheckpointConfig(schedule="every", every=3, keep_last=0)))
     assert entered and result["step"] == 3
+    ckpt = checkpoint.latest_complete(tmp_path / "run")
+    assert checkpoint.load(ckpt)["provenance"]["fp16_products"] == "fp32, rounded to fp16"  # which bits these are
