@@ -45,6 +45,9 @@ def cpu_has_fp16_arithmetic() -> bool:
     return "avx512_fp16" in flags or "amx_fp16" in flags
 
 
+IN_FP32 = "fp32, rounded to fp16"  # fp16_products' name for Fp16MatmulsInFp32's path
+
+
 def fp16_products(precision: str, device: torch.device, compiled: bool = False) -> str | None:
     """How a run's fp16 matrix products are computed, as its provenance records it: "fp32, rounded to fp16"
     (Fp16MatmulsInFp32: eager fp16 on a CPU without fp16 arithmetic), "torch" (torch's own fp16 kernels), or None
@@ -53,13 +56,13 @@ def fp16_products(precision: str, device: torch.device, compiled: bool = False) 
         return None
     native = os.environ.get("GUST_CPU_FP16") == "native"
     if device.type == "cpu" and not compiled and not native and not cpu_has_fp16_arithmetic():
-        return "fp32, rounded to fp16"
+        return IN_FP32
     return "torch"
 
 
 def fp16_matmuls(precision: str, device: torch.device, compiled: bool = False):
     """The context a run trains in: Fp16MatmulsInFp32 where fp16_products says so, else nothing. It covers
     forward and backward (the backward's products are fp16 too), so it wraps the whole loop."""
-    if fp16_products(precision, device, compiled) == "fp32, rounded to fp16":
+    if fp16_products(precision, device, compiled) == IN_FP32:
         return Fp16MatmulsInFp32()
     return nullcontext()

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import checkpoint
 import rundir
 from configs import TrainConfig, changes_that_need_override, config_changes, to_json
+from cpu_fp16 import fp16_products
 from data import TokenSplit
 from distributed import Dist, full_state, load_full_state
 from errors import UserError
@@ -59,7 +60,7 @@ def _to_lists(obj):
 
 # ----------------------------------------------------------------------------- provenance, run records
 
-def provenance(rt: Dist) -> dict:
+def provenance(rt: Dist, cfg: TrainConfig) -> dict:
     """Where and with what this run was made, for config.json and every checkpoint."""
     import tokenizers
 
@@ -73,7 +74,8 @@ def provenance(rt: Dist) -> dict:
     device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
     return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
             "torch": str(torch.__version__), "numpy": np.__version__, "tokenizers": tokenizers.__version__,
-            "python": sys.version.split()[0], "device": device_name, "world_size": rt.world_size}
+            "python": sys.version.split()[0], "device": device_name, "world_size": rt.world_size,
+            "fp16_products": fp16_products(cfg.precision, rt.device, cfg.compile)}  # which fp16 bits, see cpu_fp16
 
 
 def write_atomic(path: Path, text: str):

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import checkpoint
 import rundir
 from configs import PRESETS, TrainConfig, check_ranges, from_json
-from cpu_fp16 import fp16_matmuls, fp16_products
+from cpu_fp16 import fp16_matmuls
 from data import TokenSplit, rank_rows
 from distributed import Dist, agree_on_resume, autocast, distribute, full, gradient_sync, pick_device, setup_processes
 from errors import UserError, run_cli
@@ -196,7 +196,7 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None, dict]:
     keep_steps = checkpoint.scheduled_steps(cfg.checkpoint.schedule, cfg.checkpoint.intervals, cfg.max_steps)
     run = Run(cfg, rt, run_dir, raw_model, model, optimizer, scaler, [p for p in raw_model.parameters() if p.requires_grad],
               train_split, val_split, Batches(train_split, cfg, rt, accum_steps), ctx, accum_steps, keep_steps, run_id,
-              {**provenance(rt), "fp16_products": fp16_products(cfg.precision, rt.device, cfg.compile)}, attn_impl)
+              provenance(rt, cfg), attn_impl)
     run.clock_start = time.perf_counter() - trained_before  # start-up (data, model, restore) is not training time
     return run, step, opt_step, ckpt, changes
 
