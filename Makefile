@@ -7,6 +7,8 @@ ARGS ?=
 .PHONY: setup train test sample cuda-compile gpu-check stability-demo seeds sweep-demo clean
 
 setup: .venv/.installed data/shakespeare/meta.json .cache/gpt2/vocab.json
+	@# GPT-2's tokenizer in C (gpt2_bpe/): optional, data.py falls back to tiktoken without a C compiler
+	@$(PY) -m gpt2_bpe > /dev/null || echo "gpt2_bpe not built: data.py prepare will use tiktoken"
 
 # The environment: torch pinned to the 2.13.0 CPU wheel; everything else from pyproject.toml.
 .venv/.installed: pyproject.toml

@@ -152,11 +152,17 @@ def raw_encoders(cores: int) -> dict:
     import data
 
     enc, pool, special = data.gpt2_tiktoken(GPT2_VOCAB), ThreadPoolExecutor(max_workers=cores), {data.EOT}
-    joined, _ = data.gpt2_encoder(GPT2_VOCAB)
+    prepares_encode, library = data.gpt2_encoder(GPT2_VOCAB)
     tok = data.gpt2_tokenizer(GPT2_VOCAB)
 
-    def tiktoken_joined_numpy(chunks):  # prepare's call: a chunk's texts as one string, one chunk per thread
-        return sum(len(ids) - (len(chunk) - 1) for ids, chunk in zip(pool.map(joined, chunks), chunks))
+    def joined(encode, chunks):  # prepare's call: a chunk's texts as one string, one chunk per thread
+        return sum(len(ids) - (len(chunk) - 1) for ids, chunk in zip(pool.map(encode, chunks), chunks))
+
+    def gpt2_bpe_joined(chunks):  # our C tokenizer, as prepare calls it
+        return joined(prepares_encode, chunks)
+
+    def tiktoken_joined_numpy(chunks):  # tiktoken, as prepare calls it where gpt2_bpe cannot be built
+        return joined(lambda texts: enc.encode_to_numpy(data.EOT.join(texts), allowed_special=special), chunks)
 
     def tiktoken_numpy_per_document(chunks):  # one call per document, the ids as a buffer
         texts = [text for chunk in chunks for text in chunk]
@@ -172,7 +178,8 @@ def raw_encoders(cores: int) -> dict:
     def tokenizers_encode_batch(chunks):  # the tokenizers library's Rust threads
         return sum(len(encoding.ids) for chunk in chunks for encoding in tok.encode_batch(chunk))
 
-    return {f.__name__: f for f in (tiktoken_joined_numpy, tiktoken_numpy_per_document, tiktoken_encode_batch,
+    encoders = (gpt2_bpe_joined,) if library == "gpt2_bpe" else ()
+    return {f.__name__: f for f in (*encoders, tiktoken_joined_numpy, tiktoken_numpy_per_document, tiktoken_encode_batch,
                                     tiktoken_encode_ordinary_batch, tokenizers_encode_batch)}
 
 
@@ -185,7 +192,7 @@ def bench_encode(size_mb: int, sample_mb: int) -> dict:
     result = {"part": "encode", "sample_MB": round(utf8_bytes(chunks) / 1e6, 1),
               "cores": cores}
     for name, encode in raw_encoders(cores).items():
-        use = chunks if name.startswith("tiktoken") else chunks[:max(1, len(chunks) // 4)]
+        use = chunks if not name.startswith("tokenizers") else chunks[:max(1, len(chunks) // 4)]
         use_bytes = utf8_bytes(use)
         started, cpu_before = time.time(), cpu_seconds_so_far()
         tokens = encode(use)
@@ -201,7 +208,7 @@ def bench_encode(size_mb: int, sample_mb: int) -> dict:
 
 
 def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str]) -> dict:
-    """prepare and the ceiling's encode (tiktoken, a chunk as one string, all cores) alternated `pairs` times, in
+    """prepare and the ceiling's encode (prepare's tokenizer, a chunk as one string, all cores) alternated `pairs` times, in
     turn first: on a machine whose speed drifts within minutes (this KVM guest: the same raw encode measured
     11–23 MB/s in one afternoon), one sequential pair is mostly noise; the median of adjacent pairs' ratios
     is the number to read."""
@@ -210,7 +217,8 @@ def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str]) -> d
     sys.path.insert(0, str(ROOT))
     chunks = prepare_chunks(sample_texts(size_mb, sample_mb))
     sample_bytes = utf8_bytes(chunks)
-    joined = raw_encoders(os.cpu_count())["tiktoken_joined_numpy"]
+    encoders = raw_encoders(os.cpu_count())
+    joined = encoders.get("gpt2_bpe_joined", encoders["tiktoken_joined_numpy"])  # the one prepare uses
 
     def ceiling() -> float:
         started = time.time()

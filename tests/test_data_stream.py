@@ -1,4 +1,4 @@
-"""data.py at scale: tiktoken = tokenizers, the input formats, the hash split, shards read as one stream,
+"""data.py at scale: gpt2_bpe = tiktoken = tokenizers, the input formats, the hash split, shards read as one stream,
 resuming a killed prepare, and a start-up that reads only what it must (issue 14)."""
 import gzip
 import hashlib
@@ -35,14 +35,22 @@ def gpt2_both():
     return gpt2_tokenizer(GPT2_VOCAB), gpt2_tiktoken(GPT2_VOCAB)
 
 
-def test_tiktoken_gives_the_tokenizers_ids_on_the_whole_corpus(gpt2_both):
-    """All 42 plays (5 MB) and awkward strings: the offline tiktoken Encoding must agree id for id."""
+@pytest.mark.parametrize("library", ["gpt2_bpe", "tiktoken"])
+def test_fast_tokenizers_give_the_tokenizers_ids_on_the_whole_corpus(gpt2_both, library, monkeypatch):
+    """All 42 plays (5 MB) and awkward strings: our C tokenizer and the offline tiktoken Encoding, each as prepare
+    calls it, must agree id for id with the tokenizers library."""
+    import gpt2_bpe
+
+    if library == "tiktoken":
+        monkeypatch.setattr(gpt2_bpe, "available", lambda: False)  # what prepare does where no C compiler is
+    elif not gpt2_bpe.available():
+        pytest.skip("gpt2_bpe could not be built (no C compiler)")
     reference, _ = gpt2_both
     texts = [p.read_text() for p in sorted(PLAYS.glob("*_gut.txt"))] + AWKWARD
     assert len(texts) == 42 + len(AWKWARD)
     expected = [enc.ids for enc in reference.encode_batch(texts)]
-    encode, library = data.gpt2_encoder(GPT2_VOCAB)  # what prepare uses: all the texts in one call
-    assert library == "tiktoken"
+    encode, used = data.gpt2_encoder(GPT2_VOCAB)  # what prepare uses: all the texts in one call
+    assert used == library
     joined = encode(texts)
     assert joined.tolist() == [i for n, ids in enumerate(expected) for i in ([50256] if n else []) + ids]
     got = data.document_ids(joined, texts, 50256)  # back to each text's ids, "<|endoftext|>" inside texts or not

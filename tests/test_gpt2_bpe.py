@@ -1,0 +1,88 @@
+"""gpt2_bpe (GPT-2's tokenizer in C) against tiktoken, an independent implementation of the same pattern and merges:
+random strings built from what the pattern tells apart, every code point, pieces long enough for the heap, lone
+surrogates, threads; and the fallback where it cannot be built. The whole corpus: test_data_stream.py."""
+import random
+import threading
+
+import pytest
+
+import data
+import gpt2_bpe
+from conftest import GPT2_VOCAB
+
+# What the GPT-2 pattern tells apart: each kind of whitespace, the contractions (and their near misses), letters,
+# digits, others, combining marks, "<|endoftext|>" and pieces of it
+ALPHABET = [*" \t\n\r\x0b\x0c\x85\xa0\u1680\u2000\u2028\u202f\u3000\x1c\x1f", *"'sStTmdrevlL!?.,-_\"", *"09½²٣Ⅻ",
+            *"aZé日本Æ🤖\u0301\u200d", "<|endoftext|>", "<|", "|>", "'re", "'ve", "'ll", "'RE", " '", "  ", "\n\n"]
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    tiktoken = pytest.importorskip("tiktoken")  # noqa: F841  (the reference)
+    if not GPT2_VOCAB.is_dir():
+        pytest.skip("GPT-2 vocabulary missing: run `make setup`")
+    if not gpt2_bpe.available():
+        pytest.skip("gpt2_bpe could not be built (no C compiler)")
+    return gpt2_bpe.Encoder(data.gpt2_ranks(GPT2_VOCAB), 50256), data.gpt2_tiktoken(GPT2_VOCAB)
+
+
+def reference_ids(enc, text: str) -> list[int]:
+    return enc.encode(text, allowed_special={data.EOT})
+
+
+def test_random_strings_get_tiktokens_ids(encoders):
+    ours, reference = encoders
+    rng = random.Random(0)
+    for _ in range(4000):
+        text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 30)))
+        if rng.random() < 0.3:  # anything of planes 0-3 (lone surrogates become U+FFFD, as str.encode needs)
+            text += "".join(chr(rng.randint(0x80, 0x3FFFF)) for _ in range(rng.randint(1, 4)))
+        assert ours.encode(text).tolist() == reference_ids(reference, text), repr(text)
+
+
+def test_every_code_point_is_classed_as_tiktoken_classes_it(encoders):
+    """Each code point after a letter, after a digit and after a space: one read as the wrong class (letter, digit,
+    whitespace, other) cuts the pieces elsewhere, and the ids differ."""
+    ours, reference = encoders
+    text = "".join(f"a{char}1{char} {char}x\n" for cp in range(0x110000) if not 0xD800 <= cp < 0xE000
+                   for char in [chr(cp)])
+    assert ours.encode(text).tolist() == reference.encode_ordinary(text)
+
+
+@pytest.mark.parametrize("text", ["a" * 100_000, " " * 70_000 + "x", "ab" * 30_000, "日" * 20_000, "1" * 5000,
+                                  "!?" * 9000, "\n" * 40_000 + "<|endoftext|>" + "\t" * 3])
+def test_long_pieces_merge_like_tiktoken(encoders, text):
+    ours, reference = encoders
+    assert ours.encode(text).tolist() == reference_ids(reference, text)
+
+
+def test_lone_surrogates_become_the_replacement_character(encoders):
+    ours, reference = encoders
+    text = "ok \ud800 then \udfff\ud83e\udd16"  # two lone halves, then a pair (🤖)
+    assert ours.encode(text).tolist() == reference_ids(reference, text)
+
+
+def test_threads_encoding_at_once_get_the_ids_one_thread_gets(encoders):
+    """Each thread gets its own Encoder (the piece cache is not shared); the C calls run without the GIL."""
+    ours, _ = encoders
+    texts = [" ".join(random.Random(seed).choice(ALPHABET) for _ in range(20_000)) for seed in range(4)]
+    expected = [ours.encode(text).tolist() for text in texts]
+    encode, results = gpt2_bpe.thread_local_encoder(data.gpt2_ranks(GPT2_VOCAB), 50256), {}
+
+    def work(index):
+        results[index] = [encode(texts[index]).tolist() for _ in range(3)]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(texts))]
+    [thread.start() for thread in threads]
+    [thread.join() for thread in threads]
+    assert all(results[i] == [expected[i]] * 3 for i in range(len(texts)))
+
+
+def test_a_failed_build_names_the_compiler_and_prepare_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpt2_bpe, "BUILD_DIR", tmp_path)
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.raises(RuntimeError, match="gpt2_bpe: .*false failed on gpt2_bpe.c"):
+        gpt2_bpe.build()
+    assert not list(tmp_path.glob("*.so"))  # nothing half-written left to load
+    if GPT2_VOCAB.is_dir() and pytest.importorskip("tiktoken"):
+        monkeypatch.setattr(gpt2_bpe, "available", lambda: False)
+        assert data.gpt2_encoder(GPT2_VOCAB)[1] == "tiktoken"
