@@ -179,8 +179,8 @@ def raw_encoders(cores: int) -> dict:
         return sum(len(encoding.ids) for chunk in chunks for encoding in tok.encode_batch(chunk))
 
     encoders = (gpt2_bpe_joined,) if library == "gpt2_bpe" else ()
-    return {f.__name__: f for f in (*encoders, tiktoken_joined_numpy, tiktoken_numpy_per_document, tiktoken_encode_batch,
-                                    tiktoken_encode_ordinary_batch, tokenizers_encode_batch)}
+    return {f.__name__: f for f in (*encoders, tiktoken_joined_numpy, tiktoken_numpy_per_document,
+                                    tiktoken_encode_batch, tiktoken_encode_ordinary_batch, tokenizers_encode_batch)}
 
 
 def bench_encode(size_mb: int, sample_mb: int) -> dict:
@@ -208,8 +208,8 @@ def bench_encode(size_mb: int, sample_mb: int) -> dict:
 
 
 def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str]) -> dict:
-    """prepare and the ceiling's encode (prepare's tokenizer, a chunk as one string, all cores) alternated `pairs` times, in
-    turn first: on a machine whose speed drifts within minutes (this KVM guest: the same raw encode measured
+    """prepare and the ceiling's encode (prepare's tokenizer, a chunk as one string, all cores) alternated `pairs`
+    times, in turn first: on a machine whose speed drifts within minutes (this KVM guest: the same raw encode measured
     11–23 MB/s in one afternoon), one sequential pair is mostly noise; the median of adjacent pairs' ratios
     is the number to read."""
     import statistics

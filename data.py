@@ -117,7 +117,7 @@ def gpt2_tiktoken(vocab_dir: Path, fix: str = GPT2_FIX):
 
 def gpt2_encoder(vocab_dir: Path):
     """(encode, library): encode maps a list of texts to their GPT-2 ids joined by <|endoftext|> (one uint16 array,
-    see join_documents). The fastest library at hand, all giving the same ids (tested): gpt2_bpe (our C, ~7x
+    see join_documents). The fastest library at hand, all giving the same ids (tested): gpt2_bpe (our C, ~9x
     tiktoken per core here), else tiktoken (~6x the tokenizers library), else the tokenizers library."""
     import gpt2_bpe
 

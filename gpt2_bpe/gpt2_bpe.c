@@ -102,8 +102,8 @@ static int grow_scratch(Encoder *e, size_t n) {
     e->next = malloc(size * sizeof *e->next);
     e->prev = malloc(size * sizeof *e->prev);
     e->heap = malloc(3 * size * sizeof *e->heap);  /* each merge pushes at most two entries */
-    e->scratch_size = size;
-    return e->next && e->prev && e->heap ? 0 : -1;
+    e->scratch_size = e->next && e->prev && e->heap ? size : 0;  /* 0 after a failure: the next call retries */
+    return e->scratch_size ? 0 : -1;
 }
 
 /* The piece's ids into out (at most n of them); returns how many, or -1 if out of memory. */
