@@ -111,41 +111,42 @@ def bench_prepare(size_mb: int, data_py: Path, label: str, extra: list[str]) -> 
             "cpu_seconds": round(cpu_seconds, 1), "text_MB_per_cpu_s": round(text_bytes / cpu_seconds / 1e6, 2)}
 
 
-def sample_texts(size_mb: int, sample_mb: int) -> list[str]:
+def sample_texts(size_mb: int, sample_mb: int) -> list[bytes]:
     texts, total = [], 0
     for path in sorted(corpus_dir(size_mb).glob("*.jsonl")):
         with open(path, "rb") as f:
             for line in f:
-                texts.append(json.loads(line)["text"])
+                texts.append(json.loads(line)["text"].encode())  # as prepare holds a text: UTF-8
                 total += len(texts[-1])
                 if total >= sample_mb << 20:
                     return texts
     return texts
 
 
-def prepare_chunks(texts: list[str]) -> list[list[str]]:
+def prepare_chunks(texts: list[bytes]) -> list[list[bytes]]:
     """The texts cut as prepare cuts them for its tokenizer threads (--batch-documents, --batch-bytes)."""
     from configs import PrepareConfig
 
     max_documents, max_bytes = PrepareConfig().batch_documents, PrepareConfig().batch_bytes
-    chunks, chunk, chars = [], [], 0
+    chunks, chunk, n_bytes = [], [], 0
     for text in texts:
         chunk.append(text)
-        chars += len(text)
-        if len(chunk) >= max_documents or chars >= max_bytes:
+        n_bytes += len(text)
+        if len(chunk) >= max_documents or n_bytes >= max_bytes:
             chunks.append(chunk)
-            chunk, chars = [], 0
+            chunk, n_bytes = [], 0
     return chunks + [chunk] if chunk else chunks
 
 
-def utf8_bytes(chunks: list[list[str]]) -> int:
+def utf8_bytes(chunks: list[list[bytes]]) -> int:
     """UTF-8 bytes of the texts in chunks: the MB every rate here is counted in."""
-    return sum(len(text.encode()) for chunk in chunks for text in chunk)
+    return sum(len(text) for chunk in chunks for text in chunk)
 
 
 def raw_encoders(cores: int) -> dict:
     """Every way to run GPT-2's tokenizers on all cores: name -> encode(chunks) -> number of ids (separators not
-    counted). The fastest of them is the ceiling prepare is compared with."""
+    counted). The fastest of them is the ceiling prepare is compared with. gpt2_bpe's take the texts as UTF-8 (as
+    prepare holds them), the libraries' as str (their API)."""
     from concurrent.futures import ThreadPoolExecutor
     from functools import partial
 
@@ -155,7 +156,7 @@ def raw_encoders(cores: int) -> dict:
     prepares_encode, library = data.gpt2_encoder(GPT2_VOCAB)
     tok = data.gpt2_tokenizer(GPT2_VOCAB)
 
-    def joined(encode, chunks):  # prepare's call: a chunk's texts as one string, one chunk per thread
+    def joined(encode, chunks):  # prepare's call: a chunk's texts as one text, one chunk per thread
         return sum(len(ids) - (len(chunk) - 1) for ids, chunk in zip(pool.map(encode, chunks), chunks))
 
     def gpt2_bpe_joined(chunks):  # our C tokenizer, as prepare calls it
@@ -191,9 +192,11 @@ def bench_encode(size_mb: int, sample_mb: int) -> dict:
     chunks = prepare_chunks(sample_texts(size_mb, sample_mb))
     result = {"part": "encode", "sample_MB": round(utf8_bytes(chunks) / 1e6, 1),
               "cores": cores}
+    str_chunks = [[text.decode() for text in chunk] for chunk in chunks]
     for name, encode in raw_encoders(cores).items():
-        use = chunks if not name.startswith("tokenizers") else chunks[:max(1, len(chunks) // 4)]
-        use_bytes = utf8_bytes(use)
+        use = chunks if name.startswith("gpt2_bpe") else str_chunks
+        use = use if not name.startswith("tokenizers") else use[:max(1, len(use) // 4)]
+        use_bytes = utf8_bytes(chunks[:len(use)])
         started, cpu_before = time.time(), cpu_seconds_so_far()
         tokens = encode(use)
         seconds, cpu_seconds = time.time() - started, cpu_seconds_so_far() - cpu_before
@@ -208,7 +211,7 @@ def bench_encode(size_mb: int, sample_mb: int) -> dict:
 
 
 def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str]) -> dict:
-    """prepare and the ceiling's encode (prepare's tokenizer, a chunk as one string, all cores) alternated `pairs`
+    """prepare and the ceiling's encode (prepare's tokenizer, a chunk as one text, all cores) alternated `pairs`
     times, in turn first: on a machine whose speed drifts within minutes (this KVM guest: the same raw encode measured
     11–23 MB/s in one afternoon), one sequential pair is mostly noise; the median of adjacent pairs' ratios
     is the number to read."""
@@ -219,6 +222,8 @@ def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str]) -> d
     sample_bytes = utf8_bytes(chunks)
     encoders = raw_encoders(os.cpu_count())
     joined = encoders.get("gpt2_bpe_joined", encoders["tiktoken_joined_numpy"])  # the one prepare uses
+    if "gpt2_bpe_joined" not in encoders:
+        chunks = [[text.decode() for text in chunk] for chunk in chunks]  # tiktoken's input: str
 
     def ceiling() -> float:
         started = time.time()

@@ -42,6 +42,7 @@ from data_sources import corpus_files, file_documents, read_documents  # noqa: F
 from errors import UserError
 
 EOT = "<|endoftext|>"
+EOT_UTF8 = EOT.encode()  # as it stands in a document's UTF-8 text
 META_FORMAT = 2  # 2: shards, max_token_id, fingerprints, args; format 1 (one .bin per split) still loads
 SPLITS = ("train", "val")
 STATE_FILE = "prepare-state.json"
@@ -116,8 +117,8 @@ def gpt2_tiktoken(vocab_dir: Path, fix: str = GPT2_FIX):
 
 
 def gpt2_encoder(vocab_dir: Path):
-    """(encode, library): encode maps a list of texts to their GPT-2 ids joined by <|endoftext|> (one uint16 array,
-    see join_documents). The fastest library at hand, all giving the same ids (tested): gpt2_bpe (our C, ~9x
+    """(encode, library): encode maps a list of UTF-8 texts to their GPT-2 ids joined by <|endoftext|> (one uint16
+    array, see join_documents). The fastest library at hand, all giving the same ids (tested): gpt2_bpe (our C, ~9x
     tiktoken per core here), else tiktoken (~6x the tokenizers library), else the tokenizers library."""
     import gpt2_bpe
 
@@ -131,18 +132,20 @@ def gpt2_encoder(vocab_dir: Path):
         enc, library = gpt2_tiktoken(vocab_dir), "tiktoken"
         # allowed_special: "<|endoftext|>" inside a text becomes id 50256 too, as the tokenizers library does;
         # encode_to_numpy: the ids as one buffer, not a Python list of ints (its Rust part releases the GIL)
-        encode_text = lambda text: enc.encode_to_numpy(text, allowed_special={EOT}).astype(np.uint16)  # noqa: E731
+        def encode_text(utf8: bytes) -> np.ndarray:
+            return enc.encode_to_numpy(utf8.decode(), allowed_special={EOT}).astype(np.uint16)
 
-    def encode(texts: list[str]) -> np.ndarray:
+    def encode(texts: list[bytes]) -> np.ndarray:
         # One call for all the texts, not one per text: both cut their input at each "<|endoftext|>" and encode
         # the pieces apart, so these are exactly each text's ids with 50256 between them.
-        return encode_text(EOT.join(texts))
+        return encode_text(EOT_UTF8.join(texts))
     return encode, library
 
 
 def tokenizers_encoder(tok, eot_id: int):
     """encode for a tokenizers-library Tokenizer (its Rust threads use every core): ids joined by eot_id."""
-    return lambda texts: join_documents([np.array(e.ids, dtype=np.uint16) for e in tok.encode_batch(texts)], eot_id)
+    return lambda texts: join_documents([np.array(e.ids, dtype=np.uint16)
+                                         for e in tok.encode_batch([text.decode() for text in texts])], eot_id)
 
 
 def join_documents(ids_per_text: list[np.ndarray], eot_id: int) -> np.ndarray:
@@ -152,11 +155,11 @@ def join_documents(ids_per_text: list[np.ndarray], eot_id: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
-def document_ids(ids: np.ndarray, texts: list[str], eot_id: int) -> list[np.ndarray]:
-    """Each text's ids (views) from an encoder's output for texts. A text may itself hold "<|endoftext|>", which
-    encodes to eot_id as well: counting those tells which eot_ids are the separators."""
+def document_ids(ids: np.ndarray, texts: list[bytes], eot_id: int) -> list[np.ndarray]:
+    """Each text's ids (views) from an encoder's output for texts (UTF-8). A text may itself hold "<|endoftext|>",
+    which encodes to eot_id as well: counting those tells which eot_ids are the separators."""
     eots = np.flatnonzero(ids == eot_id)
-    inside = np.cumsum([text.count(EOT) for text in texts])  # eot_ids within texts[0..i]
+    inside = np.cumsum([text.count(EOT_UTF8) for text in texts])  # eot_ids within texts[0..i]
     if len(eots) != inside[-1] + len(texts) - 1:
         raise RuntimeError(f"the tokenizer gave {len(eots)} <|endoftext|> ids for {len(texts)} texts holding "
                            f"{inside[-1]}: it must encode each \"<|endoftext|>\" as one id, and nothing else so")
@@ -166,7 +169,7 @@ def document_ids(ids: np.ndarray, texts: list[str], eot_id: int) -> list[np.ndar
 
 
 def train_bpe(texts, vocab_size: int):
-    """A byte-level BPE learned from `texts` (the train split only, so val stays unseen); texts may be a generator."""
+    """A byte-level BPE learned from `texts` (str; the train split only, so val stays unseen); may be a generator."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -200,7 +203,7 @@ class Document(NamedTuple):
     file_index: int      # which input file it came from
     file_first: int      # index of that file's first document (where a resume starts reading)
     name: str            # path, or path:line / path:row
-    text: str
+    text: bytes          # UTF-8
     bytes_read: int      # input bytes read so far over all files (for the progress bar)
 
 
@@ -247,13 +250,13 @@ class Chunk(NamedTuple):
 
 def document_chunks(docs, in_val, max_documents: int, max_bytes: int):
     """Chunks of at most max_documents, or about max_bytes of text (a chunk closes once it holds that much)."""
-    chunk, n_docs, n_chars = {split: [] for split in SPLITS}, 0, 0
+    chunk, n_docs, n_bytes = {split: [] for split in SPLITS}, 0, 0
     for doc in docs:
         chunk["val" if in_val(doc.index) else "train"].append(doc)
-        n_docs, n_chars = n_docs + 1, n_chars + len(doc.text)
-        if n_docs >= max_documents or n_chars >= max_bytes:
+        n_docs, n_bytes = n_docs + 1, n_bytes + len(doc.text)
+        if n_docs >= max_documents or n_bytes >= max_bytes:
             yield Chunk(chunk, doc)
-            chunk, n_docs, n_chars = {split: [] for split in SPLITS}, 0, 0
+            chunk, n_docs, n_bytes = {split: [] for split in SPLITS}, 0, 0
     if n_docs:
         yield Chunk(chunk, doc)
 
@@ -284,11 +287,6 @@ def encoded_chunks(chunks, encode, workers: int):
 
 
 # ----------------------------------------------------------------------------- prepare: shards and resuming
-
-def utf8_length(text: str) -> int:
-    """len(text.encode("utf-8")), without encoding an ASCII text (isascii() reads a flag: no scan, no copy)."""
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
-
 
 class ShardWriter:
     """One split's token files: documents are appended to the open shard, which closes once it holds shard_tokens.
@@ -338,7 +336,7 @@ class ShardWriter:
         n_tokens = len(separator) + len(ids)
         self.open_tokens += n_tokens
         stats["documents"], stats["tokens"] = stats["documents"] + len(docs), stats["tokens"] + n_tokens
-        stats["bytes"] += sum(utf8_length(doc.text) for doc in docs)
+        stats["bytes"] += sum(len(doc.text) for doc in docs)
         stats["max_token_id"] = max(stats["max_token_id"], int(ids.max()) if len(ids) else -1, *separator.tolist())
         stats["names"] += [doc.name for doc in docs[:max(VAL_NAMES_KEPT - len(stats["names"]), 0)]]
 
@@ -441,7 +439,7 @@ def prepare(cfg) -> dict:
     state = state or {"args": args, "resume": None, "splits": {}, "finished": False}
     tok = None
     if cfg.tokenizer == "bpe" and not _saved_bpe_is_intact(out, state):
-        train_texts = (doc.text for doc in iter_documents(files, cfg.text_field) if not in_val(doc.index))
+        train_texts = (doc.text.decode() for doc in iter_documents(files, cfg.text_field) if not in_val(doc.index))
         tok = train_bpe(train_texts, cfg.bpe_vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / STATE_FILE, state)  # from here on the directory is ours: a re-run resumes it
@@ -487,6 +485,7 @@ def write_shards(cfg, files, encode, in_val, eot_id: int, out: Path, state: dict
     """The one pass that tokenizes: documents → ids → the split's open shard; a commit after each closed shard."""
     from tqdm import tqdm
 
+    sys.setswitchinterval(0.0005)  # a tokenizer thread back from C waits for the GIL at most this, not 5 ms
     docs = iter_documents(files, cfg.text_field, state["resume"])
     chunks = document_chunks(docs, in_val, cfg.batch_documents, cfg.batch_bytes)
     total, workers = sum(p.stat().st_size for p in files), cfg.workers or os.cpu_count() or 1

@@ -2,7 +2,9 @@
 
 Inputs: .txt (one document), .jsonl / .jsonl.gz / .jsonl.zst (one document per line, its --text-field), .parquet
 (one document per row of the text column), and directories or globs of them. Documents come in a fixed order —
-files sorted by path, then line or row — so the split and the token files are reproducible.
+files sorted by path, then line or row — so the split and the token files are reproducible. A document's text comes
+as UTF-8 bytes (what the tokenizer reads); JSONL is read in blocks of lines whose texts gpt2_bpe's C extracts
+(json.loads, per line, only for the lines it leaves to Python, or where it could not be built).
 Not in here: tokenizing, splitting, writing (data.py). Kept apart from data.py so that file stays readable.
 """
 import glob
@@ -15,6 +17,7 @@ from errors import UserError
 
 SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet", ".txt")
 PACKAGES = {".jsonl.zst": "zstandard", ".parquet": "pyarrow"}  # optional readers: `make setup` installs both
+BLOCK_BYTES = 4 << 20  # JSONL is read this much at a time (.gz: what one inflate gives), cut after the last newline
 
 
 def suffix_of(path: Path) -> str | None:
@@ -60,7 +63,8 @@ def _require(package: str, path: Path):
 
 
 def file_documents(path: Path, text_field: str = "text"):
-    """(name, text, bytes_read) for each non-empty document of one file; bytes_read counts the file's own bytes."""
+    """(name, UTF-8 text, bytes_read) for each non-empty document of one file; bytes_read counts the file's own
+    bytes."""
     suffix = suffix_of(path)
     if suffix == ".parquet":
         yield from _parquet_documents(path, text_field)
@@ -77,20 +81,32 @@ def _txt_document(path: Path):
         warnings.warn(f"{path}: not UTF-8 ({err.reason} at byte {err.start}), skipped")
         return
     if has_text(text):
-        yield str(path), text, path.stat().st_size
+        yield str(path), text.encode("utf-8"), path.stat().st_size
     else:
         warnings.warn(f"{path}: empty, skipped")
 
 
-def _open_lines(raw, suffix: str):
-    """A binary line reader over the decompressed bytes of an open file."""
+def _line_blocks(raw, suffix: str):
+    """(block, n, bytes of the file read so far) for the decompressed bytes of an open file: block[:n] is whole
+    lines (the file's last may lack its newline)."""
     if suffix == ".jsonl.gz":
         import gzip
 
-        return gzip.GzipFile(fileobj=raw)
-    if suffix == ".jsonl.zst":
-        return _split_lines(_zstd_chunks(raw))
-    return raw
+        stream = gzip.GzipFile(fileobj=raw)
+        chunks = iter(lambda: stream.read1(BLOCK_BYTES), b"")  # read1: a truncated file keeps what came before
+    elif suffix == ".jsonl.zst":
+        chunks = _zstd_chunks(raw)
+    else:
+        chunks = iter(lambda: raw.read(BLOCK_BYTES), b"")
+    pending = b""
+    for chunk in chunks:
+        pending = pending + chunk if pending else chunk
+        cut = pending.rfind(b"\n") + 1
+        if cut:  # else a line longer than the chunk: wait for its end
+            yield pending, cut, raw.tell()  # tell() once a block: it costs a system call
+            pending = pending[cut:]
+    if pending:
+        yield pending, len(pending), raw.tell()
 
 
 def _zstd_chunks(raw):
@@ -111,30 +127,21 @@ def _zstd_chunks(raw):
         raise EOFError("the last zstd frame ends early")
 
 
-def _split_lines(chunks):
-    pending = b""
-    for chunk in chunks:
-        lines = (pending + chunk).split(b"\n")
-        pending = lines.pop()
-        yield from (line + b"\n" for line in lines)
-    if pending:
-        yield pending
-
-
 def has_text(text: str) -> bool:
     """Whether text holds anything but whitespace (what `text.strip()` tells, without copying the text)."""
     return bool(text) and not text.isspace()
 
 
 def _jsonl_documents(path: Path, text_field: str, suffix: str):
-    empty = True
+    empty, line_no = True, 0
     with open(path, "rb") as raw:
         try:
-            for line_no, line in enumerate(_open_lines(raw, suffix), start=1):
-                text = _jsonl_text(path, line_no, line, text_field)
-                if text is not None and has_text(text):
-                    empty = False
-                    yield f"{path}:{line_no}", text, raw.tell()  # raw.tell(): compressed bytes read so far
+            for block, n, bytes_read in _line_blocks(raw, suffix):  # bytes_read: compressed ones, where compressed
+                for text in _block_texts(path, line_no, block, n, text_field):
+                    line_no += 1
+                    if text is not None:
+                        empty = False
+                        yield f"{path}:{line_no}", text, bytes_read
         except (EOFError, OSError, zlib.error) as err:  # truncated .gz / .zst, or not compressed at all
             raise UserError(f"{path}: truncated or corrupt ({err}) — stopped; completed shards are kept") from None
         except Exception as err:
@@ -145,7 +152,29 @@ def _jsonl_documents(path: Path, text_field: str, suffix: str):
         warnings.warn(f"{path}: no non-empty documents, skipped")
 
 
-def _jsonl_text(path: Path, line_no: int, line: bytes, text_field: str) -> str | None:
+def _block_texts(path: Path, line_no: int, block: bytes, n: int, text_field: str):
+    """Each line's UTF-8 text, or None for a line skipped, of block[:n]; line_no: the lines before the block."""
+    import gpt2_bpe
+
+    if not gpt2_bpe.available():
+        lines = block[:n].split(b"\n")
+        if lines[-1] == b"":  # the block's last newline ends a line, it does not start one
+            lines.pop()
+        yield from (_jsonl_text(path, line_no + 1 + i, line, text_field) for i, line in enumerate(lines))
+        return
+    status, line_ends, text_ends, texts = gpt2_bpe.jsonl_texts(block, n, text_field.encode("utf-8"))
+    line_start = text_start = 0
+    for i, (line_status, line_end, text_end) in enumerate(zip(status, line_ends, text_ends)):
+        if line_status == gpt2_bpe.TEXT:
+            yield texts[text_start:text_end]
+        elif line_status == gpt2_bpe.BLANK:
+            yield None
+        else:  # the C left it to json.loads: anything unusual, errors included
+            yield _jsonl_text(path, line_no + 1 + i, block[line_start:line_end], text_field)
+        line_start, text_start = line_end, text_end
+
+
+def _jsonl_text(path: Path, line_no: int, line: bytes, text_field: str) -> bytes | None:
     if not line or line.isspace():  # not line.strip(): that copies every line
         return None
     try:
@@ -158,18 +187,13 @@ def _jsonl_text(path: Path, line_no: int, line: bytes, text_field: str) -> str |
                         + (" — pass --text-field" if text_field == "text" else "")) from None
     if not isinstance(value, str):
         raise UserError(f"{path}:{line_no}: \"{text_field}\" holds a {type(value).__name__}, not text")
-    if b"\\u" in line and not _is_utf8_encodable(value):  # an escaped lone surrogate ("\ud800") decodes
+    if not has_text(value):
+        return None
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: escaped ("\ud800") or UTF-8-encoded, both decode in json.loads
         warnings.warn(f"{path}:{line_no}: text holds an unpaired surrogate (not Unicode text), skipped")
         return None
-    return value
-
-
-def _is_utf8_encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def _parquet_documents(path: Path, text_field: str):
@@ -182,7 +206,7 @@ def _parquet_documents(path: Path, text_field: str):
             for text in batch.column(0).to_pylist():
                 row += 1
                 if isinstance(text, str) and has_text(text):
-                    yield f"{path}:{row}", text, size * row // rows_total
+                    yield f"{path}:{row}", text.encode("utf-8"), size * row // rows_total
                 elif text is not None and not isinstance(text, str):
                     raise UserError(f"{path}: column \"{text_field}\" holds {type(text).__name__}, not text")
     except (pyarrow.ArrowException, OSError) as err:
@@ -207,7 +231,7 @@ def _open_parquet(path: Path, text_field: str):
 def read_documents(inputs, text_field: str = "text") -> list[tuple[str, str]]:
     """(name, text) of every document under `inputs`, as a list (for small inputs: eval.py's --text)."""
     files = corpus_files(inputs, text_field)
-    docs = [(name, text) for path in files for name, text, _ in file_documents(path, text_field)]
+    docs = [(name, text.decode("utf-8")) for path in files for name, text, _ in file_documents(path, text_field)]
     if not docs:
         raise UserError(f"no documents found in {', '.join(map(str, inputs))}")
     return docs

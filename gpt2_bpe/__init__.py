@@ -1,9 +1,12 @@
-"""GPT-2's tokenizer in C (gpt2_bpe.c), compiled with the system's C compiler and called through ctypes.
+"""prepare's two hot loops in C, compiled with the system's C compiler and called through ctypes (no GIL held):
 
-For: `data.py prepare` with the GPT-2 vocabulary — the same ids as tiktoken and the tokenizers library (tested on
-all 42 plays, a synthetic web-like corpus and a set of awkward strings), several times faster per core here.
-Optional: where no C compiler is found or the build fails, `available()` is False and data.py uses tiktoken.
-Not for: trained BPE vocabularies or decoding. `python -m gpt2_bpe` builds it (make setup does).
+  * gpt2_bpe.c: GPT-2's tokenizer — the same ids as tiktoken and the tokenizers library (tested on all 42 plays,
+    a synthetic web-like corpus and a set of awkward strings), several times faster per core here;
+  * jsonl_text.c: the text field of each line of a JSONL block, decoded to UTF-8 — json.loads's result for the
+    lines it is sure of (tested against json.loads), the rest handed back to Python.
+For: `data.py prepare` (data_sources.py reads JSONL with jsonl_texts). Optional: where no C compiler is found or the
+build fails, `available()` is False and prepare uses tiktoken and json.loads. Not for: trained BPE vocabularies or
+decoding. `python -m gpt2_bpe` builds it (make setup does).
 """
 import ctypes
 import fcntl
@@ -19,23 +22,24 @@ from pathlib import Path
 
 import numpy as np
 
-SOURCE = Path(__file__).resolve().with_name("gpt2_bpe.c")
-BUILD_DIR = SOURCE.parent / "build"  # gitignored; one library per (source, flags) hash
+SOURCES = [Path(__file__).resolve().with_name(name) for name in ("gpt2_bpe.c", "jsonl_text.c")]
+BUILD_DIR = SOURCES[0].parent / "build"  # gitignored; one library per (source, flags) hash
 FLAGS = ["-O2", "-std=c11", "-shared", "-fPIC", "-Wall", "-Werror"]
 N_CODEPOINTS = 0x110000
 OTHER, LETTER, NUMBER, SPACE = 0, 1, 2, 3  # as gpt2_bpe.c numbers them
+TEXT, BLANK, ASK_PYTHON = 0, 1, 2  # a JSONL line's status, as jsonl_text.c numbers them
 # \s as tiktoken's regex engine (Rust's regex crate) reads it: Unicode's White_Space property
 WHITE_SPACE = [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,
                0x205F, 0x3000]
 
 
 def library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:16]
     return BUILD_DIR / f"libgust_gpt2_bpe_{digest}.so"
 
 
 def build() -> Path:
-    """Compiles gpt2_bpe.c unless this source's library exists; raises RuntimeError naming what failed."""
+    """Compiles the C sources unless this source's library exists; raises RuntimeError naming what failed."""
     path, compiler = library_path(), shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if path.exists():
         return path
@@ -46,10 +50,11 @@ def build() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process compiles; the others (parallel tests, ranks) wait, then find it
         if not path.exists():
             partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-            result = subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, text=True)
+            result = subprocess.run([compiler, *FLAGS, "-o", str(partial), *map(str, SOURCES)], capture_output=True,
+                                    text=True)
             if result.returncode != 0:
                 partial.unlink(missing_ok=True)
-                raise RuntimeError(f"gpt2_bpe: {compiler} failed on {SOURCE.name}: "
+                raise RuntimeError(f"gpt2_bpe: {compiler} failed on {' '.join(p.name for p in SOURCES)}: "
                                    + " | ".join(result.stderr.strip().splitlines()[-8:]))
             partial.replace(path)  # atomic: no process loads a half-written library
     return path
@@ -68,6 +73,9 @@ def library() -> ctypes.CDLL | None:
     lib.gpt2_bpe_encode.restype = ctypes.c_int64
     lib.gpt2_bpe_encode.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p]
     lib.gpt2_bpe_free.argtypes = [ctypes.c_void_p]
+    lib.jsonl_texts.restype = ctypes.c_int64
+    lib.jsonl_texts.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_char_p, ctypes.c_int64,
+                                *[ctypes.c_void_p] * 4, ctypes.c_int64]
     return lib
 
 
@@ -114,6 +122,10 @@ class Encoder:
             utf8 = text.encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates (from JSON "\ud800"): U+FFFD for each, as tiktoken does
             utf8 = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
+        return self.encode_utf8(utf8)
+
+    def encode_utf8(self, utf8: bytes) -> np.ndarray:
+        """(n_ids,) uint16 ids of a text given as valid UTF-8 (what prepare holds: no conversion at all)."""
         out = np.empty(max(len(utf8), 1), dtype=np.uint16)  # a text of n bytes has at most n ids
         count = self._lib.gpt2_bpe_encode(self._handle, utf8, len(utf8), out.ctypes.data)
         if count < 0:
@@ -126,12 +138,31 @@ class Encoder:
 
 
 def thread_local_encoder(ranks: dict[bytes, int], eot_id: int):
-    """encode(text) that gives each calling thread its own Encoder (an Encoder's piece cache is not shared)."""
+    """encode(utf8) that gives each calling thread its own Encoder (an Encoder's piece cache is not shared)."""
     local = threading.local()
 
-    def encode(text: str) -> np.ndarray:
+    def encode(utf8: bytes) -> np.ndarray:
         if not hasattr(local, "encoder"):
             local.encoder = Encoder(ranks, eot_id)
-        return local.encoder.encode(text)
+        return local.encoder.encode_utf8(utf8)
     return encode
+
+
+_scratch = threading.local()  # jsonl_texts's output buffers
+
+
+def jsonl_texts(block: bytes, n: int, field: bytes) -> tuple[list[int], list[int], list[int], bytes]:
+    """(status, line_ends, text_ends, texts) of the lines of a JSONL block's first n bytes, as jsonl_text.c describes:
+    line i is block[line_ends[i - 1]:line_ends[i]] and, where status[i] is TEXT, its field's text (UTF-8) is
+    texts[text_ends[i - 1]:text_ends[i]] (an offset before the first line is 0)."""
+    max_lines = n + 1  # room for the most lines there could be: costs no memory until written (np.empty is lazy)
+    if getattr(_scratch, "size", -1) < n:  # one set of buffers per thread, reused: no page faults per block
+        _scratch.size, _scratch.out = n, np.empty(max(n, 1), dtype=np.uint8)
+        _scratch.arrays = [np.empty(max_lines, dtype=t) for t in (np.int8, np.int64, np.int64)]
+    out, (status, line_ends, text_ends) = _scratch.out, _scratch.arrays
+    n_lines = library().jsonl_texts(block, n, field, len(field), out.ctypes.data, status.ctypes.data,
+                                    line_ends.ctypes.data, text_ends.ctypes.data, max_lines)
+    text_bytes = int(text_ends[n_lines - 1]) if n_lines else 0
+    return status[:n_lines].tolist(), line_ends[:n_lines].tolist(), text_ends[:n_lines].tolist(), \
+        out[:text_bytes].tobytes()
 

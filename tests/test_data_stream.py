@@ -51,9 +51,9 @@ def test_fast_tokenizers_give_the_tokenizers_ids_on_the_whole_corpus(gpt2_both, 
     expected = [enc.ids for enc in reference.encode_batch(texts)]
     encode, used = data.gpt2_encoder(GPT2_VOCAB)  # what prepare uses: all the texts in one call
     assert used == library
-    joined = encode(texts)
+    joined = encode([text.encode() for text in texts])  # prepare holds a document's text as UTF-8
     assert joined.tolist() == [i for n, ids in enumerate(expected) for i in ([50256] if n else []) + ids]
-    got = data.document_ids(joined, texts, 50256)  # back to each text's ids, "<|endoftext|>" inside texts or not
+    got = data.document_ids(joined, [text.encode() for text in texts], 50256)  # back to each text's ids, "<|endoftext|>" inside texts or not
     for text, want, have in zip(texts, expected, got):
         assert have.tolist() == want, text[:80]
     assert got[-len(AWKWARD) + AWKWARD.index("a<|endoftext|>b")].tolist() == [64, 50256, 65]  # as today

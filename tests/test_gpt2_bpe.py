@@ -71,7 +71,7 @@ def test_threads_encoding_at_once_get_the_ids_one_thread_gets(encoders):
     encode, results = gpt2_bpe.thread_local_encoder(data.gpt2_ranks(GPT2_VOCAB), 50256), {}
 
     def work(index):
-        results[index] = [encode(texts[index]).tolist() for _ in range(3)]
+        results[index] = [encode(texts[index].encode()).tolist() for _ in range(3)]
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(texts))]
     [thread.start() for thread in threads]
     [thread.join() for thread in threads]
