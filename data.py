@@ -485,7 +485,6 @@ def write_shards(cfg, files, encode, in_val, eot_id: int, out: Path, state: dict
     """The one pass that tokenizes: documents → ids → the split's open shard; a commit after each closed shard."""
     from tqdm import tqdm
 
-    sys.setswitchinterval(0.0005)  # a tokenizer thread back from C waits for the GIL at most this, not 5 ms
     docs = iter_documents(files, cfg.text_field, state["resume"])
     chunks = document_chunks(docs, in_val, cfg.batch_documents, cfg.batch_bytes)
     total, workers = sum(p.stat().st_size for p in files), cfg.workers or os.cpu_count() or 1
