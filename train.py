@@ -24,7 +24,7 @@ import torch.distributed as dist
 import checkpoint
 import rundir
 from configs import PRESETS, TrainConfig, check_ranges, from_json
-from cpu_fp16 import fp16_matmuls
+from cpu_fp16 import emulated_bf16_warning, fp16_matmuls
 from data import TokenSplit, rank_rows
 from distributed import Dist, agree_on_resume, autocast, distribute, full, gradient_sync, pick_device, setup_processes
 from errors import UserError, run_cli
@@ -225,6 +225,8 @@ def _train(cfg: TrainConfig) -> dict:
         print(f"gust: {cfg.preset} | {run.raw_model.num_params() / 1e6:.2f}M params | attention {run.attn_impl} | "
               f"{cfg.precision} | {rt.world_size} × {rt.device.type} ({rt.mode}) | "
               f"accumulation {run.accum_steps} | from step {step}")
+        if warning := emulated_bf16_warning(cfg.precision, rt.device.type):
+            print(warning, file=sys.stderr)
     tokens_per_step = cfg.global_batch_size * cfg.model.block_size
     flops_token, device_flops = flops_per_token(run.raw_model), peak_flops(cfg, rt.device)
     stop = StopRequest()

@@ -124,3 +124,18 @@ def test_an_fp16_cpu_training_run_multiplies_through_the_mode(tiny_data, tmp_pat
     assert entered and result["step"] == 3
     ckpt = checkpoint.latest_complete(tmp_path / "run")
     assert checkpoint.load(ckpt)["provenance"]["fp16_products"] == "fp32, rounded to fp16"  # which bits these are
+
+
+def test_a_bf16_cpu_run_without_bf16_arithmetic_says_so_in_one_line(tiny_data, tmp_path, monkeypatch, capsys):
+    """Emulated bf16 is ~40x slower than fp32 (measured on an AVX2-only CPU): a run there says so, once, on stderr;
+    a CPU with bf16 arithmetic, or an fp32 run, hears nothing."""
+    from train import train
+
+    for flags, precision, warned in [(["avx2"], "bf16", True), (["avx2", "avx512_bf16"], "bf16", False),
+                                     (["amx_bf16"], "bf16", False), (["avx2"], "fp32", False)]:
+        monkeypatch.setattr(cpu_fp16, "cpu_flags", lambda: flags)
+        train(tiny_run(tiny_data, tmp_path / f"{precision}-{len(flags)}-{flags[-1]}", precision=precision,
+                       max_steps=1, eval_interval=10**6))
+        err = capsys.readouterr().err
+        assert err.count("no bf16 arithmetic") == (1 if warned else 0), (flags, precision, err)
+        assert not warned or "--precision fp32" in err
