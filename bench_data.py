@@ -138,6 +138,11 @@ def prepare_chunks(texts: list[bytes]) -> list[list[bytes]]:
     return chunks + [chunk] if chunk else chunks
 
 
+def as_str(chunks: list[list[bytes]]) -> list[list[str]]:
+    """The chunks' texts as str: the libraries' input (gpt2_bpe takes UTF-8, as prepare holds it)."""
+    return [[text.decode() for text in chunk] for chunk in chunks]
+
+
 def utf8_bytes(chunks: list[list[bytes]]) -> int:
     """UTF-8 bytes of the texts in chunks: the MB every rate here is counted in."""
     return sum(len(text) for chunk in chunks for text in chunk)
@@ -192,7 +197,7 @@ def bench_encode(size_mb: int, sample_mb: int) -> dict:
     chunks = prepare_chunks(sample_texts(size_mb, sample_mb))
     result = {"part": "encode", "sample_MB": round(utf8_bytes(chunks) / 1e6, 1),
               "cores": cores}
-    str_chunks = [[text.decode() for text in chunk] for chunk in chunks]
+    str_chunks = as_str(chunks)
     for name, encode in raw_encoders(cores).items():
         use = chunks if name.startswith("gpt2_bpe") else str_chunks
         use = use if not name.startswith("tokenizers") else use[:max(1, len(use) // 4)]
@@ -223,7 +228,7 @@ def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str]) -> d
     encoders = raw_encoders(os.cpu_count())
     joined = encoders.get("gpt2_bpe_joined", encoders["tiktoken_joined_numpy"])  # the one prepare uses
     if "gpt2_bpe_joined" not in encoders:
-        chunks = [[text.decode() for text in chunk] for chunk in chunks]  # tiktoken's input: str
+        chunks = as_str(chunks)
 
     def ceiling() -> float:
         started = time.time()
