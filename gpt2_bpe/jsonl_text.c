@@ -63,10 +63,19 @@ static uint8_t *put_utf8(uint8_t *o, uint32_t cp) {
 
 /* The escape after a backslash at c->p (moved past it) into o; NULL where Python should judge it. */
 static uint8_t *escape(Cursor *c, uint8_t *o) {
-    static const char from[] = "\"\\/bfnrt", to[] = "\"\\/\b\f\n\r\t";
     if (c->p >= c->end) return NULL;
-    const char *simple = *c->p ? strchr(from, *c->p) : NULL;
-    if (simple != NULL) { c->p++; *o++ = (uint8_t)to[simple - from]; return o; }
+    uint8_t simple = 0;
+    switch (*c->p) {  /* a switch, not strchr: "\n" comes every line or so in most texts */
+    case '"': simple = '"'; break;
+    case '\\': simple = '\\'; break;
+    case '/': simple = '/'; break;
+    case 'b': simple = '\b'; break;
+    case 'f': simple = '\f'; break;
+    case 'n': simple = '\n'; break;
+    case 'r': simple = '\r'; break;
+    case 't': simple = '\t'; break;
+    }
+    if (simple) { c->p++; *o++ = simple; return o; }
     uint32_t cp, low;
     if (*c->p != 'u' || !hex4(c->p + 1, c->end, &cp)) return NULL;
     c->p += 5;
@@ -82,14 +91,33 @@ static uint8_t *escape(Cursor *c, uint8_t *o) {
 
 static int plain_ascii(uint8_t b) { return (uint8_t)(b - 0x20) < 0x60 && b != '"' && b != '\\'; }  /* 0x20-0x7F */
 
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+
+/* Whether all 8 bytes of w are plain_ascii, in a few word operations (the zero-byte tests of "Bit Twiddling
+ * Hacks"): none ≥ 0x80, none < 0x20, none '"' (0x22), none '\\' (0x5C). */
+static int plain_word(uint64_t w) {
+    uint64_t high = w & HIGHS, control = (w - 0x20 * ONES) & ~w & HIGHS;
+    uint64_t quote = w ^ ('"' * ONES), backslash = w ^ ('\\' * ONES);
+    return !(high | control | ((quote - ONES) & ~quote & HIGHS) | ((backslash - ONES) & ~backslash & HIGHS));
+}
+
+/* Copies the run of plain_ascii bytes at *p (before end) to *o, moving both past it: 8 bytes a step while whole
+ * words are plain, then byte by byte. */
+static void plain_run(const uint8_t **p, const uint8_t *end, uint8_t **o) {
+    uint64_t w;
+    while (end - *p >= 8 && (memcpy(&w, *p, 8), plain_word(w))) {
+        memcpy(*o, &w, 8);
+        *p += 8, *o += 8;
+    }
+    while (*p < end && plain_ascii(**p)) *(*o)++ = *(*p)++;
+}
+
 /* The string whose opening quote is at c->p, decoded into c->out; its length, or -1 where Python should judge. */
 static int64_t string(Cursor *c) {
     uint8_t *o = c->out;
     for (c->p++; c->p < c->end;) {
-        const uint8_t *run = c->p;
-        while (c->p < c->end && plain_ascii(*c->p)) c->p++;  /* most of any text: copied as one run */
-        memcpy(o, run, c->p - run);
-        o += c->p - run;
+        plain_run(&c->p, c->end, &o);  /* most of any text */
         if (c->p == c->end) break;
         uint8_t b = *c->p;
         if (b == '"') { c->p++; return o - c->out; }
