@@ -230,24 +230,30 @@ def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str]) -> d
     if "gpt2_bpe_joined" not in encoders:
         chunks = as_str(chunks)
 
-    def ceiling() -> float:
-        started = time.time()
+    def ceiling() -> tuple[float, float]:
+        started, cpu_before = time.time(), cpu_seconds_so_far()
         joined(chunks)
-        return sample_bytes / (time.time() - started) / 1e6
+        return sample_bytes / (time.time() - started) / 1e6, sample_bytes / (cpu_seconds_so_far() - cpu_before) / 1e6
 
-    prepare_rates, ceiling_rates = [], []
+    prepare_rates, ceiling_rates = [], []  # (MB/s, MB per CPU-s) each
     for i in range(pairs):
         for step in (("prepare", "encode") if i % 2 == 0 else ("encode", "prepare")):
             if step == "prepare":
-                prepare_rates.append(bench_prepare(size_mb, ROOT / "data.py", "prepare", extra)["text_MB_per_s"])
+                result = bench_prepare(size_mb, ROOT / "data.py", "prepare", extra)
+                prepare_rates.append((result["text_MB_per_s"], result["text_MB_per_cpu_s"]))
             else:
-                ceiling_rates.append(round(ceiling(), 2))
-        print(f"pair {i + 1}: prepare {prepare_rates[-1]} MB/s, encode {ceiling_rates[-1]} MB/s, "
-              f"{prepare_rates[-1] / ceiling_rates[-1]:.0%}", flush=True)
-    ratios = [p / c for p, c in zip(prepare_rates, ceiling_rates)]
+                ceiling_rates.append(tuple(round(rate, 2) for rate in ceiling()))
+        (prepare, prepare_cpu), (encode, encode_cpu) = prepare_rates[-1], ceiling_rates[-1]
+        print(f"pair {i + 1}: prepare {prepare} MB/s ({prepare_cpu} per CPU-s), encode {encode} MB/s ({encode_cpu} "
+              f"per CPU-s): {prepare / encode:.0%} ({prepare_cpu / encode_cpu:.0%} per CPU-s)", flush=True)
+    ratios = [p[0] / c[0] for p, c in zip(prepare_rates, ceiling_rates)]
+    cpu_ratios = [p[1] / c[1] for p, c in zip(prepare_rates, ceiling_rates)]
     return {"part": "pairs", "size_mb": size_mb, "sample_MB": round(sample_bytes / 1e6, 1), "pairs": pairs,
-            "prepare_MB_per_s": prepare_rates, "encode_MB_per_s": ceiling_rates,
-            "ratios": [round(r, 3) for r in ratios], "median_ratio": round(statistics.median(ratios), 3)}
+            "prepare_MB_per_s": [p[0] for p in prepare_rates], "encode_MB_per_s": [c[0] for c in ceiling_rates],
+            "prepare_MB_per_cpu_s": [p[1] for p in prepare_rates],
+            "encode_MB_per_cpu_s": [c[1] for c in ceiling_rates],
+            "ratios": [round(r, 3) for r in ratios], "median_ratio": round(statistics.median(ratios), 3),
+            "cpu_ratios": [round(r, 3) for r in cpu_ratios], "median_cpu_ratio": round(statistics.median(cpu_ratios), 3)}
 
 
 def cpu_seconds_so_far() -> float:

@@ -30,6 +30,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
+from itertools import compress, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -38,7 +39,7 @@ import numpy as np
 if TYPE_CHECKING:  # imported where batches are made: prepare never needs torch (2 CPU-s and ~280 MB to import)
     import torch
 
-from data_sources import corpus_files, file_documents, read_documents  # noqa: F401  (read_documents: eval.py)
+from data_sources import corpus_files, document_name, file_batches, read_documents  # noqa: F401  (eval.py's)
 from errors import UserError
 
 EOT = "<|endoftext|>"
@@ -198,25 +199,30 @@ def load_tokenizer(data_dir: Path, meta: dict | None = None):
 
 # ----------------------------------------------------------------------------- prepare: documents and the split
 
-class Document(NamedTuple):
-    index: int           # position in the corpus, counting non-empty documents from 0 (the split rule's i)
-    file_index: int      # which input file it came from
+class Batch(NamedTuple):
+    """Consecutive documents of one input file, as its reader gives them (a block of lines or rows)."""
+    first: int           # corpus index of texts[0], counting non-empty documents from 0 (the split rule's i)
+    file_index: int      # which input file they came from
     file_first: int      # index of that file's first document (where a resume starts reading)
-    name: str            # path, or path:line / path:row
-    text: bytes          # UTF-8
+    path: Path
+    texts: list[bytes]   # UTF-8
+    places: list[int]    # each one's line or row (document_name)
     bytes_read: int      # input bytes read so far over all files (for the progress bar)
 
 
-def iter_documents(files: list[Path], text_field: str, resume: dict | None = None):
-    """Documents of all files in order, from resume["document"] on (resume: where prepare-state.json says it was)."""
+def iter_batches(files: list[Path], text_field: str, resume: dict | None = None):
+    """The Batches of all files in order, from document resume["document"] on (resume: where prepare-state.json
+    says it was)."""
     resume = resume or {"document": 0, "file": 0, "file_first_document": 0}
     index, done_bytes = resume["file_first_document"], sum(p.stat().st_size for p in files[:resume["file"]])
     for file_index in range(resume["file"], len(files)):
         file_first = index
-        for name, text, bytes_read in file_documents(files[file_index], text_field):
-            if index >= resume["document"]:  # earlier ones of this file were written before the interruption
-                yield Document(index, file_index, file_first, name, text, done_bytes + bytes_read)
-            index += 1
+        for texts, places, bytes_read in file_batches(files[file_index], text_field):
+            skip = max(resume["document"] - index, 0)  # earlier ones of this file were written before the interruption
+            if skip < len(texts):
+                yield Batch(index + skip, file_index, file_first, files[file_index], texts[skip:] if skip else texts,
+                            places[skip:], done_bytes + bytes_read)
+            index += len(texts)
         done_bytes += files[file_index].stat().st_size
 
 
@@ -228,37 +234,85 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n_docs)[:n_val])
 
 
-def hash_fraction(seed: int, index: int) -> float:
-    """A number in [0, 1) fixed by (seed, document index): the hash split's coin (SPLIT_RULES["hash"])."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
+def hash_fractions(seed: int, first: int, count: int) -> np.ndarray:
+    """(count,) numbers in [0, 1), each fixed by (seed, document index) for indices first..: the hash split's coin
+    (SPLIT_RULES["hash"]). The digest of the key's bytes b"{seed}:{index}", its common prefix hashed once."""
+    prefix, coins = hashlib.blake2b(b"%d:" % seed, digest_size=8), np.empty(count)
+    for i in range(count):
+        digest = prefix.copy()
+        digest.update(b"%d" % (first + i))
+        coins[i] = int.from_bytes(digest.digest(), "little") / 2**64
+    return coins
 
 
 def val_chooser(cfg, files: list[Path]):
-    """in_val(index) -> bool. The permutation rule counts the documents first (one extra read); hash needs nothing."""
+    """in_val(first, count) -> (count,) bool: which of documents first.. are val. The permutation rule counts the
+    documents first (one extra read); hash needs nothing."""
     if cfg.split == "hash":
-        return lambda index: hash_fraction(cfg.split_seed, index) < cfg.val_fraction
-    n_docs = sum(1 for _ in iter_documents(files, cfg.text_field))
-    return set(split_documents(n_docs, cfg.val_fraction, cfg.split_seed).tolist()).__contains__
+        return lambda first, count: hash_fractions(cfg.split_seed, first, count) < cfg.val_fraction
+    n_docs = sum(len(batch.texts) for batch in iter_batches(files, cfg.text_field))
+    val = split_documents(n_docs, cfg.val_fraction, cfg.split_seed)
+
+    def in_val(first: int, count: int) -> np.ndarray:
+        mask = np.zeros(count, dtype=bool)
+        mask[val[np.searchsorted(val, first):np.searchsorted(val, first + count)] - first] = True
+        return mask
+    return in_val
+
+
+class Piece(NamedTuple):
+    batch: Batch
+    start: int           # the piece is batch.texts[start:stop]
+    stop: int
+    val: np.ndarray      # (stop - start,) bool: which of them are val
 
 
 class Chunk(NamedTuple):
     """Consecutive documents sorted into their splits: the unit one tokenizer thread encodes."""
-    docs: dict[str, list[Document]]  # split -> its documents in this chunk, in corpus order
-    last: Document                   # the chunk's last document (of either split)
+    pieces: list[Piece]              # where they lie in the batches, in corpus order
+    texts: dict[str, list[bytes]]    # split -> its documents' texts, in corpus order
 
 
-def document_chunks(docs, in_val, max_documents: int, max_bytes: int):
-    """Chunks of at most max_documents, or about max_bytes of text (a chunk closes once it holds that much)."""
-    chunk, n_docs, n_bytes = {split: [] for split in SPLITS}, 0, 0
-    for doc in docs:
-        chunk["val" if in_val(doc.index) else "train"].append(doc)
-        n_docs, n_bytes = n_docs + 1, n_bytes + len(doc.text)
-        if n_docs >= max_documents or n_bytes >= max_bytes:
-            yield Chunk(chunk, doc)
-            chunk, n_docs, n_bytes = {split: [] for split in SPLITS}, 0, 0
-    if n_docs:
-        yield Chunk(chunk, doc)
+def make_chunk(pieces: list[Piece]) -> Chunk:
+    texts = {split: [] for split in SPLITS}
+    for batch, start, stop, val in pieces:
+        run = batch.texts[start:stop]
+        texts["val"] += compress(run, val)  # itertools: one C loop, not a Python step per document
+        texts["train"] += compress(run, ~val)
+    return Chunk(pieces, texts)
+
+
+def document_chunks(batches, in_val, max_documents: int, max_bytes: int):
+    """Chunks of at most max_documents, or about max_bytes of text: a chunk closes at the document that brings it
+    to either (so the cut is where a document-by-document count would make it, whatever the batches)."""
+    pieces, n_docs, n_bytes = [], 0, 0
+    for batch in batches:
+        ends, val, start = np.cumsum([len(text) for text in batch.texts]), in_val(batch.first, len(batch.texts)), 0
+        while start < len(batch.texts):
+            before = int(ends[start - 1]) if start else 0  # bytes of the batch's texts before start
+            by_count = start + max_documents - n_docs - 1  # the text that makes max_documents
+            by_bytes = int(np.searchsorted(ends, max_bytes - n_bytes + before))  # the one that reaches max_bytes
+            stop = min(by_count, by_bytes, len(batch.texts) - 1) + 1
+            pieces.append(Piece(batch, start, stop, val[start:stop]))
+            n_docs, n_bytes = n_docs + stop - start, n_bytes + int(ends[stop - 1]) - before
+            if n_docs >= max_documents or n_bytes >= max_bytes:
+                yield make_chunk(pieces)
+                pieces, n_docs, n_bytes = [], 0, 0
+            start = stop
+    if pieces:
+        yield make_chunk(pieces)
+
+
+def chunk_names(chunk: Chunk, split: str):
+    """The names of a chunk's documents of split, in order, made as they are asked for (most never are)."""
+    for batch, start, stop, val in chunk.pieces:
+        chosen = val if split == "val" else ~val
+        yield from (document_name(batch.path, batch.places[start + i]) for i in np.flatnonzero(chosen).tolist())
+
+
+def resume_after(batch: Batch, position: int) -> dict:
+    """prepare-state.json's resume point just after the document batch.texts[position]."""
+    return {"document": batch.first + position + 1, "file": batch.file_index, "file_first_document": batch.file_first}
 
 
 CHUNKS_PER_WORKER = 3  # in flight: one encoding and two waiting per tokenizer thread, so none waits for the reader
@@ -272,7 +326,7 @@ def encoded_chunks(chunks, encode, workers: int):
     --batch-bytes of text and its tokens, whatever the size of the corpus.
     """
     def encode_chunk(chunk: Chunk) -> dict:
-        return {split: encode([doc.text for doc in docs]) for split, docs in chunk.docs.items() if docs}
+        return {split: encode(texts) for split, texts in chunk.texts.items() if texts}
 
     with ThreadPoolExecutor(max_workers=workers) as pool:  # the tokenizers release the GIL while they encode
         pending = deque()
@@ -323,9 +377,9 @@ class ShardWriter:
         """Whether n_tokens more (after their separator) leave the open shard short of full."""
         return self.open_tokens + n_tokens + (self.stats["documents"] > 0) < self.shard_tokens
 
-    def add(self, ids: np.ndarray, eot_id: int, docs: list[Document]):
-        """Append documents (their uint16 ids joined by <|endoftext|>), after an <|endoftext|> unless they are the
-        split's first. The caller closes the shard when it is full."""
+    def add(self, ids: np.ndarray, eot_id: int, texts: list[bytes], names):
+        """Append documents (texts; their uint16 ids joined by <|endoftext|>; names: an iterator of their names),
+        after an <|endoftext|> unless they are the split's first. The caller closes the shard when it is full."""
         if self.file is None:
             self.file, self.hasher = open(self.path(len(self.shards)), "wb"), hashlib.sha256()
         stats = self.stats
@@ -335,10 +389,10 @@ class ShardWriter:
             self.hasher.update(part)
         n_tokens = len(separator) + len(ids)
         self.open_tokens += n_tokens
-        stats["documents"], stats["tokens"] = stats["documents"] + len(docs), stats["tokens"] + n_tokens
-        stats["bytes"] += sum(len(doc.text) for doc in docs)
+        stats["documents"], stats["tokens"] = stats["documents"] + len(texts), stats["tokens"] + n_tokens
+        stats["bytes"] += sum(map(len, texts))
         stats["max_token_id"] = max(stats["max_token_id"], int(ids.max()) if len(ids) else -1, *separator.tolist())
-        stats["names"] += [doc.name for doc in docs[:max(VAL_NAMES_KEPT - len(stats["names"]), 0)]]
+        stats["names"] += islice(names, max(VAL_NAMES_KEPT - len(stats["names"]), 0))
 
     def sync(self):
         """Make the open shard's bytes durable (before prepare-state.json says they exist)."""
@@ -359,13 +413,12 @@ class ShardWriter:
                 "stats": dict(self.stats, names=list(self.stats["names"]))}
 
 
-def commit(out: Path, state: dict, writers: dict, after: Document | None):
-    """Record the closed shards and where to resume (after document `after`), atomically."""
+def commit(out: Path, state: dict, writers: dict, resume: dict | None):
+    """Record the closed shards and where to resume (a resume_after), atomically."""
     for writer in writers.values():
         writer.sync()
-    if after is not None:
-        state["resume"] = {"document": after.index + 1, "file": after.file_index,
-                           "file_first_document": after.file_first}
+    if resume is not None:
+        state["resume"] = resume
     state["splits"] = {split: writer.saved() for split, writer in writers.items()}
     write_json_atomic(out / STATE_FILE, state)
 
@@ -439,7 +492,8 @@ def prepare(cfg) -> dict:
     state = state or {"args": args, "resume": None, "splits": {}, "finished": False}
     tok = None
     if cfg.tokenizer == "bpe" and not _saved_bpe_is_intact(out, state):
-        train_texts = (doc.text.decode() for doc in iter_documents(files, cfg.text_field) if not in_val(doc.index))
+        train_texts = (text.decode() for batch in iter_batches(files, cfg.text_field)
+                       for text in compress(batch.texts, ~in_val(batch.first, len(batch.texts))))
         tok = train_bpe(train_texts, cfg.bpe_vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / STATE_FILE, state)  # from here on the directory is ours: a re-run resumes it
@@ -485,16 +539,17 @@ def write_shards(cfg, files, encode, in_val, eot_id: int, out: Path, state: dict
     """The one pass that tokenizes: documents → ids → the split's open shard; a commit after each closed shard."""
     from tqdm import tqdm
 
-    docs = iter_documents(files, cfg.text_field, state["resume"])
-    chunks = document_chunks(docs, in_val, cfg.batch_documents, cfg.batch_bytes)
+    batches = iter_batches(files, cfg.text_field, state["resume"])
+    chunks = document_chunks(batches, in_val, cfg.batch_documents, cfg.batch_bytes)
     total, workers = sum(p.stat().st_size for p in files), cfg.workers or os.cpu_count() or 1
-    started, tokens_before, last = time.time(), sum(w.stats["tokens"] for w in writers.values()), None
+    started, tokens_before, resume = time.time(), sum(w.stats["tokens"] for w in writers.values()), None
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"prepare {out}", file=sys.stderr,
               disable=not cfg.progress, smoothing=0.1) as bar:
         for chunk, ids in encoded_chunks(chunks, encode, workers):
             write_chunk(chunk, ids, eot_id, out, state, writers)
-            last = chunk.last
-            bar.update(last.bytes_read - bar.n)
+            last = chunk.pieces[-1]
+            resume = resume_after(last.batch, last.stop - 1)
+            bar.update(last.batch.bytes_read - bar.n)
             tokens_now = sum(w.stats["tokens"] for w in writers.values()) - tokens_before
             bar.set_postfix_str(f"{tokens_now / max(time.time() - started, 1e-9) / 1e6:.2f}M tokens/s", refresh=False)
     for split, writer in writers.items():
@@ -506,7 +561,7 @@ def write_shards(cfg, files, encode, in_val, eot_id: int, out: Path, state: dict
         if writer.open_tokens:
             writer.close_shard()
     state["finished"] = True
-    commit(out, state, writers, after=last)
+    commit(out, state, writers, resume)
 
 
 def write_chunk(chunk: Chunk, ids: dict, eot_id: int, out: Path, state: dict, writers: dict):
@@ -514,17 +569,17 @@ def write_chunk(chunk: Chunk, ids: dict, eot_id: int, out: Path, state: dict, wr
     else document by document in corpus order, closing each full shard and committing right after its document."""
     if all(writers[split].fits(len(split_ids)) for split, split_ids in ids.items()):
         for split, split_ids in ids.items():
-            writers[split].add(split_ids, eot_id, chunk.docs[split])
+            writers[split].add(split_ids, eot_id, chunk.texts[split], chunk_names(chunk, split))
         return
-    pieces = {split: iter(document_ids(split_ids, [doc.text for doc in chunk.docs[split]], eot_id))
-              for split, split_ids in ids.items()}
-    in_order = sorted(((doc.index, split, doc) for split, docs in chunk.docs.items() for doc in docs))
-    for _, split, doc in in_order:
-        writer = writers[split]
-        writer.add(next(pieces[split]), eot_id, [doc])
-        if writer.open_tokens >= writer.shard_tokens:
-            writer.close_shard()
-            commit(out, state, writers, after=doc)
+    pieces = {split: iter(document_ids(split_ids, chunk.texts[split], eot_id)) for split, split_ids in ids.items()}
+    for batch, start, stop, val in chunk.pieces:
+        for position, is_val in zip(range(start, stop), val.tolist()):
+            writer, text = writers["val" if is_val else "train"], batch.texts[position]
+            writer.add(next(pieces[writer.split]), eot_id, [text],
+                       iter([document_name(batch.path, batch.places[position])]))
+            if writer.open_tokens >= writer.shard_tokens:
+                writer.close_shard()
+                commit(out, state, writers, resume_after(batch, position))
 
 
 def discard(out: Path, writers: dict):

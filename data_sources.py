@@ -12,6 +12,9 @@ import json
 import warnings
 import zlib
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from errors import UserError
 
@@ -62,26 +65,43 @@ def _require(package: str, path: Path):
                         f"`pip install {package}` (or `make setup`)") from None
 
 
-def file_documents(path: Path, text_field: str = "text"):
-    """(name, UTF-8 text, bytes_read) for each non-empty document of one file; bytes_read counts the file's own
-    bytes."""
+class TextBatch(NamedTuple):
+    """Consecutive non-empty documents of one file: what the readers give, a block of lines (or rows) at a time."""
+    texts: list[bytes]   # each document's text, UTF-8
+    places: list[int]    # each one's line (.jsonl) or row (.parquet), from 1; 0 for a .txt file (the whole file)
+    bytes_read: int      # the file's own bytes read so far (the compressed ones, where compressed)
+
+
+def document_name(path: Path, place: int) -> str:
+    """A document's name in warnings and meta.json: path:line, path:row, or the path of a .txt file."""
+    return f"{path}:{place}" if place else str(path)
+
+
+def file_batches(path: Path, text_field: str = "text"):
+    """The TextBatches of one file, in order."""
     suffix = suffix_of(path)
     if suffix == ".parquet":
-        yield from _parquet_documents(path, text_field)
+        yield from _parquet_batches(path, text_field)
     elif suffix in (".jsonl", ".jsonl.gz", ".jsonl.zst"):
-        yield from _jsonl_documents(path, text_field, suffix)
+        yield from _jsonl_batches(path, text_field, suffix)
     else:
-        yield from _txt_document(path)
+        yield from _txt_batch(path)
 
 
-def _txt_document(path: Path):
+def file_documents(path: Path, text_field: str = "text"):
+    """(name, UTF-8 text) for each non-empty document of one file."""
+    for batch in file_batches(path, text_field):
+        yield from ((document_name(path, place), text) for text, place in zip(batch.texts, batch.places))
+
+
+def _txt_batch(path: Path):
     try:
         text = path.read_text(encoding="utf-8")  # text mode, as before: \r\n becomes \n
     except UnicodeDecodeError as err:
         warnings.warn(f"{path}: not UTF-8 ({err.reason} at byte {err.start}), skipped")
         return
     if has_text(text):
-        yield str(path), text.encode("utf-8"), path.stat().st_size
+        yield TextBatch([text.encode("utf-8")], [0], path.stat().st_size)
     else:
         warnings.warn(f"{path}: empty, skipped")
 
@@ -132,16 +152,16 @@ def has_text(text: str) -> bool:
     return bool(text) and not text.isspace()
 
 
-def _jsonl_documents(path: Path, text_field: str, suffix: str):
+def _jsonl_batches(path: Path, text_field: str, suffix: str):
     empty, line_no = True, 0
     with open(path, "rb") as raw:
         try:
             for block, n, bytes_read in _line_blocks(raw, suffix):  # bytes_read: compressed ones, where compressed
-                for text in _block_texts(path, line_no, block, n, text_field):
-                    line_no += 1
-                    if text is not None:
-                        empty = False
-                        yield f"{path}:{line_no}", text, bytes_read
+                texts, places, n_lines = _block_texts(path, line_no, block, n, text_field)
+                line_no += n_lines
+                if texts:
+                    empty = False
+                    yield TextBatch(texts, places, bytes_read)
         except (EOFError, OSError, zlib.error) as err:  # truncated .gz / .zst, or not compressed at all
             raise UserError(f"{path}: truncated or corrupt ({err}) — stopped; completed shards are kept") from None
         except Exception as err:
@@ -153,25 +173,34 @@ def _jsonl_documents(path: Path, text_field: str, suffix: str):
 
 
 def _block_texts(path: Path, line_no: int, block: bytes, n: int, text_field: str):
-    """Each line's UTF-8 text, or None for a line skipped, of block[:n]; line_no: the lines before the block."""
+    """(texts, their line numbers, the number of lines) of the non-empty documents among block[:n]'s lines;
+    line_no: the lines before the block."""
     import gpt2_bpe
 
     if not gpt2_bpe.available():
         lines = block[:n].split(b"\n")
         if lines[-1] == b"":  # the block's last newline ends a line, it does not start one
             lines.pop()
-        yield from (_jsonl_text(path, line_no + 1 + i, line, text_field) for i, line in enumerate(lines))
-        return
-    status, line_ends, text_ends, texts = gpt2_bpe.jsonl_texts(block, n, text_field.encode("utf-8"))
-    line_start = text_start = 0
-    for i, (line_status, line_end, text_end) in enumerate(zip(status, line_ends, text_ends)):
-        if line_status == gpt2_bpe.TEXT:
-            yield texts[text_start:text_end]
-        elif line_status == gpt2_bpe.BLANK:
-            yield None
-        else:  # the C left it to json.loads: anything unusual, errors included
-            yield _jsonl_text(path, line_no + 1 + i, block[line_start:line_end], text_field)
-        line_start, text_start = line_end, text_end
+        return *_kept([_jsonl_text(path, line_no + 1 + i, line, text_field) for i, line in enumerate(lines)],
+                      line_no), len(lines)
+    status, line_ends, text_ends, out = gpt2_bpe.jsonl_texts(block, n, text_field.encode("utf-8"))
+    text_ends = text_ends.tolist()
+    text_starts = [0] + text_ends[:-1]  # a line's text starts where the one before it ends (only TEXT lines add)
+    if not (status == gpt2_bpe.ASK_PYTHON).any():  # the common case: every line decided in C, no Python per line
+        kept = np.flatnonzero(status == gpt2_bpe.TEXT).tolist()
+        return [out[text_starts[i]:text_ends[i]] for i in kept], [line_no + 1 + i for i in kept], len(status)
+    line_ends = line_ends.tolist()
+    line_starts = [0] + line_ends[:-1]
+    texts = [out[text_starts[i]:text_ends[i]] if line_status == gpt2_bpe.TEXT else
+             _jsonl_text(path, line_no + 1 + i, block[line_starts[i]:line_ends[i]], text_field)
+             if line_status == gpt2_bpe.ASK_PYTHON else None for i, line_status in enumerate(status.tolist())]
+    return *_kept(texts, line_no), len(status)
+
+
+def _kept(texts: list[bytes | None], line_no: int) -> tuple[list[bytes], list[int]]:
+    """(the texts that are not None, their line numbers): texts[i] is line line_no + 1 + i's, None for none."""
+    kept = [i for i, text in enumerate(texts) if text is not None]
+    return [texts[i] for i in kept], [line_no + 1 + i for i in kept]
 
 
 def _jsonl_text(path: Path, line_no: int, line: bytes, text_field: str) -> bytes | None:
@@ -196,19 +225,23 @@ def _jsonl_text(path: Path, line_no: int, line: bytes, text_field: str) -> bytes
         return None
 
 
-def _parquet_documents(path: Path, text_field: str):
+def _parquet_batches(path: Path, text_field: str):
     import pyarrow
 
     table = _open_parquet(path, text_field)
     size, rows_total, row = path.stat().st_size, max(table.metadata.num_rows, 1), 0
     try:
         for batch in table.iter_batches(batch_size=1024, columns=[text_field]):  # bounded memory per read
+            texts, places = [], []
             for text in batch.column(0).to_pylist():
                 row += 1
                 if isinstance(text, str) and has_text(text):
-                    yield f"{path}:{row}", text.encode("utf-8"), size * row // rows_total
+                    texts.append(text.encode("utf-8"))
+                    places.append(row)
                 elif text is not None and not isinstance(text, str):
                     raise UserError(f"{path}: column \"{text_field}\" holds {type(text).__name__}, not text")
+            if texts:
+                yield TextBatch(texts, places, size * row // rows_total)
     except (pyarrow.ArrowException, OSError) as err:
         raise UserError(f"{path}: truncated or corrupt at row {row + 1} ({err}) — stopped; "
                         "completed shards are kept") from None
@@ -231,7 +264,7 @@ def _open_parquet(path: Path, text_field: str):
 def read_documents(inputs, text_field: str = "text") -> list[tuple[str, str]]:
     """(name, text) of every document under `inputs`, as a list (for small inputs: eval.py's --text)."""
     files = corpus_files(inputs, text_field)
-    docs = [(name, text.decode("utf-8")) for path in files for name, text, _ in file_documents(path, text_field)]
+    docs = [(name, text.decode("utf-8")) for path in files for name, text in file_documents(path, text_field)]
     if not docs:
         raise UserError(f"no documents found in {', '.join(map(str, inputs))}")
     return docs

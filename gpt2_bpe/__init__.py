@@ -151,10 +151,10 @@ def thread_local_encoder(ranks: dict[bytes, int], eot_id: int):
 _scratch = threading.local()  # jsonl_texts's output buffers
 
 
-def jsonl_texts(block: bytes, n: int, field: bytes) -> tuple[list[int], list[int], list[int], bytes]:
+def jsonl_texts(block: bytes, n: int, field: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, bytes]:
     """(status, line_ends, text_ends, texts) of the lines of a JSONL block's first n bytes, as jsonl_text.c describes:
     line i is block[line_ends[i - 1]:line_ends[i]] and, where status[i] is TEXT, its field's text (UTF-8) is
-    texts[text_ends[i - 1]:text_ends[i]] (an offset before the first line is 0)."""
+    texts[text_ends[i - 1]:text_ends[i]] (an offset before the first line is 0). The arrays: (n_lines,) each."""
     max_lines = n + 1  # room for the most lines there could be: costs no memory until written (np.empty is lazy)
     if getattr(_scratch, "size", -1) < n:  # one set of buffers per thread, reused: no page faults per block
         _scratch.size, _scratch.out = n, np.empty(max(n, 1), dtype=np.uint8)
@@ -163,6 +163,5 @@ def jsonl_texts(block: bytes, n: int, field: bytes) -> tuple[list[int], list[int
     n_lines = library().jsonl_texts(block, n, field, len(field), out.ctypes.data, status.ctypes.data,
                                     line_ends.ctypes.data, text_ends.ctypes.data, max_lines)
     text_bytes = int(text_ends[n_lines - 1]) if n_lines else 0
-    return status[:n_lines].tolist(), line_ends[:n_lines].tolist(), text_ends[:n_lines].tolist(), \
-        out[:text_bytes].tobytes()
-
+    return status[:n_lines].copy(), line_ends[:n_lines].copy(), text_ends[:n_lines].copy(), \
+        out[:text_bytes].tobytes()  # copies: the scratch buffers are overwritten by the next call

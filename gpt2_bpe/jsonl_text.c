@@ -94,30 +94,44 @@ static int plain_ascii(uint8_t b) { return (uint8_t)(b - 0x20) < 0x60 && b != '"
 #define ONES 0x0101010101010101ULL
 #define HIGHS 0x8080808080808080ULL
 
-/* Whether all 8 bytes of w are plain_ascii, in a few word operations (the zero-byte tests of "Bit Twiddling
- * Hacks"): none ≥ 0x80, none < 0x20, none '"' (0x22), none '\\' (0x5C). */
-static int plain_word(uint64_t w) {
-    uint64_t high = w & HIGHS, control = (w - 0x20 * ONES) & ~w & HIGHS;
+/* A high bit in each byte of w that is not plain_ascii (≥ 0x80, < 0x20, '"' or '\\'), in a few word operations: the
+ * zero-byte tests of "Bit Twiddling Hacks". Above the first such byte a borrow can mark a plain one too, so only the
+ * lowest mark is exact — the only one used. */
+static uint64_t special_bytes(uint64_t w) {
     uint64_t quote = w ^ ('"' * ONES), backslash = w ^ ('\\' * ONES);
-    return !(high | control | ((quote - ONES) & ~quote & HIGHS) | ((backslash - ONES) & ~backslash & HIGHS));
+    return (w & HIGHS) | ((w - 0x20 * ONES) & ~w & HIGHS) | ((quote - ONES) & ~quote & HIGHS) |
+           ((backslash - ONES) & ~backslash & HIGHS);
 }
 
-/* Copies the run of plain_ascii bytes at *p (before end) to *o, moving both past it: 8 bytes a step while whole
- * words are plain, then byte by byte. */
-static void plain_run(const uint8_t **p, const uint8_t *end, uint8_t **o) {
-    uint64_t w;
-    while (end - *p >= 8 && (memcpy(&w, *p, 8), plain_word(w))) {
-        memcpy(*o, &w, 8);
-        *p += 8, *o += 8;
+/* Copies the run of plain_ascii bytes at p (before end) to *o, moving *o past it; returns the run's end. 8 bytes a
+ * step: a word is copied whole (the decoded text is never longer than the JSON read, so o has the room) and the run
+ * ends at its first special byte. Locals, not c->p: a store through o could alias that. */
+static const uint8_t *plain_run(const uint8_t *p, const uint8_t *end, uint8_t **o_at) {
+    uint8_t *o = *o_at;
+    uint64_t w, special;
+    for (; end - p >= 8; p += 8, o += 8) {
+        memcpy(&w, p, 8);
+        memcpy(o, &w, 8);
+        if ((special = special_bytes(w)) != 0) {  /* little-endian: the first byte is the lowest */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+            size_t plain = (size_t)__builtin_clzll(special) >> 3;  /* there the first byte is the highest */
+#else
+            size_t plain = (size_t)__builtin_ctzll(special) >> 3;
+#endif
+            *o_at = o + plain;
+            return p + plain;
+        }
     }
-    while (*p < end && plain_ascii(**p)) *(*o)++ = *(*p)++;
+    while (p < end && plain_ascii(*p)) *o++ = *p++;
+    *o_at = o;
+    return p;
 }
 
 /* The string whose opening quote is at c->p, decoded into c->out; its length, or -1 where Python should judge. */
 static int64_t string(Cursor *c) {
     uint8_t *o = c->out;
     for (c->p++; c->p < c->end;) {
-        plain_run(&c->p, c->end, &o);  /* most of any text */
+        c->p = plain_run(c->p, c->end, &o);  /* most of any text */
         if (c->p == c->end) break;
         uint8_t b = *c->p;
         if (b == '"') { c->p++; return o - c->out; }

@@ -55,7 +55,7 @@ def by_json_loads(line: bytes):
 
 def by_c(line: bytes):
     # b"" is no line at all: nothing comes
-    return outcome(lambda: next(data_sources._block_texts(PATH, 0, line, len(line), "text"), None))
+    return outcome(lambda: next(iter(data_sources._block_texts(PATH, 0, line, len(line), "text")[0]), None))
 
 
 @pytest.mark.parametrize("line", AWKWARD, ids=range(len(AWKWARD)))
@@ -69,14 +69,14 @@ def test_plain_lines_take_the_c_path():
              b'{"text": "\xc3\xa9t\xc3\xa9"}', b'   ', b'{"text": " \\n "}']
     block = b"\n".join(lines) + b"\n"
     status, _, _, texts = gpt2_bpe.jsonl_texts(block + b'{"text": "not read"}', len(block), b"text")
-    assert status == [gpt2_bpe.TEXT] * 3 + [gpt2_bpe.BLANK] * 2
+    assert status.tolist() == [gpt2_bpe.TEXT] * 3 + [gpt2_bpe.BLANK] * 2
     assert texts == "hello".encode() + "a\nbé😀".encode() + "été".encode()
 
 
-def random_line(rng: random.Random) -> bytes:
+def random_line(rng: random.Random, max_length: int = 12, plain_weight: int = 1) -> bytes:
     alphabet = ["a", "Z", " ", "\n", "\t", '"', "\\", "/", "é", "日", "😀", "\u2003", "\x00", "\x1f", "\ud800",
-                "{", ","]
-    text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+                "{", ","] + ["a~ "] * plain_weight  # plain runs: the C reads those 8 bytes a step
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, max_length)))
     record = {rng.choice(["id", "meta", "x"]): rng.choice([1, -2.5, None, True, [1, "a"], {"k": "v"}]), "text": text}
     if rng.random() < 0.1:
         record["text"] = rng.choice([5, None, ["a"]])
@@ -89,10 +89,13 @@ def random_line(rng: random.Random) -> bytes:
     return line
 
 
-def test_random_lines_read_as_json_loads_reads_them():
+@pytest.mark.parametrize("max_length, plain_weight", [(12, 1), (60, 30)], ids=["short", "long-plain-runs"])
+def test_random_lines_read_as_json_loads_reads_them(max_length, plain_weight):
+    """Short texts of awkward characters; and long ones, mostly plain runs with a special byte at every offset of an
+    8-byte word now and then."""
     rng = random.Random(0)
     for _ in range(3000):
-        line = random_line(rng)
+        line = random_line(rng, max_length, plain_weight)
         assert by_c(line) == by_json_loads(line), line
 
 
@@ -107,5 +110,7 @@ def test_a_block_of_many_lines_gives_each_line_its_text(with_c, monkeypatch):
         monkeypatch.setattr(gpt2_bpe, "available", lambda: False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        want = [data_sources._jsonl_text(PATH, i + 1, line, "text") for i, line in enumerate(lines)]
-        assert list(data_sources._block_texts(PATH, 0, block, len(block), "text")) == want
+        want = [(data_sources._jsonl_text(PATH, 7 + i + 1, line, "text"), 7 + i + 1) for i, line in enumerate(lines)]
+        want = [(text, line_no) for text, line_no in want if text is not None]
+        texts, line_numbers, n_lines = data_sources._block_texts(PATH, 7, block, len(block), "text")
+        assert (list(zip(texts, line_numbers)), n_lines) == (want, len(lines))
