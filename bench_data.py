@@ -155,11 +155,11 @@ def raw_encoders(cores: int) -> dict:
     from concurrent.futures import ThreadPoolExecutor
     from functools import partial
 
-    import data
+    import tokenizer
 
-    enc, pool, special = data.gpt2_tiktoken(GPT2_VOCAB), ThreadPoolExecutor(max_workers=cores), {data.EOT}
-    prepares_encode, library = data.gpt2_encoder(GPT2_VOCAB)
-    tok = data.gpt2_tokenizer(GPT2_VOCAB)
+    enc, pool, special = tokenizer.gpt2_tiktoken(GPT2_VOCAB), ThreadPoolExecutor(max_workers=cores), {tokenizer.EOT}
+    prepares_encode, library = tokenizer.gpt2_encoder(GPT2_VOCAB)
+    tok = tokenizer.gpt2_tokenizer(GPT2_VOCAB)
 
     def joined(encode, chunks):  # prepare's call: a chunk's texts as one text, one chunk per thread
         return sum(len(ids) - (len(chunk) - 1) for ids, chunk in zip(pool.map(encode, chunks), chunks))
@@ -168,7 +168,7 @@ def raw_encoders(cores: int) -> dict:
         return joined(prepares_encode, chunks)
 
     def tiktoken_joined_numpy(chunks):  # tiktoken, as prepare calls it where gpt2_bpe cannot be built
-        return joined(lambda texts: enc.encode_to_numpy(data.EOT.join(texts), allowed_special=special), chunks)
+        return joined(lambda texts: enc.encode_to_numpy(tokenizer.EOT.join(texts), allowed_special=special), chunks)
 
     def tiktoken_numpy_per_document(chunks):  # one call per document, the ids as a buffer
         texts = [text for chunk in chunks for text in chunk]

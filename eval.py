@@ -121,7 +121,8 @@ def batch_windows(windows: list, batch_size: int) -> list[list]:
 
 def text_tokens(paths, tokenizer) -> tuple[np.ndarray, int]:
     """Token ids of the documents under paths, <|endoftext|> between documents (as data.py prepare); and their UTF-8 bytes."""
-    from data import EOT, read_documents
+    from data import read_documents
+    from tokenizer import EOT
 
     eot_id = tokenizer.token_to_id(EOT)
     if eot_id is None:
@@ -135,7 +136,7 @@ def text_tokens(paths, tokenizer) -> tuple[np.ndarray, int]:
 
 def hf_tokenizer(hf_dir: Path, gpt2_vocab_dir: Path):
     """The HF dir's own tokenizer.json or vocab.json + merges.txt, else GPT-2's from gpt2_vocab_dir."""
-    from data import gpt2_tokenizer
+    from tokenizer import gpt2_tokenizer
 
     if (hf_dir / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
@@ -464,7 +465,7 @@ class WikiText:
 
     @staticmethod
     def read(path: Path, tokenizer, block_size: int, context: int = 0, stride: int = 0) -> "WikiText":
-        from data import EOT
+        from tokenizer import EOT
 
         try:
             original = Path(path).read_text(encoding="utf-8")

@@ -164,7 +164,8 @@ def export_hf(source: "GPT | Path", out_dir: Path, data_dir: Path | None = None)
 
 def write_tokenizer_files(data_dir: Path, out_dir: Path, block_size: int) -> int:
     """Copy the data dir's tokenizer in HF's layout (vocab.json + merges.txt, or tokenizer.json); returns <|endoftext|>'s id."""
-    from data import EOT, find_gpt2_files, read_meta
+    from data import read_meta
+    from tokenizer import EOT, find_gpt2_files
 
     meta = read_meta(data_dir)
     if meta["tokenizer"]["kind"] == "bpe":

@@ -42,7 +42,8 @@ class SampleConfig:
 
 def sample(cfg: SampleConfig) -> list[str]:
     """num_samples continuations of the prompt (prompt included), drawn one after another from one generator."""
-    from data import EOT, load_tokenizer
+    from data import load_tokenizer
+    from tokenizer import EOT
 
     model, state = load_gust(find_checkpoint(cfg.checkpoint, cfg.run_dir))
     tokenizer = load_tokenizer(cfg.data_dir or Path(state["config"]["data"]["dir"]))

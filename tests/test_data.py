@@ -7,7 +7,8 @@ import pytest
 
 from conftest import GPT2_VOCAB, PLAYS
 from configs import PrepareConfig
-from data import TokenSplit, gpt2_tokenizer, prepare, read_documents, split_documents
+from data import TokenSplit, prepare, read_documents, split_documents
+from tokenizer import gpt2_tokenizer
 from errors import UserError
 
 

@@ -17,7 +17,9 @@ import pytest
 import data
 from conftest import GPT2_VOCAB, PLAYS, ROOT
 from configs import PrepareConfig
-from data import TokenSplit, gpt2_tiktoken, gpt2_tokenizer, prepare
+import tokenizer
+from data import TokenSplit, prepare
+from tokenizer import gpt2_tiktoken, gpt2_tokenizer
 from errors import UserError
 
 AWKWARD = ["", " ", "  \n\n\t  x", "Hello world", "I'm sure they'll say we've done what you'd've done, 'tis it's",
@@ -49,11 +51,11 @@ def test_fast_tokenizers_give_the_tokenizers_ids_on_the_whole_corpus(gpt2_both, 
     texts = [p.read_text() for p in sorted(PLAYS.glob("*_gut.txt"))] + AWKWARD
     assert len(texts) == 42 + len(AWKWARD)
     expected = [enc.ids for enc in reference.encode_batch(texts)]
-    encode, used = data.gpt2_encoder(GPT2_VOCAB)  # what prepare uses: all the texts in one call
+    encode, used = tokenizer.gpt2_encoder(GPT2_VOCAB)  # what prepare uses: all the texts in one call
     assert used == library
     joined = encode([text.encode() for text in texts])  # prepare holds a document's text as UTF-8
     assert joined.tolist() == [i for n, ids in enumerate(expected) for i in ([50256] if n else []) + ids]
-    got = data.document_ids(joined, [text.encode() for text in texts], 50256)  # back to each text's ids, "<|endoftext|>" inside texts or not
+    got = tokenizer.document_ids(joined, [text.encode() for text in texts], 50256)  # back to each text's ids, "<|endoftext|>" inside texts or not
     for text, want, have in zip(texts, expected, got):
         assert have.tolist() == want, text[:80]
     assert got[-len(AWKWARD) + AWKWARD.index("a<|endoftext|>b")].tolist() == [64, 50256, 65]  # as today

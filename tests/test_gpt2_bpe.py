@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-import data
+import tokenizer
 import gpt2_bpe
 from conftest import GPT2_VOCAB
 
@@ -24,11 +24,11 @@ def encoders():
         pytest.skip("GPT-2 vocabulary missing: run `make setup`")
     if not gpt2_bpe.available():
         pytest.skip("gpt2_bpe could not be built (no C compiler)")
-    return gpt2_bpe.Encoder(data.gpt2_ranks(GPT2_VOCAB), 50256), data.gpt2_tiktoken(GPT2_VOCAB)
+    return gpt2_bpe.Encoder(tokenizer.gpt2_ranks(GPT2_VOCAB), 50256), tokenizer.gpt2_tiktoken(GPT2_VOCAB)
 
 
 def reference_ids(enc, text: str) -> list[int]:
-    return enc.encode(text, allowed_special={data.EOT})
+    return enc.encode(text, allowed_special={tokenizer.EOT})
 
 
 def test_random_strings_get_tiktokens_ids(encoders):
@@ -68,7 +68,7 @@ def test_threads_encoding_at_once_get_the_ids_one_thread_gets(encoders):
     ours, _ = encoders
     texts = [" ".join(random.Random(seed).choice(ALPHABET) for _ in range(20_000)) for seed in range(4)]
     expected = [ours.encode(text).tolist() for text in texts]
-    encode, results = gpt2_bpe.thread_local_encoder(data.gpt2_ranks(GPT2_VOCAB), 50256), {}
+    encode, results = gpt2_bpe.thread_local_encoder(tokenizer.gpt2_ranks(GPT2_VOCAB), 50256), {}
 
     def work(index):
         results[index] = [encode(texts[index].encode()).tolist() for _ in range(3)]
@@ -86,4 +86,4 @@ def test_a_failed_build_names_the_compiler_and_prepare_falls_back(tmp_path, monk
     assert not list(tmp_path.glob("*.so"))  # nothing half-written left to load
     if GPT2_VOCAB.is_dir() and pytest.importorskip("tiktoken"):
         monkeypatch.setattr(gpt2_bpe, "available", lambda: False)
-        assert data.gpt2_encoder(GPT2_VOCAB)[1] == "tiktoken"
+        assert tokenizer.gpt2_encoder(GPT2_VOCAB)[1] == "tiktoken"
