@@ -135,6 +135,7 @@ def val_chooser(cfg, files: list[Path]):
 
 
 class Piece(NamedTuple):
+    """A run of one batch's documents inside a chunk."""
     batch: Batch
     start: int           # the piece is batch.texts[start:stop]
     stop: int

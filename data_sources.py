@@ -190,10 +190,14 @@ def _block_texts(path: Path, line_no: int, block: bytes, n: int, text_field: str
         kept = np.flatnonzero(status == gpt2_bpe.TEXT).tolist()
         return [out[text_starts[i]:text_ends[i]] for i in kept], [line_no + 1 + i for i in kept], len(status)
     line_ends = line_ends.tolist()
-    line_starts = [0] + line_ends[:-1]
-    texts = [out[text_starts[i]:text_ends[i]] if line_status == gpt2_bpe.TEXT else
-             _jsonl_text(path, line_no + 1 + i, block[line_starts[i]:line_ends[i]], text_field)
-             if line_status == gpt2_bpe.ASK_PYTHON else None for i, line_status in enumerate(status.tolist())]
+    line_starts, texts = [0] + line_ends[:-1], []
+    for i, line_status in enumerate(status.tolist()):
+        if line_status == gpt2_bpe.TEXT:
+            texts.append(out[text_starts[i]:text_ends[i]])
+        elif line_status == gpt2_bpe.BLANK:
+            texts.append(None)
+        else:  # the C left it to json.loads: anything unusual, errors included
+            texts.append(_jsonl_text(path, line_no + 1 + i, block[line_starts[i]:line_ends[i]], text_field))
     return *_kept(texts, line_no), len(status)
 
 
