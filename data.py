@@ -356,6 +356,9 @@ def prepare(cfg) -> dict:
     Everything that can be checked is checked before the first byte is written: the inputs, the reader packages,
     the GPT-2 files (and, for the permutation split or a trained BPE, every document, read once beforehand).
     """
+    for flag, value in (("--batch-documents", cfg.batch_documents), ("--batch-bytes", cfg.batch_bytes)):
+        if value < 1:  # a chunk must hold at least one document
+            raise UserError(f"{flag} {value}: must be at least 1")
     files, out = corpus_files(cfg.inputs, cfg.text_field), Path(cfg.out_dir)
     args = prepare_args(cfg, files)
     meta, state = existing_preparation(out, args)

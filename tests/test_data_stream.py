@@ -180,6 +180,14 @@ def test_chunks_close_where_a_document_by_document_count_closes_them():
             assert c.texts["train"] == [texts[i] for i in indices if i % 3 != 0]
 
 
+@pytest.mark.parametrize("flag", ["batch_documents", "batch_bytes"])
+def test_a_chunk_size_below_one_is_refused_naming_the_flag(tmp_path, flag):
+    """Else the chunk cuts would make no progress (found in review: prepare spun forever)."""
+    with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} 0: must be at least 1"):
+        prepare(gpt2_cfg([tmp_path / "src"], tmp_path / "out", **{flag: 0}))
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_reader_keeps_a_bounded_number_of_chunks_in_flight():
     """Memory stays flat: however far the tokenizer threads lag, the reader reads at most
     CHUNKS_PER_WORKER · workers chunks ahead of the one being written."""
