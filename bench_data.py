@@ -5,7 +5,8 @@
   python bench_data.py --parts encode --size-mb 2048        # each raw encode API, all cores: the fastest is the ceiling
   python bench_data.py --parts old --size-mb 256 --old-data-py /tmp/old/data.py   # an earlier data.py, same corpus
   python bench_data.py --parts startup --startup-gb 4       # python train.py → first step on a 4 GB train.bin
-  python bench_data.py --parts pairs --size-mb 256 --pairs 5   # prepare and the ceiling alternated: median ratio
+  python bench_data.py --parts pairs --size-mb 512 --encode-sample-mb 512 --pairs 5   # prepare and the ceiling
+                                                          # alternated, on the same text: the median ratio
 
 Each part prints its numbers and appends them, with the machine, to .cache/bench_data/results.jsonl. Parts are
 separate so that each measurement fits a short exclusive hold of the machine (`/work/wt/cpu bench ...`).
@@ -215,24 +216,39 @@ def bench_encode(size_mb: int, sample_mb: int) -> dict:
     return result
 
 
-def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str]) -> dict:
+def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str], ceiling_kind: str) -> dict:
     """prepare and the ceiling's encode (prepare's tokenizer, a chunk as one text, all cores) alternated `pairs`
     times, in turn first: on a machine whose speed drifts within minutes (this KVM guest: the same raw encode measured
     11–23 MB/s in one afternoon), one sequential pair is mostly noise; the median of adjacent pairs' ratios
-    is the number to read."""
+    is the number to read.
+
+    ceiling_kind "fresh": each ceiling call starts as prepare does, with new encoders (vocab.json read, empty piece
+    caches) — with --encode-sample-mb at least the corpus size, both then encode the same text from the same start.
+    "warm": the encoders of the first call are kept, so later calls re-encode a text their piece caches have seen
+    (the method of the README's tables before 2026-12-04)."""
     import statistics
 
     sys.path.insert(0, str(ROOT))
+    import tokenizer
+
     chunks = prepare_chunks(sample_texts(size_mb, sample_mb))
     sample_bytes = utf8_bytes(chunks)
-    encoders = raw_encoders(os.cpu_count())
-    joined = encoders.get("gpt2_bpe_joined", encoders["tiktoken_joined_numpy"])  # the one prepare uses
-    if "gpt2_bpe_joined" not in encoders:
-        chunks = as_str(chunks)
+    if tokenizer.gpt2_encoder(GPT2_VOCAB)[1] != "gpt2_bpe":
+        chunks = as_str(chunks)  # tiktoken takes str
+    warm = raw_encoders(os.cpu_count())
+    warm = warm.get("gpt2_bpe_joined", warm["tiktoken_joined_numpy"])  # the one prepare uses
+
+    def fresh(chunks) -> None:  # what warm does, from new encoders and threads
+        from concurrent.futures import ThreadPoolExecutor
+
+        encode, _ = tokenizer.gpt2_encoder(GPT2_VOCAB)
+        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+            for _ in pool.map(encode, chunks):
+                pass
 
     def ceiling() -> tuple[float, float]:
         started, cpu_before = time.time(), cpu_seconds_so_far()
-        joined(chunks)
+        (fresh if ceiling_kind == "fresh" else warm)(chunks)
         return sample_bytes / (time.time() - started) / 1e6, sample_bytes / (cpu_seconds_so_far() - cpu_before) / 1e6
 
     prepare_rates, ceiling_rates = [], []  # (MB/s, MB per CPU-s) each
@@ -249,6 +265,7 @@ def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str]) -> d
     ratios = [p[0] / c[0] for p, c in zip(prepare_rates, ceiling_rates)]
     cpu_ratios = [p[1] / c[1] for p, c in zip(prepare_rates, ceiling_rates)]
     return {"part": "pairs", "size_mb": size_mb, "sample_MB": round(sample_bytes / 1e6, 1), "pairs": pairs,
+            "ceiling": ceiling_kind,
             "prepare_MB_per_s": [p[0] for p in prepare_rates], "encode_MB_per_s": [c[0] for c in ceiling_rates],
             "prepare_MB_per_cpu_s": [p[1] for p in prepare_rates],
             "encode_MB_per_cpu_s": [c[1] for c in ceiling_rates],
@@ -337,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--old-data-py", type=Path, default=None, help="an earlier data.py to compare (part old)")
     parser.add_argument("--startup-gb", type=float, default=4.0, help="size of the synthetic train.bin (part startup)")
     parser.add_argument("--pairs", type=int, default=5, help="(prepare, encode) pairs alternated (part pairs)")
+    parser.add_argument("--ceiling", choices=["fresh", "warm"], default="fresh",
+                        help="part pairs: each ceiling call from new encoders (as prepare starts) or the first's")
     parser.add_argument("--prepare-args", default="--split hash --no-progress", help="extra args for data.py prepare")
     return parser
 
@@ -362,7 +381,8 @@ def main():
         elif part == "startup":
             result = bench_startup(args.startup_gb)
         elif part == "pairs":
-            result = bench_pairs(args.size_mb, args.encode_sample_mb, args.pairs, args.prepare_args.split())
+            result = bench_pairs(args.size_mb, args.encode_sample_mb, args.pairs, args.prepare_args.split(),
+                                 args.ceiling)
         else:
             sys.exit(f"--parts: unknown part {part!r}")
         print(json.dumps(result))

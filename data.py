@@ -111,12 +111,14 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
 def hash_fractions(seed: int, first: int, count: int) -> np.ndarray:
     """(count,) numbers in [0, 1), each fixed by (seed, document index) for indices first..: the hash split's coin
     (SPLIT_RULES["hash"]). The digest of the key's bytes b"{seed}:{index}", its common prefix hashed once."""
-    prefix, coins = hashlib.blake2b(b"%d:" % seed, digest_size=8), np.empty(count)
-    for i in range(count):
-        digest = prefix.copy()
-        digest.update(b"%d" % (first + i))
-        coins[i] = int.from_bytes(digest.digest(), "little") / 2**64
-    return coins
+    prefix = hashlib.blake2b(b"%d:" % seed, digest_size=8)
+
+    def digest(index: int) -> bytes:
+        key = prefix.copy()
+        key.update(b"%d" % index)
+        return key.digest()
+    # read as little-endian uint64 in one step; float64 rounding then /2⁶⁴ (exact) is int / 2**64's correct rounding
+    return np.frombuffer(b"".join(map(digest, range(first, first + count))), dtype="<u8") / 2**64
 
 
 def val_chooser(cfg, files: list[Path]):

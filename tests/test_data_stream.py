@@ -18,7 +18,7 @@ import data
 from conftest import GPT2_VOCAB, PLAYS, ROOT
 from configs import PrepareConfig
 import tokenizer
-from data import TokenSplit, prepare
+from data import TokenSplit, hash_fractions, prepare
 from tokenizer import gpt2_tiktoken, gpt2_tokenizer
 from errors import UserError
 
@@ -117,6 +117,16 @@ def test_compressed_and_parquet_inputs_give_the_same_tokens(tmp_path):
 
 def hash_says_val(seed, index, fraction):
     return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "little") < fraction * 2**64
+
+
+def test_the_hash_coins_are_the_recorded_rule_to_the_last_bit():
+    """hash_fractions reads the digests as one uint64 array: the same float64 as int / 2**64, also for indices of
+    many digits (the rule meta.json records, written out independently)."""
+    for seed, first in ((1337, 0), (7, 10**9), (0, 2**40)):
+        expected = [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "little") / 2**64
+                    for i in range(first, first + 3000)]
+        assert hash_fractions(seed, first, 3000).tolist() == expected
+    assert len(hash_fractions(1, 5, 0)) == 0
 
 
 @pytest.mark.parametrize("workers,batch_documents,batch_bytes,shard_tokens",
