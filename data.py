@@ -358,9 +358,7 @@ def prepare(cfg) -> dict:
     Everything that can be checked is checked before the first byte is written: the inputs, the reader packages,
     the GPT-2 files (and, for the permutation split or a trained BPE, every document, read once beforehand).
     """
-    for flag, value in (("--batch-documents", cfg.batch_documents), ("--batch-bytes", cfg.batch_bytes)):
-        if value < 1:  # a chunk must hold at least one document
-            raise UserError(f"{flag} {value}: must be at least 1")
+    check_flags(cfg)
     files, out = corpus_files(cfg.inputs, cfg.text_field), Path(cfg.out_dir)
     args = prepare_args(cfg, files)
     meta, state = existing_preparation(out, args)
@@ -388,6 +386,31 @@ def prepare(cfg) -> dict:
             "split_seed": cfg.split_seed, "val_fraction": cfg.val_fraction,
             "val_documents": writers["val"].stats["names"], "args": args}
     return finish(out, meta, writers)
+
+
+def check_flags(cfg):
+    """Refuse, naming the flag, any value that could not make a preparation — before anything is read or written
+    (a value found wrong later would leave a directory that a corrected command refuses as prepared otherwise)."""
+    rules = [("--batch-documents", cfg.batch_documents, cfg.batch_documents >= 1, "at least 1"),  # else chunks
+             ("--batch-bytes", cfg.batch_bytes, cfg.batch_bytes >= 1, "at least 1"),              # never close
+             ("--shard-tokens", cfg.shard_tokens, cfg.shard_tokens >= 1, "at least 1"),
+             ("--workers", cfg.workers, cfg.workers >= 0, "0 (every core) or more"),
+             ("--split-seed", cfg.split_seed, cfg.split_seed >= 0, "0 or more"),
+             ("--val-fraction", cfg.val_fraction, 0 < cfg.val_fraction < 1, "between 0 and 1, both excluded")]
+    if cfg.tokenizer == "bpe":
+        rules.append(("--bpe-vocab-size", cfg.bpe_vocab_size, 257 <= cfg.bpe_vocab_size <= 65536,
+                      "257 (the 256 bytes and <|endoftext|>) to 65536 (what uint16 holds)"))
+    for flag, value, holds, rule in rules:
+        if not holds:  # `not`, so that NaN fails too
+            raise UserError(f"{flag} {value}: must be {rule}")
+    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
+        raise UserError(f"--out-dir {cfg.out_dir}: exists and is not a directory")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, e.g. under taskset or a container's cpuset), not the
+    machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _saved_bpe_is_intact(out: Path, state: dict) -> bool:
@@ -421,7 +444,7 @@ def write_shards(cfg, files, encode, in_val, eot_id: int, out: Path, state: dict
 
     batches = iter_batches(files, cfg.text_field, state["resume"])
     chunks = document_chunks(batches, in_val, cfg.batch_documents, cfg.batch_bytes)
-    total, workers = sum(p.stat().st_size for p in files), cfg.workers or os.cpu_count() or 1
+    total, workers = sum(p.stat().st_size for p in files), cfg.workers or usable_cores()
     started, tokens_before, resume = time.time(), sum(w.stats["tokens"] for w in writers.values()), None
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"prepare {out}", file=sys.stderr,
               disable=not cfg.progress, smoothing=0.1) as bar:

@@ -129,17 +129,23 @@ def _line_blocks(raw, suffix: str):
         yield pending, len(pending), raw.tell()
 
 
+ZSTD_READ_BYTES = 1 << 16  # compressed bytes per decompress call: its output is this times the compression ratio
+
+
 def _zstd_chunks(raw):
-    """Decompressed bytes of a .zst file, frame after frame; raises EOFError if the last frame is cut short
-    (zstandard's stream reader would end silently there)."""
+    """Decompressed bytes of a .zst file, frame after frame, in pieces of at most BLOCK_BYTES; raises EOFError if the
+    last frame is cut short (zstandard's stream reader would end silently there, and its decompressobj has no
+    output limit: so it is fed little at a time, and what a very repetitive piece gives is handed on in blocks)."""
     import zstandard
 
     dctx = zstandard.ZstdDecompressor()
     frame, fed = dctx.decompressobj(), False
-    while chunk := raw.read(1 << 20):
+    while chunk := raw.read(ZSTD_READ_BYTES):
         while chunk:
             fed = True
-            yield frame.decompress(chunk)
+            out = frame.decompress(chunk)
+            for start in range(0, len(out), BLOCK_BYTES):
+                yield out[start:start + BLOCK_BYTES]  # the whole of out, uncopied, when it is one block
             chunk = b""
             if frame.eof:  # dumps are often many frames concatenated
                 chunk, frame, fed = frame.unused_data, dctx.decompressobj(), False
@@ -210,14 +216,19 @@ def _kept(texts: list[bytes | None], line_no: int) -> tuple[list[bytes], list[in
 def _jsonl_text(path: Path, line_no: int, line: bytes, text_field: str) -> bytes | None:
     if not line or line.isspace():  # not line.strip(): that copies every line
         return None
-    try:
-        value = json.loads(line)[text_field]
+    try:  # decoded here, as json.loads(bytes) would (a BOM dropped, surrogates kept), but never guessed as UTF-16/32
+        line = line.decode("utf-8-sig", "surrogatepass")
     except UnicodeDecodeError as err:
         warnings.warn(f"{path}:{line_no}: not UTF-8 ({err.reason} at byte {err.start}), skipped")
         return None
+    try:
+        value = json.loads(line)[text_field]
     except (json.JSONDecodeError, KeyError, TypeError, IndexError):
         raise UserError(f"{path}:{line_no}: not a JSON object with a \"{text_field}\" field"
                         + (" — pass --text-field" if text_field == "text" else "")) from None
+    except (ValueError, RecursionError) as err:  # an int of over 4,300 digits; nesting deeper than Python's stack
+        raise UserError(f"{path}:{line_no}: JSON that Python cannot read ({type(err).__name__}: "
+                        f"{str(err)[:100]})") from None
     if not isinstance(value, str):
         raise UserError(f"{path}:{line_no}: \"{text_field}\" holds a {type(value).__name__}, not text")
     if not has_text(value):

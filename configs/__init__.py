@@ -98,7 +98,7 @@ class PrepareConfig:
     split: Literal["permutation", "hash"] = "permutation"
     """permutation: a seeded shuffle of all documents (counts them first: one extra read); hash: per document, one pass."""
     val_fraction: float = 0.1
-    """Fraction of documents held out for validation (permutation: at least one document)."""
+    """Fraction of documents held out for validation, above 0 and below 1 (permutation: at least one document)."""
     split_seed: int = 1337
     """Seed of the document-level train/val split."""
     shard_tokens: int = 100_000_000
@@ -108,7 +108,7 @@ class PrepareConfig:
     batch_bytes: int = 4 << 20
     """At most about this much text per tokenizer call (bounds memory with long documents)."""
     workers: int = 0
-    """Tokenizer threads (tiktoken); 0 = all cores. Does not change the output."""
+    """Tokenizer threads; 0 = one per core this process may use. Does not change the output."""
     progress: bool = True
     """Show a progress bar (bytes, MB/s, tokens/s, ETA) on stderr."""
 

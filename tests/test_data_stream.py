@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 import data
+import data_sources
 from conftest import GPT2_VOCAB, PLAYS, ROOT
 from configs import PrepareConfig
 import tokenizer
@@ -190,12 +192,44 @@ def test_chunks_close_where_a_document_by_document_count_closes_them():
             assert c.texts["train"] == [texts[i] for i in indices if i % 3 != 0]
 
 
-@pytest.mark.parametrize("flag", ["batch_documents", "batch_bytes"])
-def test_a_chunk_size_below_one_is_refused_naming_the_flag(tmp_path, flag):
-    """Else the chunk cuts would make no progress (found in review: prepare spun forever)."""
-    with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} 0: must be at least 1"):
-        prepare(gpt2_cfg([tmp_path / "src"], tmp_path / "out", **{flag: 0}))
+REFUSED_FLAGS = [
+    ({"batch_documents": 0}, "--batch-documents 0: must be at least 1"),  # chunks never closed: prepare spun forever
+    ({"batch_bytes": 0}, "--batch-bytes 0: must be at least 1"),
+    ({"shard_tokens": 0}, "--shard-tokens 0: must be at least 1"),
+    ({"workers": -1}, "--workers -1: must be 0"),
+    ({"split_seed": -1, "split": "permutation"}, "--split-seed -1: must be 0 or more"),  # numpy's traceback, before
+    ({"val_fraction": float("nan"), "split": "permutation"}, "--val-fraction nan: must be between 0 and 1"),
+    ({"val_fraction": 0.0}, "--val-fraction 0.0: must be"),  # the hash split found out after tokenizing everything
+    ({"val_fraction": 1.0}, "--val-fraction 1.0: must be"),
+    ({"val_fraction": 7.0, "split": "permutation"}, "--val-fraction 7.0: must be"),  # was clamped without a word
+    ({"tokenizer": "bpe", "bpe_vocab_size": 70_000}, "--bpe-vocab-size 70000: must be 257"),  # was found after
+    ({"tokenizer": "bpe", "bpe_vocab_size": -1}, "--bpe-vocab-size -1: must be 257"),      # training, then stuck
+]
+
+
+@pytest.mark.parametrize("overrides,message", REFUSED_FLAGS, ids=[m.split(":")[0] for _, m in REFUSED_FLAGS])
+def test_a_flag_that_cannot_work_is_refused_before_anything_is_written(tmp_path, overrides, message):
+    """Found in review: each of these hung, crashed with a traceback, ran with a silently changed meaning, or left a
+    directory that the corrected command then refused."""
+    write_corpus(tmp_path / "src", n_docs=20)
+    with pytest.raises(UserError, match=re.escape(message)):
+        prepare(gpt2_cfg([tmp_path / "src"], tmp_path / "out", **overrides))
     assert not (tmp_path / "out").exists()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match="--out-dir .*a_file: exists and is not a directory"):
+        prepare(gpt2_cfg([tmp_path / "src"], tmp_path / "a_file"))
+
+
+def test_a_very_repetitive_zst_comes_in_blocks(tmp_path):
+    """Memory follows the block size, not the compression ratio: 12 MB of repeated lines compress to a few kB,
+    which one decompress call would hand over whole (found in review: 1 GB of memory for 128 MB of such text)."""
+    zstandard = pytest.importorskip("zstandard")
+    raw = b'{"text": "the same line again"}\n' * (3 * data_sources.BLOCK_BYTES // 32)
+    (tmp_path / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    with open(tmp_path / "docs.jsonl.zst", "rb") as f:
+        blocks = [block[:n] for block, n, _ in data_sources._line_blocks(f, ".jsonl.zst")]
+    assert b"".join(blocks) == raw and len(blocks) >= 3
+    assert max(map(len, blocks)) <= data_sources.BLOCK_BYTES
 
 
 def test_the_reader_keeps_a_bounded_number_of_chunks_in_flight():

@@ -58,6 +58,18 @@ def by_c(line: bytes):
     return outcome(lambda: next(iter(data_sources._block_texts(PATH, 0, line, len(line), "text")[0]), None))
 
 
+@pytest.mark.parametrize("line", [b'{"n": ' + b'1' * 5000 + b', "text": "a"}', b'[' * 100_000 + b']' * 100_000,
+                                  b'{\x00ab', b'\x00\x00{"text": "a"}'], ids=["5000 digits", "deep", "nul", "nuls"])
+def test_lines_python_cannot_read_stop_with_one_line_with_or_without_the_c(line, monkeypatch):
+    """json.loads refuses these with a ValueError or RecursionError (or, from bytes, would guess UTF-16 from the
+    NULs): one line naming file and line, whether the C hands them over or Python splits the block itself."""
+    block = b'{"text": "a"}\n' + line + b'\n'
+    with_c = outcome(lambda: data_sources._block_texts(PATH, 0, block, len(block), "text"))
+    monkeypatch.setattr(gpt2_bpe, "available", lambda: False)
+    without = outcome(lambda: data_sources._block_texts(PATH, 0, block, len(block), "text"))
+    assert with_c == without and with_c[2] is not None and with_c[2].startswith("corpus.jsonl:2: ")
+
+
 @pytest.mark.parametrize("line", AWKWARD, ids=range(len(AWKWARD)))
 def test_awkward_lines_read_as_json_loads_reads_them(line):
     assert by_c(line) == by_json_loads(line)
