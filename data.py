@@ -161,7 +161,12 @@ def make_chunk(pieces: list[Piece]) -> Chunk:
 
 def document_chunks(batches, in_val, max_documents: int, max_bytes: int):
     """Chunks of at most max_documents, or about max_bytes of text: a chunk closes at the document that brings it
-    to either (so the cut is where a document-by-document count would make it, whatever the batches)."""
+    to either (so the cut is where a document-by-document count would make it, whatever the batches).
+
+    E.g. max_bytes 10, a chunk already holding 4 bytes, a batch of texts of 3, 5, 2 bytes from start 0: ends is
+    [3, 8, 10], the text reaching the 6 bytes still wanted is the one where ends first is ≥ 6 (by_bytes = 1), so the
+    piece is texts[0:2] (8 bytes: the chunk has 12 and closes) and the next chunk starts at texts[2].
+    """
     pieces, n_docs, n_bytes = [], 0, 0
     for batch in batches:
         ends, val, start = np.cumsum([len(text) for text in batch.texts]), in_val(batch.first, len(batch.texts)), 0
