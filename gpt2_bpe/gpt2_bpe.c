@@ -21,6 +21,7 @@ enum { OTHER = 0, LETTER = 1, NUMBER = 2, SPACE = 3 };  /* the classes the patte
 #define TOKEN_SLOTS (1u << 17)  /* open addressing, a power of two over twice GPT-2's 50257 tokens */
 #define CACHE_SLOTS (1u << 17)  /* the piece cache: cleared when half full, so lookups stay short */
 #define CACHED_MAX 32           /* longer pieces are rare: merged each time, not cached */
+#define SCRATCH_KEPT (1u << 16) /* merge scratch for pieces up to this long stays; a longer piece's is freed after */
 #define NO_RANK UINT32_MAX
 
 typedef struct { uint64_t hash; uint32_t offset, length; uint32_t value; } TokenSlot;  /* length 0: empty */
@@ -95,10 +96,15 @@ static void push_pair(Encoder *e, const uint8_t *p, size_t n, uint32_t start, si
     if (rank != NO_RANK) heap_push(e->heap, heap_size, (uint64_t)rank << 32 | start, end - start);
 }
 
+static void free_scratch(Encoder *e) {
+    free(e->next); free(e->prev); free(e->heap);
+    e->next = e->prev = NULL, e->heap = NULL, e->scratch_size = 0;
+}
+
 static int grow_scratch(Encoder *e, size_t n) {
     if (n + 1 <= e->scratch_size) return 0;
     size_t size = 2 * (n + 1);
-    free(e->next); free(e->prev); free(e->heap);
+    free_scratch(e);
     e->next = malloc(size * sizeof *e->next);
     e->prev = malloc(size * sizeof *e->prev);
     e->heap = malloc(3 * size * sizeof *e->heap);  /* each merge pushes at most two entries */
@@ -125,6 +131,7 @@ static int64_t merge_piece(Encoder *e, const uint8_t *p, size_t n, uint16_t *out
     }
     int64_t count = 0;
     for (uint32_t i = 0; i < n; i = e->next[i]) out[count++] = (uint16_t)token_id(e, p + i, e->next[i] - i);
+    if (e->scratch_size > 2 * (SCRATCH_KEPT + 1)) free_scratch(e);  /* ~24 bytes a byte: not kept for the run */
     return count;
 }
 
