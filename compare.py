@@ -5,6 +5,8 @@ the baseline: the mean difference, a 95% percentile-bootstrap interval (seeded),
 (paired by seed, sign flips, when both arms have the same seeds; otherwise relabelings) and a verdict in words
 that calls no difference while the interval covers 0. Also: the config diff read from the runs' own config.json,
 a picture (val bits/byte and train loss against step: each arm's mean, min–max band, seeds faint) and report.md.
+A difference is called only when the interval excludes 0 and p ≤ 0.05; seeds too few to ever reach that are
+said to be too few.
 numpy only. Not in here: running anything (sweep.py, train.py).
 """
 import argparse
@@ -22,6 +24,7 @@ from errors import UserError, run_cli
 from plot import read_metrics, series
 
 CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE  # a difference is called at p ≤ ALPHA (and with the interval excluding 0)
 EXACT_LIMIT = 200_000  # enumerate every permutation up to this many; beyond, a seeded Monte-Carlo sample
 MONTE_CARLO = 100_000
 IGNORED_KEYS = ("out_dir", "resume")  # differ between any two runs by design
@@ -43,11 +46,18 @@ class RunRecord:
         return any(row["step"] == self.config["max_steps"] for row in self.eval_rows)
 
 
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+
+
 def load_run(run_dir: Path, arm: str) -> RunRecord:
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise UserError(f"{run_dir}: no config.json — not a gust run directory")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path)
     train_rows, eval_rows = read_metrics(run_dir)
     return RunRecord(arm, config["seed"], run_dir, config, train_rows, eval_rows)
 
@@ -56,7 +66,7 @@ def load_runs(paths: list[Path]) -> dict[str, list[RunRecord]]:
     """{arm: runs} in baseline-first order. A sweep directory's sweep.json gives the arms and their order;
     otherwise an arm is a run directory's name without its -seed<S> tail, in the order first seen."""
     if len(paths) == 1 and (paths[0] / "sweep.json").is_file():
-        sweep = json.loads((paths[0] / "sweep.json").read_text())
+        sweep = read_json(paths[0] / "sweep.json")
         arms = {}
         for arm in sweep["arms"]:
             dirs = [paths[0] / f"{arm['name']}-seed{seed}" for seed in sweep["seeds"]]
@@ -74,14 +84,24 @@ def load_runs(paths: list[Path]) -> dict[str, list[RunRecord]]:
     return arms
 
 
-def metric_value(run: RunRecord, spec: str) -> float | None:
-    """One number of a run. spec: `KEY` (its last value: val_bpb = the final eval), `min:KEY`, `max:KEY`,
-    `KEY@N` or `KEY@step=N` (its value at step N). None when the run never logged it."""
+def parse_metric(spec: str) -> tuple[str | None, str, str | None]:
+    """(how, KEY, step) of a --metric spec; a UserError naming it if malformed."""
     match = re.fullmatch(r"(?:(min|max|last):)?([A-Za-z_][A-Za-z0-9_]*)(?:@(?:step=)?(\d+))?", spec)
     if not match:
         raise UserError(f"--metric {spec!r}: write KEY, min:KEY, max:KEY or KEY@step=N (e.g. val_bpb, min:loss)")
-    how, key, at_step = match.groups()
-    rows = run.eval_rows if key.startswith("val_") else run.train_rows
+    return match.groups()
+
+
+def logs(run: RunRecord, key: str) -> list[dict]:
+    """The rows a key is logged in: the eval rows (val_*, the benchmarks' scores) if any holds it, else train's."""
+    return run.eval_rows if any(key in row for row in run.eval_rows) else run.train_rows
+
+
+def metric_value(run: RunRecord, spec: str) -> float | None:
+    """One number of a run. spec: `KEY` (its last value: val_bpb = the final eval), `min:KEY`, `max:KEY`,
+    `KEY@N` or `KEY@step=N` (its value at step N). None when the run never logged it."""
+    how, key, at_step = parse_metric(spec)
+    rows = logs(run, key)
     steps, values = series(rows, key)
     if at_step is not None:
         return next((v for s, v in zip(steps, values) if s == int(at_step)), None)
@@ -161,21 +181,34 @@ def compare_arm(base: dict[int, float], other: dict[int, float], resamples: int,
     low, high = bootstrap_ci(a, b, paired, resamples, seed)
     p, how = sign_flip_p(b - a, seed) if paired else relabel_p(a, b, seed)
     diff = float(b.mean() - a.mean())
+    # paired: a seed whose difference is 0 flips to itself, so only the others count towards the smallest p
+    floor = smallest_p(int(np.count_nonzero(b - a)), True) if paired else smallest_p(len(a), False, len(b))
     return {"paired": paired, "n": (len(a), len(b)), "diff": diff, "ci": (low, high), "p": p, "how": how,
-            "verdict": verdict(diff, low, high)}
+            "verdict": verdict(diff, low, high, p, floor)}
 
 
-def verdict(diff: float, low: float, high: float) -> str:
+def verdict(diff: float, low: float, high: float, p: float, floor: float) -> str:
+    """In words. A difference is called only when both say so: the interval excludes 0 and p ≤ ALPHA (with few
+    seeds a percentile bootstrap is narrow, so the interval alone would call seed noise a difference)."""
     if low == high == 0.0:
         return "no difference: identical in every resample"
     if low <= 0.0 <= high:
         return f"no difference detected: the {CONFIDENCE:.0%} interval covers 0"
-    return f"{'higher' if diff > 0 else 'lower'} by {abs(diff):.4g} ({CONFIDENCE:.0%} interval excludes 0)"
+    direction = f"{'higher' if diff > 0 else 'lower'} by {abs(diff):.4g}"
+    if p <= ALPHA:
+        return f"{direction} (p {p:.3g} ≤ {ALPHA:.2g}, {CONFIDENCE:.0%} interval excludes 0)"
+    if floor > ALPHA:
+        return (f"too few seeds to tell: {direction} and the interval excludes 0, but these seeds cannot give "
+                f"p ≤ {ALPHA:.2g} (the smallest possible is {floor:.3g}) — run more seeds")
+    return f"no difference detected: p {p:.3g} > {ALPHA:.2g} (the interval excludes 0, but with few seeds it is narrow)"
 
 
 def smallest_p(n: int, paired: bool, m: int = 0) -> float:
-    """The smallest two-sided p an exact permutation test on these sample sizes can give."""
-    return 2 / 2**n if paired else 2 / math.comb(n + m, n) if n == m else 1 / math.comb(n + m, n)
+    """The smallest two-sided p an exact permutation test on these sample sizes can give (paired: n non-zero
+    differences, and none at all gives 1; unpaired: n and m runs)."""
+    if paired:
+        return 2 / 2**n if n else 1.0
+    return 2 / math.comb(n + m, n) if n == m else 1 / math.comb(n + m, n)
 
 
 # ----------------------------------------------------------------------------- config diff
@@ -376,6 +409,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args, specs: list[str], arms: dict[str, list[RunRecord]]):
+    """Before anything is printed or written: each --metric well formed and logged by some run (a typo would
+    otherwise read as "0 of n finished"), --resamples at least 1, --out-dir not a file."""
+    runs = [run for arm_runs in arms.values() for run in arm_runs]
+    for spec in specs:
+        key = parse_metric(spec)[1]
+        if spec != "val_bpb" and not any(key in row for run in runs for row in run.eval_rows + run.train_rows):
+            raise UserError(f"--metric {spec}: no run logged {key!r} (in metrics.jsonl)")
+    if args.resamples < 1:
+        raise UserError(f"--resamples {args.resamples}: must be at least 1")
+    if args.out_dir is not None and args.out_dir.exists() and not args.out_dir.is_dir():
+        raise UserError(f"--out-dir {args.out_dir}: exists and is not a directory")
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     arms = {arm: runs for arm, runs in load_runs(args.paths).items() if runs}
@@ -387,8 +434,7 @@ def main(argv: list[str]) -> int:
         arms = {args.baseline: arms[args.baseline], **{a: r for a, r in arms.items() if a != args.baseline}}
     baseline = next(iter(arms))
     specs = list(dict.fromkeys(["val_bpb", *args.metric]))
-    for spec in specs:
-        metric_value(next(iter(arms.values()))[0], spec)  # a malformed --metric fails before anything is written
+    check_args(args, specs, arms)
     out_dir = args.out_dir or (args.paths[0] if len(args.paths) == 1 else Path("."))
     base_config = arms[baseline][0].config
     title = (f"{out_dir.resolve().name}: {len(arms)} arms of {base_config['preset']} ({base_config['precision']}, "

@@ -578,11 +578,31 @@ def print_benchmarks(result: dict):
         print(f"{name} ({numbers['file']}): {shown}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = tyro.cli(EvalConfig, args=argv, prog="eval.py")
-    benchmarks = cfg.task != "perplexity" or bool(cfg.all_tasks)
+def check_flags(cfg: EvalConfig):
+    """One line naming a numeric flag that cannot work, or an --out that cannot be written — before any loading,
+    so a bad flag costs no scoring and never turns into a wrong number (e.g. no batches: every log-probability 0)."""
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch-size {cfg.batch_size}: must be at least 1")
+    for flag, value in (("--max-examples", cfg.max_examples), ("--max-tokens", cfg.max_tokens),
+                        ("--context", cfg.context), ("--stride", cfg.stride)):
+        if value < 0:
+            raise UserError(f"{flag} {value}: must be 0 (the default: all / automatic) or positive")
+    if cfg.max_tokens == 1:  # score_windows needs one token to predict from and one to predict
+        raise UserError("--max-tokens 1: at least 2 tokens are needed (one to predict from, one to predict)")
+    if cfg.context and cfg.stride > cfg.context:
+        raise UserError(f"--stride {cfg.stride} must be between 1 and --context {cfg.context}")
     if cfg.file is not None and cfg.task == "perplexity":
         raise UserError("--file is a benchmark's file: pass --task hellaswag|lambada|wikitext with it (or --text FILE)")
+    out = cfg.json_out
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        problem = "is a directory" if out.is_dir() else f"its directory {out.parent} does not exist"
+        raise UserError(f"--out {out}: {problem} — pass a file path in an existing directory")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = tyro.cli(EvalConfig, args=argv, prog="eval.py")
+    check_flags(cfg)
+    benchmarks = cfg.task != "perplexity" or bool(cfg.all_tasks)
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
     use_cuda = device.type == "cuda"
@@ -600,7 +620,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{result['source']}: {result['tokens_scored']:,} tokens scored | loss {result['loss']:.4f} nats/token | "
                   f"perplexity {result['perplexity']:.3f} | {result['bits_per_byte']:.4f} bits/byte")
         if cfg.json_out is not None:
-            cfg.json_out.write_text(json.dumps(result, indent=2))
+            from data import write_json_atomic
+
+            write_json_atomic(cfg.json_out, result)  # a reader never sees half a results file
     return result
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+import rundir
 from errors import UserError, run_cli
 from model import GPT, GPTConfig
 
@@ -155,27 +156,39 @@ def export_hf(source: "GPT | Path", out_dir: Path, data_dir: Path | None = None)
         source, state = load_gust(Path(source))
         data_dir = data_dir or Path(state["config"]["data"]["dir"])
     out_dir = Path(out_dir)
+    refuse_run_dir(out_dir)
+    tokenizer_files = find_tokenizer_files(data_dir) if data_dir else None  # a bad data dir is refused before mkdir
     out_dir.mkdir(parents=True, exist_ok=True)
-    eot_id = write_tokenizer_files(data_dir, out_dir, source.config.block_size) if data_dir else None
+    eot_id = write_tokenizer_files(tokenizer_files, out_dir, source.config.block_size) if data_dir else None
     save_file(to_hf_state(source), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(hf_config(source.config, eot_id), indent=2))
     return out_dir
 
 
-def write_tokenizer_files(data_dir: Path, out_dir: Path, block_size: int) -> int:
-    """Copy the data dir's tokenizer in HF's layout (vocab.json + merges.txt, or tokenizer.json); returns <|endoftext|>'s id."""
+def find_tokenizer_files(data_dir: Path) -> tuple[dict, dict[str, Path]]:
+    """The data dir's meta.json and {name in HF's layout: file to copy}; a one-line error if any is missing."""
     from data import read_meta
-    from tokenizer import EOT, find_gpt2_files
+    from tokenizer import find_gpt2_files
 
     meta = read_meta(data_dir)
     if meta["tokenizer"]["kind"] == "bpe":
-        shutil.copyfile(Path(data_dir) / "tokenizer.json", out_dir / "tokenizer.json")
-        tokenizer_class = "PreTrainedTokenizerFast"  # reads tokenizer.json as it is
-    else:
-        vocab, merges = find_gpt2_files(Path(meta["tokenizer"]["vocab_dir"]))
-        shutil.copyfile(vocab, out_dir / "vocab.json")
-        shutil.copyfile(merges, out_dir / "merges.txt")
-        tokenizer_class = "GPT2Tokenizer"
+        tokenizer_json = Path(data_dir) / "tokenizer.json"
+        if not tokenizer_json.is_file():
+            raise UserError(f"{tokenizer_json}: missing — prepare the data again with `python data.py prepare`")
+        return meta, {"tokenizer.json": tokenizer_json}
+    vocab, merges = find_gpt2_files(Path(meta["tokenizer"]["vocab_dir"]))
+    return meta, {"vocab.json": vocab, "merges.txt": merges}
+
+
+def write_tokenizer_files(tokenizer_files: tuple[dict, dict[str, Path]], out_dir: Path, block_size: int) -> int:
+    """Copy find_tokenizer_files' files into out_dir with HF's tokenizer_config.json; returns <|endoftext|>'s id."""
+    from tokenizer import EOT
+
+    meta, files = tokenizer_files
+    for name, source in files.items():
+        shutil.copyfile(source, out_dir / name)
+    # PreTrainedTokenizerFast reads tokenizer.json as it is; GPT2Tokenizer reads vocab.json + merges.txt
+    tokenizer_class = "PreTrainedTokenizerFast" if "tokenizer.json" in files else "GPT2Tokenizer"
     tokenizer_config = {"tokenizer_class": tokenizer_class, "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
                         "add_prefix_space": False, "model_max_length": block_size}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
@@ -203,24 +216,45 @@ class ImportArgs:
     hf_dir: Path
     """Directory holding config.json and model.safetensors or pytorch_model.bin."""
     out: Path
-    """Run directory to create; the checkpoint goes to OUT/checkpoints/step-0000000."""
+    """Run directory to create (missing or empty); the checkpoint goes to OUT/checkpoints/step-0000000."""
     data_dir: Path = Path("data/openwebtext")
     """Prepared data dir recorded as the run's --data.dir (its tokenizer is what sample.py and eval.py use)."""
 
 
+def refuse_run_dir(out: Path):
+    """export's check: out must not be a file or a gust run directory (export would replace the run's config.json)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a directory — choose a new --out")
+    held = [name for name in ("metrics.jsonl", "checkpoints") if (out / name).exists()]
+    if held:  # an earlier export's files may be replaced by a new one; a run's may not
+        raise UserError(f"--out {out}: holds a gust run ({', '.join(held)}) — export into a directory of its own")
+
+
+def refuse_occupied(out: Path):
+    """import's check: out must be missing or empty (but for a lock file): import makes a new run only."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a directory — choose a new --out")
+    held = sorted(path.name for path in out.iterdir() if path.name != rundir.LOCK) if out.is_dir() else []
+    if held:
+        raise UserError(f"--out {out}: not empty (holds {', '.join(held[:3])}{', …' if len(held) > 3 else ''}) — "
+                        "import writes a new run: choose a new or empty --out")
+
+
 def import_to_run(args: ImportArgs) -> Path:
-    """import_hf, then checkpoint.save with a TrainConfig describing the imported shape."""
+    """import_hf, then, holding the run directory's lock, config.json and checkpoint.save with a TrainConfig
+    describing the imported shape. Refuses a directory that holds anything (it would become a run's)."""
     import checkpoint
     from configs import DataConfig, TrainConfig, to_json
+    from data import write_json_atomic
 
-    if checkpoint.all_checkpoints(args.out):
-        raise UserError(f"{args.out}: already holds checkpoints — choose a new --out")
-    model = import_hf(args.hf_dir)
+    refuse_occupied(args.out)
+    model = import_hf(args.hf_dir)  # reads and checks every input before the directory is created or locked
     cfg = TrainConfig(preset="hf-import", model=model.config, data=DataConfig(dir=args.data_dir), out_dir=args.out)
     state = {"model": model.state_dict(), "config": to_json(cfg), "step": 0, "source": str(args.hf_dir)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "config.json").write_text(json.dumps(to_json(cfg), indent=2))
-    return checkpoint.save(args.out, 0, state, keep=True, keep_last=0)
+    with rundir.holding(args.out):  # one writer, as train.py: a run started meanwhile holds it or sees ours
+        refuse_occupied(args.out)  # again under the lock: another writer may have filled it since the first look
+        write_json_atomic(args.out / "config.json", to_json(cfg))
+        return checkpoint.save(args.out, 0, state, keep=True, keep_last=0)
 
 
 def main(argv: list[str] | None = None):

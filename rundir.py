@@ -28,7 +28,10 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 def lock(run_dir: Path):
     """Hold run_dir's lock until this process exits (the returned file must stay open), or a one-line UserError
     naming the live holder. Creates run_dir if needed; writes nothing else, and nothing when refusing."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # it, or a directory above it, is a file
+        raise UserError(f"{run_dir}: not a directory (a file is in the way) — choose another --out-dir") from None
     file = open(run_dir / LOCK, "a+")  # a+: never truncates a live holder's text before we know we hold the lock
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)

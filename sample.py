@@ -3,6 +3,7 @@
 The same --seed prints the same text: every random draw comes from one torch.Generator.
 Not in here: loading weights from Hugging Face (hf_bridge.py), scoring text (eval.py).
 """
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -11,7 +12,7 @@ import torch
 
 from checkpoint import find_checkpoint, load_gust
 from distributed import pick_device
-from errors import run_cli
+from errors import UserError, run_cli
 
 
 @dataclass
@@ -40,11 +41,24 @@ class SampleConfig:
     """auto: cuda when available, else cpu."""
 
 
+def check_flags(cfg: SampleConfig):
+    """One line naming a sampling flag that cannot work, before any checkpoint is loaded."""
+    if cfg.num_samples < 1:
+        raise UserError(f"--num-samples {cfg.num_samples}: must be at least 1")
+    if cfg.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {cfg.max_new_tokens}: must be at least 1")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature > 0):  # the logits are divided by it
+        raise UserError(f"--temperature {cfg.temperature}: must be a positive number (1 leaves the logits as they are)")
+    if cfg.top_k is not None and cfg.top_k < 1:  # torch.topk of k < 1 leaves nothing to sample from
+        raise UserError(f"--top-k {cfg.top_k}: must be at least 1 (or None: all tokens)")
+
+
 def sample(cfg: SampleConfig) -> list[str]:
     """num_samples continuations of the prompt (prompt included), drawn one after another from one generator."""
     from data import load_tokenizer
     from tokenizer import EOT
 
+    check_flags(cfg)
     model, state = load_gust(find_checkpoint(cfg.checkpoint, cfg.run_dir))
     tokenizer = load_tokenizer(cfg.data_dir or Path(state["config"]["data"]["dir"]))
     device = pick_device(cfg.device)

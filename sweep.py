@@ -48,7 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="an arm and its train.py overrides; repeat for each arm; the first is the baseline")
     parser.add_argument("--name", help="sweep directory name under --runs-dir (default: <base>-sweep)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where the sweep directory goes")
-    parser.add_argument("--parallel", type=int, default=0, help="runs at once (default: CPU cores // --threads)")
+    parser.add_argument("--parallel", type=int, help="runs at once (default: CPU cores // --threads)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--emit", action="store_true", help="print one shell command per run and exit")
     parser.add_argument("--launcher", help="what starts train.py (default: this Python), "
@@ -57,6 +57,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(own)
     args.common = common
     return args
+
+
+def check_flags(args) -> None:
+    """Refuse flags that cannot work before anything is written: a bad flag must not touch an existing sweep."""
+    if args.parallel is not None and args.parallel < 1:  # 0 or less would start nothing and wait forever
+        raise UserError(f"--parallel {args.parallel}: give at least 1 (or leave it out: CPU cores // --threads)")
+    if args.threads < 1:
+        raise UserError(f"--threads {args.threads}: each run needs at least 1 thread")
+    negative = [seed for seed in args.seeds if seed < 0]
+    if negative:  # numpy's default_rng([seed, ...]), which orders the batches, takes no negative seed
+        raise UserError(f"--seeds {' '.join(map(str, args.seeds))}: {negative[0]} is negative; seeds are 0 or more")
+    if args.launcher is not None and not split_words(args.launcher, f"--launcher {args.launcher!r}"):
+        raise UserError(f"--launcher {args.launcher!r}: names no program (leave it out to use this Python)")
+    for spec in args.metric:
+        compare.parse_metric(spec)  # compare.py's own parser: a bad spec fails now, not after every run
+
+
+def split_words(text: str, culprit: str) -> list[str]:
+    """text as shell words; an unclosed quote is one line naming the culprit (`--arm 'a=--x "y'`), not a traceback."""
+    try:
+        return shlex.split(text)
+    except ValueError as err:  # shlex: "No closing quotation" / "No escaped character"
+        raise UserError(f"{culprit}: {str(err).lower()} — close the quote or escape it") from None
 
 
 def parse_arms(specs: list[str]) -> dict[str, list[str]]:
@@ -68,7 +91,7 @@ def parse_arms(specs: list[str]) -> dict[str, list[str]]:
             raise UserError(f"--arm {spec!r}: the name before '=' must be a plain word (it names run directories)")
         if name in arms:
             raise UserError(f"--arm {name}: named twice")
-        arms[name] = shlex.split(flags)
+        arms[name] = split_words(flags, f"--arm {spec!r}")
     return arms
 
 
@@ -114,7 +137,14 @@ def check_config(run: Run, expected: dict) -> None:
     path = run.run_dir / "config.json"
     if not path.is_file():
         return
-    found = json.loads(path.read_text())
+    try:
+        found = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # a half-written or foreign file: the user's to clear
+        raise UserError(f"{path}: not a JSON config ({err}) — delete {run.run_dir} "
+                        f"or choose another --name") from None
+    if not isinstance(found, dict):
+        raise UserError(f"{path}: holds a JSON {type(found).__name__}, not a config — delete {run.run_dir} "
+                        f"or choose another --name")
     diff = {k: v for k, v in differing_keys(expected, found).items() if k not in IGNORED_KEYS}
     if diff:
         key, (want, have) = next(iter(diff.items()))
@@ -142,7 +172,8 @@ def is_finished(run_dir: Path, max_steps: int) -> bool:
 
 
 def command(run: Run, launcher: str | None) -> list[str]:
-    return [*(shlex.split(launcher) if launcher else [sys.executable]), str(ROOT / "train.py"), *run.argv]
+    program = split_words(launcher, f"--launcher {launcher!r}") if launcher else [sys.executable]
+    return [*program, str(ROOT / "train.py"), *run.argv]
 
 
 def run_all(runs: list[Run], max_steps: dict[str, int], parallel: int, threads: int, log_dir: Path,
@@ -188,6 +219,7 @@ def verify_configs(runs: list[Run], expected: dict[str, dict]) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    check_flags(args)
     arms = parse_arms(args.arm)
     base = Path(args.base)
     if args.base.endswith(".json") and not base.is_file():
@@ -205,17 +237,18 @@ def main(argv: list[str]) -> int:
     for run in runs:
         check_config(run, expected[run.name])  # before anything runs: refuse to mix in a stale run
     write_sweep_json(sweep_dir, args, arms)
-    parallel = args.parallel or max(1, (os.cpu_count() or 1) // args.threads)
+    parallel = args.parallel or max(1, (os.cpu_count() or 1) // args.threads)  # check_flags refused values < 1
     print(f"sweep: {len(runs)} runs ({len(arms)} arm(s) × {len(args.seeds)} seed(s)) into {sweep_dir}, "
           f"{parallel} at a time, {args.threads} thread(s) each", flush=True)
     failed = run_all(runs, {run.name: expected[run.name]["max_steps"] for run in runs}, parallel, args.threads,
                      sweep_dir / "logs", args.launcher)
-    verify_configs(runs, expected)
-    compare.main([str(sweep_dir), *(f"--metric={m}" for m in args.metric)])
-    if failed:
-        print(f"sweep: {len(failed)} run(s) failed: {', '.join(run.name for run in failed)}", file=sys.stderr)
-        return 1
-    return 0
+    try:
+        verify_configs(runs, expected)
+        compare.main([str(sweep_dir), *(f"--metric={m}" for m in args.metric)])
+    finally:  # whatever compare says (with every run failed: "no run directories"), say which runs failed
+        if failed:
+            print(f"sweep: {len(failed)} run(s) failed: {', '.join(run.name for run in failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def write_sweep_json(sweep_dir: Path, args, arms: dict[str, list[str]]) -> None:

@@ -415,8 +415,14 @@ def parse_config(argv: list[str]) -> TrainConfig:
             values = json.loads(path.read_text())
         except FileNotFoundError:
             raise UserError(f"{path}: no such config file") from None
+        except IsADirectoryError:
+            raise UserError(f"{path}: a directory, not a config file (a run's is <run dir>/config.json)") from None
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         except json.JSONDecodeError as err:
             raise UserError(f"{path}: not valid JSON ({err})") from None
+        except (ValueError, RecursionError) as err:  # an int of over 4,300 digits; nesting deeper than the stack
+            raise UserError(f"{path}: JSON that Python cannot read ({type(err).__name__}: {str(err)[:100]})") from None
         cfg = tyro.cli(TrainConfig, default=from_json(TrainConfig, values, where=str(path)), args=argv[1:],
                        prog="train.py CONFIG.json")
     else:

@@ -5,6 +5,7 @@ Nothing here runs anything; model.py, data.py and train.py read these values and
 """
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -363,6 +364,8 @@ def check_ranges(cfg) -> None:
         value = cfg
         for part in key.split("."):
             value = getattr(value, part)
+        if isinstance(value, float) and not math.isfinite(value):  # inf would pass "≥ 0"
+            raise UserError(f"{key} (--{key.replace('_', '-')}) = {value}: must be finite")
         if not ok(value):
             raise UserError(f"{key} (--{key.replace('_', '-')}) = {value}: must be {expected}")
     for interval, until in cfg.checkpoint.intervals:

@@ -149,6 +149,7 @@ def test_a_bad_config_file_is_one_line_exit_2_and_the_run_untouched(tmp_path, ca
     (["--max-steps", "-5"], r"max_steps \(--max-steps\) = -5: must be ≥ 0"),
     (["--log-interval", "0"], r"log_interval \(--log-interval\) = 0: must be ≥ 1"),
     (["--optim.beta2", "1.0"], r"optim.beta2 \(--optim.beta2\) = 1.0: must be in \[0, 1\)"),
+    (["--optim.lr", "inf"], r"optim.lr \(--optim.lr\) = inf: must be finite"),  # passed "≥ 0", failed at step 2
     (["--global-batch-size", "12", "--micro-batch-size", "16"], r"--global-batch-size 12 is not divisible by --micro-batch-size 16"),
 ])
 def test_counts_that_make_no_sense_name_the_flag(tmp_path, capsys, flags, message):
@@ -158,6 +159,32 @@ def test_counts_that_make_no_sense_name_the_flag(tmp_path, capsys, flags, messag
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "a directory, not a config file"),
+    (b'\xff\xfe{"max_steps": 1}', "not UTF-8 text"),
+    (b'{"max_steps": ' + b"1" * 5000 + b"}", "JSON that Python cannot read"),
+    (b"[" * 100_000, "JSON that Python cannot read"),
+], ids=["directory", "not utf-8", "5000 digits", "deep"])
+def test_a_config_file_python_cannot_read_is_one_line(tmp_path, capsys, content, message):
+    """Found in review: each of these was a traceback (IsADirectoryError, UnicodeDecodeError, ValueError, ...)."""
+    path = tmp_path / "config.json"
+    path.mkdir() if content is None else path.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, [str(path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and f"config.json: {message}" in err, err
+
+
+def test_an_out_dir_that_is_a_file_is_one_line_and_the_file_untouched(tmp_path, capsys):
+    (tmp_path / "notes").write_text("mine")
+    for out_dir in (tmp_path / "notes", tmp_path / "notes" / "run"):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(train.main, ["shakespeare-quick", "--out-dir", str(out_dir), "--max-steps", "1"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and "not a directory" in err, err
+    assert (tmp_path / "notes").read_text() == "mine"
 
 
 def test_a_model_shape_tyro_refuses_names_the_flag(tmp_path, capsys):

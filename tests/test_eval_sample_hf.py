@@ -2,6 +2,7 @@
 windowing, bytes counted from the source text, a second run, and the plotted lines against the rows written here."""
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import sample
 from conftest import eval_on_two_ranks
 from configs import DataConfig, PrepareConfig, TrainConfig, to_json
 from data import load_tokenizer, prepare
+from errors import UserError
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -340,3 +342,78 @@ def test_plot_leaves_out_the_attention_panel_when_no_run_logged_it(tmp_path, mon
     fig = plotted_figure(monkeypatch, [str(tmp_path / "b"), "--out", str(tmp_path / "b.png")])
     titles = [ax.get_title() for ax in fig.axes if ax.axison]
     assert len(titles) == 5 and all(title in got for (title, *_), got in zip(EXPECTED_PANELS[:5], titles))
+
+
+# ----------------------------------------------------------------------------- bad input: one line, nothing written
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "-1"), ("--batch-size", "0"), ("--max-examples", "-3"),
+                                        ("--max-tokens", "-1"), ("--max-tokens", "1"), ("--context", "-8"),
+                                        ("--stride", "-2")])
+def test_eval_refuses_a_numeric_flag_that_cannot_work_before_loading(tmp_path, flag, value):
+    # the run directory does not exist: a flag checked before loading is the error, not the missing checkpoint
+    with pytest.raises(UserError, match=rf"^{flag} {value}: "):
+        gust_eval.main(["--run-dir", str(tmp_path / "never-trained"), "--task", "lambada", "--file",
+                        str(tmp_path / "lambada_test.jsonl"), flag, value])
+
+
+@pytest.mark.parametrize("out", ["missing/results.json", "."])
+def test_eval_refuses_an_out_it_cannot_write_before_scoring(tmp_path, out):
+    with pytest.raises(UserError, match=r"^--out .*(does not exist|is a directory)"):
+        gust_eval.main(["--run-dir", str(tmp_path / "never-trained"), "--out", str(tmp_path / out)])
+
+
+def test_eval_writes_its_results_file_by_rename(tmp_path, ckpt, text_file, monkeypatch):
+    """A reader (or a killed eval) sees the old results or the new, never half: the file is renamed into place."""
+    out = tmp_path / "results.json"
+    out.write_text('{"old": true}')
+    renamed, os_replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(Path(dst)), os_replace(src, dst)))
+    result = gust_eval.main(["--checkpoint", str(ckpt), "--text", str(text_file), "--device", "cpu", "--out", str(out)])
+    assert renamed == [out] and json.loads(out.read_text()) == result
+    assert [path.name for path in tmp_path.iterdir()] == ["results.json"]  # no temporary file left beside it
+
+
+def test_import_refuses_a_directory_holding_a_run_and_leaves_it_as_it_was(tmp_path):
+    hf_bridge.export_hf(tiny_model(both_fixes=False), tmp_path / "hf")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"preset": "mine"}')
+    (run / "metrics.jsonl").write_text('{"step": 0, "loss": 5.0}\n')
+    with pytest.raises(UserError, match=r"^--out .*not empty"):
+        hf_bridge.main(["import", "--hf-dir", str(tmp_path / "hf"), "--out", str(run)])
+    assert sorted(path.name for path in run.iterdir()) == ["config.json", "metrics.jsonl"]
+    assert (run / "config.json").read_text() == '{"preset": "mine"}'
+
+
+def test_import_takes_the_run_directory_lock(tmp_path):
+    import rundir
+
+    hf_bridge.export_hf(tiny_model(both_fixes=False), tmp_path / "hf")
+    run = tmp_path / "run"
+    held = rundir.lock(run)  # another writer (flock: a second open file conflicts even in this process)
+    try:
+        with pytest.raises(UserError, match=r"in use by"):
+            hf_bridge.main(["import", "--hf-dir", str(tmp_path / "hf"), "--out", str(run)])
+    finally:
+        held.close()
+    assert [path.name for path in run.iterdir()] == [rundir.LOCK]
+    hf_bridge.main(["import", "--hf-dir", str(tmp_path / "hf"), "--out", str(run)])  # lock free: it imports
+    assert checkpoint.latest_complete(run) is not None
+
+
+def test_export_checks_the_data_dir_and_out_before_creating_anything(tmp_path, ckpt):
+    out = tmp_path / "hf"
+    with pytest.raises(UserError, match=r"data directory not found"):
+        hf_bridge.main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--data-dir", str(tmp_path / "none")])
+    assert not out.exists()
+    run = ckpt.parent.parent  # a run directory: export would replace nothing of it
+    with pytest.raises(UserError, match=r"^--out .*holds a gust run"):
+        hf_bridge.main(["export", "--checkpoint", str(ckpt), "--out", str(run)])
+
+
+@pytest.mark.parametrize("flag,value", [("--top-k", "0"), ("--top-k", "-3"), ("--temperature", "0"),
+                                        ("--temperature", "-0.5"), ("--max-new-tokens", "0"),
+                                        ("--max-new-tokens", "-1"), ("--num-samples", "0")])
+def test_sample_refuses_a_flag_that_cannot_work_before_loading(tmp_path, flag, value):
+    with pytest.raises(UserError, match=rf"^{flag} {value}"):
+        sample.main(["--run-dir", str(tmp_path / "never-trained"), flag, value])

@@ -186,3 +186,53 @@ def test_tiny_sweep_end_to_end(tiny_data, tmp_path, capsys):
         sweep.main([*argv[:-4], "--arm", "hot=--optim.lr 0.02", "--parallel", "2"])
     emitted = [line for line in (sweep.main([*argv, "--emit"]), capsys.readouterr().out)[1].splitlines() if line]
     assert len(emitted) == 6 and all("--resume auto" in line and "--out-dir" in line for line in emitted)
+
+
+# ----------------------------------------------------------------------------- bad input: one line, nothing written
+
+def no_training(monkeypatch):
+    """sweep.run_all replaced by one that fails the test: these checks must stop the sweep before any run starts."""
+    def run_all(*args, **kwargs):
+        raise AssertionError("sweep.run_all reached: the bad input was not refused up front")
+    monkeypatch.setattr(sweep, "run_all", run_all)
+
+
+@pytest.mark.parametrize("flags, culprit", [(["--parallel", "-1"], "--parallel -1"),
+                                            (["--parallel", "0"], "--parallel 0"),
+                                            (["--threads", "0"], "--threads 0"),
+                                            (["--seeds", "-1"], "--seeds -1"),
+                                            (["--metric", "bad::x"], "--metric 'bad::x'"),
+                                            (["--launcher", "torchrun 'x"], "--launcher \"torchrun 'x\""),
+                                            (["--arm", 'a=--optim.lr "0.01'], "--arm 'a=--optim.lr \"0.01'")])
+def test_bad_flags_refused_before_anything_is_written(flags, culprit, tmp_path, monkeypatch):
+    no_training(monkeypatch)
+    sweep_dir = tmp_path / "runs" / "demo"
+    sweep_dir.mkdir(parents=True)
+    record = '{"an existing sweep": "its record must survive a bad flag"}\n'
+    (sweep_dir / "sweep.json").write_text(record)
+    with pytest.raises(UserError) as refused:
+        sweep.main(["shakespeare-quick", "--runs-dir", str(tmp_path / "runs"), "--name", "demo", "--seeds", "1",
+                    *flags])
+    assert str(refused.value).startswith(f"{culprit}: ") and "\n" not in str(refused.value)
+    assert (sweep_dir / "sweep.json").read_text() == record and [p.name for p in sweep_dir.iterdir()] == ["sweep.json"]
+
+
+def test_malformed_config_json_is_one_line(tmp_path, monkeypatch):
+    no_training(monkeypatch)
+    run_dir = tmp_path / "runs" / "demo" / "base-seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text('{"seed": 1,')  # cut off mid-write
+    with pytest.raises(UserError, match=r"base-seed1/config\.json: not a JSON config"):
+        sweep.main(["shakespeare-quick", "--runs-dir", str(tmp_path / "runs"), "--name", "demo", "--seeds", "1"])
+    assert not (run_dir.parent / "sweep.json").exists()
+
+
+def test_all_runs_failed_still_says_so(tmp_path, monkeypatch, capsys):
+    # every run fails before writing its config.json: compare.py finds no run directories, the summary still prints
+    monkeypatch.setattr(sweep, "run_all", lambda runs, *args: list(runs))
+    with pytest.raises(SystemExit) as exited:
+        sweep.run_cli(sweep.main, ["shakespeare-quick", "--runs-dir", str(tmp_path / "runs"), "--name", "demo",
+                                   "--seeds", "1", "2", "--parallel", "1"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "sweep: 2 run(s) failed: base-seed1, base-seed2" in err and "no run directories" in err
