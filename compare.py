@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data import write_atomic
 from errors import UserError, run_cli
 from plot import read_metrics, series
 
@@ -392,7 +393,7 @@ def write_report(out_dir: Path, title: str, table: list[str], diff: list[str], p
         lines += [f"![curves]({picture.name})", ""]
     lines += table + ["", "```", *diff, "```", ""] + [f"- {note}" for note in notes]
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    write_atomic(path, "\n".join(lines).rstrip() + "\n")  # a rerun over an old report leaves one or the other
     return path
 
 

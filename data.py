@@ -551,11 +551,12 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, value: dict):
-    """Write, fsync, rename over, fsync the directory: a reader sees the old file or the new one, never half."""
+def write_atomic(path: Path, text: str):
+    """Write NAME.tmp, fsync, rename over, fsync the directory: a reader sees the old file or the new one, never
+    half (a killed write leaves NAME.tmp, which the next write replaces). The one atomic text write of gust."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        f.write(json.dumps(value, indent=2))
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -564,6 +565,10 @@ def write_json_atomic(path: Path, value: dict):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_json_atomic(path: Path, value: dict):
+    write_atomic(path, json.dumps(value, indent=2))
 
 
 # ----------------------------------------------------------------------------- batches

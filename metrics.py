@@ -13,10 +13,9 @@ import torch
 import torch.distributed as dist
 
 from configs import TrainConfig, to_json
-from data import TokenSplit
+from data import TokenSplit, write_atomic
 from distributed import Dist
 from model import GPT
-from resume import write_atomic
 
 PEAK_FLOPS = {  # device-name fragment: dense FLOP/s for (bf16/fp16 tensor cores, TF32 tensor cores, plain fp32)
     "H100": (989e12, 495e12, 67e12), "H200": (989e12, 495e12, 67e12), "A100": (312e12, 156e12, 19.5e12),

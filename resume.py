@@ -7,7 +7,6 @@ directories on disk — their atomic writes, the manifest, which steps are kept 
 between distributed layouts (distributed.py).
 """
 import json
-import os
 import random
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import checkpoint
 import rundir
 from configs import TrainConfig, changes_that_need_override, config_changes, to_json
 from cpu_fp16 import fp16_products
-from data import TokenSplit
+from data import TokenSplit, write_atomic
 from distributed import Dist, full_state, load_full_state
 from errors import UserError
 
@@ -76,16 +75,6 @@ def provenance(rt: Dist, cfg: TrainConfig) -> dict:
             "torch": str(torch.__version__), "numpy": np.__version__, "tokenizers": tokenizers.__version__,
             "python": sys.version.split()[0], "device": device_name, "world_size": rt.world_size,
             "fp16_products": fp16_products(cfg.precision, rt.device, cfg.compile)}  # which fp16 bits, see cpu_fp16
-
-
-def write_atomic(path: Path, text: str):
-    """path holds the old text or the new, never half of one (a killed write leaves NAME.tmp, removed at the next start)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- checkpoints in and out

@@ -69,7 +69,7 @@ def holding(run_dir: Path):
 def remove_leftovers(run_dir: Path) -> list[Path]:
     """Delete the temporary files and directories of killed writers; only call with the lock held (a live writer's
     temporary checkpoint would otherwise go with them). Returns what was removed."""
-    # resume.write_atomic's text writes go through NAME.tmp; checkpoint.save through checkpoints/.tmp-step-...
+    # data.write_atomic's text writes go through NAME.tmp; checkpoint.save through checkpoints/.tmp-step-...
     removed = sorted(run_dir.glob("*.tmp")) + sorted((run_dir / "checkpoints").glob(checkpoint.TMP_PREFIX + "*"))
     for path in removed:
         shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import compare
+from data import write_atomic
 from errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parent
@@ -256,7 +257,7 @@ def write_sweep_json(sweep_dir: Path, args, arms: dict[str, list[str]]) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     record = {"base": str(args.base), "seeds": args.seeds, "common": args.common,
               "arms": [{"name": name, "overrides": overrides} for name, overrides in arms.items()]}
-    (sweep_dir / "sweep.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_atomic(sweep_dir / "sweep.json", json.dumps(record, indent=2) + "\n")  # the sweep's record: never half
 
 
 if __name__ == "__main__":

@@ -28,13 +28,15 @@ def assert_same_weights(a, b):
         assert torch.equal(a["model"][name], b["model"][name]), name
 
 
-def launch(cfg, tmp_path, env=None, torchrun=False, pause=None):
+def launch(cfg, tmp_path, env=None, torchrun=False, pause=None, slow=None):
     """train.py in a subprocess, from a config file; returns the Popen.
-    pause: (point, step, marker) runs it through tests/pause_in_save.py, which stops inside that save."""
+    pause: (point, step, marker) runs it through tests/pause_in_save.py, which stops inside that save;
+    slow: seconds of sleep after each logged step (tests/slow_steps.py)."""
     path = tmp_path / f"{cfg.out_dir.name}-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(to_json(cfg)))
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [sys.executable]
-    script = ["tests/pause_in_save.py", *map(str, pause)] if pause else ["train.py"]
+    script = (["tests/pause_in_save.py", *map(str, pause)] if pause else ["tests/slow_steps.py", str(slow)] if slow
+              else ["train.py"])
     return subprocess.Popen([*prefix, *script, str(path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "WANDB_MODE": "disabled", **(env or {})},
                             start_new_session=torchrun)
@@ -149,7 +151,7 @@ def test_disk_full_during_a_save_names_it_cleans_up_and_resumes_bitwise(referenc
 def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_bitwise(reference, tmp_path):
     cfg, expected = reference
     run = replace(cfg, out_dir=tmp_path / "term", checkpoint=replace(cfg.checkpoint, every=100))
-    proc = launch(run, tmp_path)
+    proc = launch(run, tmp_path, slow=0.2)  # unslowed, its 12 steps could end before the signal (seen here)
     wait_for(lambda: logged_step(run.out_dir) >= 4, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
