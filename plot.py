@@ -92,6 +92,13 @@ def plot(run_dirs, out: Path, x: str = "step", only: tuple[str, ...] = ()) -> Pa
         raise UserError("plot.py needs matplotlib — pip install matplotlib") from None
     if not run_dirs:
         raise UserError("name at least one run directory: python plot.py runs/a [runs/b ...] --out plot.png")
+    kinds = plt.figure().canvas.get_supported_filetypes()  # matplotlib picks the format by the extension
+    plt.close("all")
+    if out.suffix[1:].lower() not in kinds:  # none: it would write OUT.png and say OUT; another: a traceback
+        raise UserError(f"--out {out}: name the picture with its file type, one of "
+                        f"{', '.join('.' + kind for kind in ('png', 'pdf', 'svg') if kind in kinds)}, ...")
+    if out.is_dir() or not out.parent.is_dir():
+        raise UserError(f"--out {out}: " + ("is a directory" if out.is_dir() else f"{out.parent} does not exist"))
     metrics = {str(run): read_metrics(run) for run in run_dirs}
     unknown = set(only) - {p[0] for p in PANELS}
     if unknown:

@@ -336,6 +336,19 @@ def test_plot_draws_every_panel_with_every_runs_data(tmp_path, monkeypatch):
         assert drawn == expected, title
 
 
+@pytest.mark.parametrize("out, message", [("curves", "name the picture with its file type"),
+                                          ("curves.xyz", "name the picture with its file type"),
+                                          ("missing/curves.png", "does not exist")])
+def test_plot_refuses_an_out_it_cannot_write_as_named(tmp_path, out, message):
+    """Found in review: `--out curves` wrote curves.png and printed "wrote curves"; an unknown type was a traceback."""
+    pytest.importorskip("matplotlib")
+    from plot import plot
+
+    with pytest.raises(UserError, match=f"--out .*{message}"):
+        plot([tmp_path], tmp_path / out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_plot_leaves_out_the_attention_panel_when_no_run_logged_it(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     write_metrics(tmp_path / "b", False, 0.0)
