@@ -145,7 +145,7 @@ def export_hf(source: "GPT | Path", out_dir: Path, data_dir: Path | None = None)
 
     source is a GPT or a checkpoint directory; a checkpoint's own data dir is used when data_dir is None.
     """
-    from checkpoint import load_gust
+    from checkpoint import find_checkpoint, load_gust
 
     try:
         from safetensors.torch import save_file
@@ -153,12 +153,15 @@ def export_hf(source: "GPT | Path", out_dir: Path, data_dir: Path | None = None)
         raise UserError("export needs the safetensors package (the format Hugging Face loads) — "
                         "pip install safetensors") from None
     if not isinstance(source, GPT):
-        source, state = load_gust(Path(source))
+        source, state = load_gust(find_checkpoint(Path(source), None))  # a run directory: one line saying so
         data_dir = data_dir or Path(state["config"]["data"]["dir"])
     out_dir = Path(out_dir)
     refuse_run_dir(out_dir)
     tokenizer_files = find_tokenizer_files(data_dir) if data_dir else None  # a bad data dir is refused before mkdir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a directory above it is a file
+        raise UserError(f"--out {out_dir}: a file is in the way — choose another --out") from None
     eot_id = write_tokenizer_files(tokenizer_files, out_dir, source.config.block_size) if data_dir else None
     save_file(to_hf_state(source), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(hf_config(source.config, eot_id), indent=2))

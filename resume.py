@@ -113,6 +113,9 @@ def resume_point(cfg: TrainConfig, run_dir: Path) -> Path | None:
     path = Path(cfg.resume)
     if not path.is_dir():
         raise UserError(f"--resume {path}: no such checkpoint directory")
+    if not (path / checkpoint.MANIFEST).is_file() and (path / "checkpoints").is_dir():
+        raise UserError(f"--resume {path}: a run directory, not a checkpoint — pass --resume auto (with --out-dir "
+                        f"{path}) or one of {path / 'checkpoints'}/step-*")
     return path
 
 

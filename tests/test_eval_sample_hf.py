@@ -422,6 +422,12 @@ def test_export_checks_the_data_dir_and_out_before_creating_anything(tmp_path, c
     run = ckpt.parent.parent  # a run directory: export would replace nothing of it
     with pytest.raises(UserError, match=r"^--out .*holds a gust run"):
         hf_bridge.main(["export", "--checkpoint", str(ckpt), "--out", str(run)])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match=r"^--out .*a_file/hf: a file is in the way"):  # was NotADirectoryError
+        hf_bridge.main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a_file" / "hf")])
+    with pytest.raises(UserError, match=r"a run directory, not a checkpoint"):  # was "no MANIFEST.json"
+        hf_bridge.main(["export", "--checkpoint", str(run), "--out", str(out)])
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("flag,value", [("--top-k", "0"), ("--top-k", "-3"), ("--temperature", "0"),

@@ -36,6 +36,14 @@ def test_every_checkpoint_broken_stops_and_loses_nothing(finished_run):
     assert snapshot(finished_run.out_dir) == before  # metrics.jsonl keeps its rows; no broken-… renames
 
 
+def test_resume_naming_a_run_directory_says_so(finished_run):
+    """Found in review: it read the run directory as a checkpoint and said "no MANIFEST.json (incomplete write)"."""
+    before = snapshot(finished_run.out_dir)
+    with pytest.raises(UserError, match=r"--resume .*run: a run directory, not a checkpoint — pass --resume auto"):
+        train(replace(finished_run, resume=str(finished_run.out_dir), max_steps=8))
+    assert snapshot(finished_run.out_dir) == before
+
+
 @pytest.mark.parametrize("field, value, shown", [
     ("seed", 22, "seed 21 → 22"),
     ("global_batch_size", 16, "global_batch_size 8 → 16"),
