@@ -103,7 +103,8 @@ class PrepareConfig:
     split_seed: int = 1337
     """Seed of the document-level train/val split."""
     shard_tokens: int = 100_000_000
-    """Tokens per shard file (closed at the next document boundary); the unit a killed prepare resumes from."""
+    """Tokens per shard file (closed at the next document boundary); the unit a killed prepare resumes from. Keep
+    shards to thousands, not more: each one closed rewrites prepare-state.json, which lists them all."""
     batch_documents: int = 256
     """At most this many documents per tokenizer call (the tokenizer encodes a batch in parallel)."""
     batch_bytes: int = 4 << 20
