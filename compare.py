@@ -11,7 +11,6 @@ numpy only. Not in here: running anything (sweep.py, train.py).
 """
 import argparse
 import itertools
-import json
 import math
 import re
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from data import write_atomic
-from errors import UserError, run_cli
+from errors import UserError, read_json, run_cli
 from plot import read_metrics, series
 
 CONFIDENCE = 0.95
@@ -45,13 +44,6 @@ class RunRecord:
     @property
     def finished(self) -> bool:
         return any(row["step"] == self.config["max_steps"] for row in self.eval_rows)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
 
 
 def load_run(run_dir: Path, arm: str) -> RunRecord:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # imported where batches are made: prepare never needs torch 
     import torch
 
 from data_sources import corpus_files, document_name, file_batches, read_documents  # noqa: F401  (eval.py's)
-from errors import UserError
+from errors import UserError, read_json
 from tokenizer import EOT, document_ids, find_gpt2_files, gpt2_encoder, gpt2_tokenizer, tokenizers_encoder, train_bpe
 
 META_FORMAT = 2  # 2: shards, max_token_id, fingerprints, args; format 1 (one .bin per split) still loads
@@ -581,10 +581,7 @@ def read_meta(data_dir: Path) -> dict:
     if not path.is_file():
         hint = " (a prepare was interrupted: re-run it to continue)" if (Path(data_dir) / STATE_FILE).is_file() else ""
         raise UserError(f"{path}: sidecar missing{hint} — prepare the data with `python data.py prepare`")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err}) — prepare the data again") from None
+    return read_json(path, fix="prepare the data again")
 
 
 def split_info(meta: dict, split: str, meta_path: Path) -> dict:

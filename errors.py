@@ -4,6 +4,7 @@ Raise `UserError` (or a subclass) where the user's input is wrong — a file, a 
 that names the culprit and the fix. Wrap an entry point's main in `run_cli`. Everything else (a genuine bug,
 out-of-memory, an NCCL failure) is left to Python, so its full stack is printed. Not in here: any recovery.
 """
+import json
 import sys
 
 
@@ -19,3 +20,20 @@ def run_cli(main, *args, **kwargs):
     except UserError as err:
         print(f"gust: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def read_json(path, fix: str = ""):
+    """The JSON value of a file the user gave, or one UserError line naming it: not UTF-8, not JSON, or JSON Python
+    cannot read (an int of over 4,300 digits, nesting deeper than its stack). fix, if given, is appended as what
+    to do. A missing file or a directory is the caller's to name (each says what it expected there)."""
+    tail = f" — {fix}" if fix else ""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}){tail}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err}){tail}") from None
+    except (ValueError, RecursionError) as err:
+        raise UserError(f"{path}: JSON that Python cannot read ({type(err).__name__}: {str(err)[:100]}){tail}") from None

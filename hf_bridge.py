@@ -224,10 +224,14 @@ class ImportArgs:
     """Prepared data dir recorded as the run's --data.dir (its tokenizer is what sample.py and eval.py use)."""
 
 
-def refuse_run_dir(out: Path):
-    """export's check: out must not be a file or a gust run directory (export would replace the run's config.json)."""
+def refuse_a_file(out: Path):
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a directory — choose a new --out")
+
+
+def refuse_run_dir(out: Path):
+    """export's check: out must not be a file or a gust run directory (export would replace the run's config.json)."""
+    refuse_a_file(out)
     held = [name for name in ("metrics.jsonl", "checkpoints") if (out / name).exists()]
     if held:  # an earlier export's files may be replaced by a new one; a run's may not
         raise UserError(f"--out {out}: holds a gust run ({', '.join(held)}) — export into a directory of its own")
@@ -235,8 +239,7 @@ def refuse_run_dir(out: Path):
 
 def refuse_occupied(out: Path):
     """import's check: out must be missing or empty (but for a lock file): import makes a new run only."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file, not a directory — choose a new --out")
+    refuse_a_file(out)
     held = sorted(path.name for path in out.iterdir() if path.name != rundir.LOCK) if out.is_dir() else []
     if held:
         raise UserError(f"--out {out}: not empty (holds {', '.join(held[:3])}{', …' if len(held) > 3 else ''}) — "

@@ -9,8 +9,7 @@ import os
 
 PARENT_AT_START = os.getppid()  # read before the slow imports: under torchrun, the agent (rundir.die_with_parent)
 
-import json  # noqa: E402 (the line above must come first)
-import math
+import math  # noqa: E402 (the line above must come first)
 import signal
 import sys
 import time
@@ -27,7 +26,7 @@ from configs import PRESETS, TrainConfig, check_ranges, from_json
 from cpu_fp16 import emulated_bf16_warning, fp16_matmuls
 from data import TokenSplit, rank_rows
 from distributed import Dist, agree_on_resume, autocast, distribute, full, gradient_sync, pick_device, setup_processes
-from errors import UserError, run_cli
+from errors import UserError, read_json, run_cli
 from loss_scaler import DynamicLossScaler, unscale_and_clip
 from metrics import MetricsLog, evaluate, flops_per_token, peak_flops
 from model import GPT
@@ -411,18 +410,11 @@ def parse_config(argv: list[str]) -> TrainConfig:
 
     if argv and argv[0].endswith(".json"):
         path = Path(argv[0])
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such config file") from None
-        except IsADirectoryError:
-            raise UserError(f"{path}: a directory, not a config file (a run's is <run dir>/config.json)") from None
-        except UnicodeDecodeError as err:
-            raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}: not valid JSON ({err})") from None
-        except (ValueError, RecursionError) as err:  # an int of over 4,300 digits; nesting deeper than the stack
-            raise UserError(f"{path}: JSON that Python cannot read ({type(err).__name__}: {str(err)[:100]})") from None
+        if not path.exists():
+            raise UserError(f"{path}: no such config file")
+        if path.is_dir():
+            raise UserError(f"{path}: a directory, not a config file (a run's is <run dir>/config.json)")
+        values = read_json(path)
         cfg = tyro.cli(TrainConfig, default=from_json(TrainConfig, values, where=str(path)), args=argv[1:],
                        prog="train.py CONFIG.json")
     else:
