@@ -56,17 +56,19 @@ cuda-compile: setup
 # env.txt (card, driver, torch, nvcc, commit), gpu_check (kernel vs fp64, bitwise-repeatable backward, timing vs
 # SDPA: back-to-back medians and isolated calls), the per-kernel profile, and the end-to-end training bench, each
 # under a time limit (120 + 40 + 190 s at most); all run even if one fails, the status is the first failure's.
-# Results: attention_cuda/results/<UTC time>-<commit>/ unless OUT_DIR=... is given.
+# Results: attention_cuda/results/<UTC time>-<commit>/ unless OUT_DIR=... is given. Where the checkout has no .git
+# (a copied working tree), name the commit: make gpu-check GIT_COMMIT=<sha>.
+GIT_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 ifndef OUT_DIR
-OUT_DIR := attention_cuda/results/$(shell date -u +%Y%m%d-%H%M)-$(shell git rev-parse --short HEAD 2>/dev/null || echo nogit)
+OUT_DIR := attention_cuda/results/$(shell date -u +%Y%m%d-%H%M)-$(shell echo $(GIT_COMMIT) | cut -c1-7)
 endif
 gpu-check:
 	@python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check: no CUDA GPU visible to torch (torch.cuda.is_available() is False); run it on a GPU machine')"
 	mkdir -p "$(OUT_DIR)"
-	(git rev-parse HEAD; git status --short --untracked-files=no; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+	(echo $(GIT_COMMIT); git status --short --untracked-files=no; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
 	 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; nvcc --version | tail -2) > "$(OUT_DIR)/env.txt" 2>&1
 	status=0; \
-	python3 -m attention_cuda.gpu_check --out "$(OUT_DIR)" --time-limit 120; status=$$?; \
+	GUST_GIT_COMMIT=$(GIT_COMMIT) python3 -m attention_cuda.gpu_check --out "$(OUT_DIR)" --time-limit 120; status=$$?; \
 	timeout 40 python3 -m attention_cuda.profile --shapes 8x12,16x16 > "$(OUT_DIR)/profile.txt" 2>&1; \
 	rc=$$?; [ $$status -ne 0 ] || status=$$rc; \
 	timeout 190 python3 bench.py --out "$(OUT_DIR)" --steps 20; rc=$$?; [ $$status -ne 0 ] || status=$$rc; \

@@ -28,7 +28,10 @@
 #include <string.h>
 
 #include <algorithm>
+#include <mutex>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -1001,10 +1004,22 @@ enum GustDtype { GUST_FP16 = 0, GUST_BF16 = 1 };
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-// Shared memory above 48 KB must be opted into per kernel.
+// Shared memory above 48 KB must be opted into per kernel and device. The attribute stays set for
+// the process's life, so it is set once per (kernel, device), not before every launch (a driver call
+// each time). Each kernel is always launched with the same bytes (a constant of its instantiation).
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, int bytes) {
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    static std::mutex mutex;  // one per Kernel type; the key below names the kernel itself
+    static std::vector<std::pair<const void*, int>> opted_in;  // (kernel, device) pairs done
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    const std::pair<const void*, int> key(reinterpret_cast<const void*>(kernel), device);
+    std::lock_guard<std::mutex> lock(mutex);  // launches from several host threads
+    if (std::find(opted_in.begin(), opted_in.end(), key) != opted_in.end()) return cudaSuccess;
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (err == cudaSuccess) opted_in.push_back(key);
+    return err;
 }
 
 template <int D, typename scalar_t>

@@ -26,7 +26,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -94,15 +96,27 @@ struct cudaFuncAttributes {
 };
 constexpr int EMU_SMEM_OPTIN_BYTES = 232448;  // an H100's opt-in limit (227 KB)
 
-inline int& emu_allowed_smem() {
-    static int bytes = 48 * 1024;
+constexpr int EMU_SMEM_DEFAULT_BYTES = 48 * 1024;  // what a kernel may use without opting in
+
+// Each kernel's opted-in dynamic shared memory, as a GPU keeps it: per function (one device here).
+inline std::map<const void*, int>& emu_allowed_smem() {
+    static std::map<const void*, int> bytes;
     return bytes;
 }
+inline std::atomic<int> emu_smem_optin_calls{0};  // cudaFuncSetAttribute calls so far (tests read it)
+extern "C" int gust_emu_smem_optin_calls() { return emu_smem_optin_calls; }
+
 template <typename Kernel>
-cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int value) {
+cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute, int value) {
+    ++emu_smem_optin_calls;
     if (value > EMU_SMEM_OPTIN_BYTES) return cudaErrorInvalidValue;
-    emu_allowed_smem() = std::max(emu_allowed_smem(), value);
+    emu_allowed_smem()[reinterpret_cast<const void*>(kernel)] = value;
     return cudaSuccess;
+}
+template <typename Kernel>
+int emu_smem_limit(Kernel kernel) {
+    const auto found = emu_allowed_smem().find(reinterpret_cast<const void*>(kernel));
+    return found == emu_allowed_smem().end() ? EMU_SMEM_DEFAULT_BYTES : std::max(found->second, EMU_SMEM_DEFAULT_BYTES);
 }
 template <typename Kernel>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel) {
@@ -182,7 +196,7 @@ inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
 template <typename... Params, typename... Args>
 cudaError_t emu_launch(void (*kernel)(Params...), dim3 grid, int threads, int smem_bytes, cudaStream_t,
                        Args... args) {
-    if (threads % 32 != 0 || threads > 1024 || smem_bytes > emu_allowed_smem() || grid.x == 0 || grid.y == 0) {
+    if (threads % 32 != 0 || threads > 1024 || smem_bytes > emu_smem_limit(kernel) || grid.x == 0 || grid.y == 0) {
         emu_last_error() = cudaErrorInvalidValue;
         return cudaErrorInvalidValue;
     }

@@ -21,6 +21,7 @@ import argparse
 import faulthandler
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -94,15 +95,17 @@ def run_section(report: Report, name: str, section, *args) -> None:
 # ---- a. build ----
 
 def git_commit() -> str:
-    """The checkout's commit, with "+dirty" if tracked files changed ("unknown" outside git)."""
+    """The checkout's commit, with "+dirty" if tracked files changed; outside git (a copied working tree) the
+    environment's GUST_GIT_COMMIT (make gpu-check GIT_COMMIT=<sha> sets it), else "unknown"."""
+    given = os.environ.get("GUST_GIT_COMMIT") or "unknown"
     try:
         run = lambda *args: subprocess.run(["git", *args], cwd=PACKAGE_DIR, capture_output=True, text=True,  # noqa: E731
                                            timeout=10)
         commit = run("rev-parse", "HEAD").stdout.strip()
         dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
-        return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+        return (commit + ("+dirty" if dirty else "")) if commit else given
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return given
 
 
 def section_build(report: Report) -> None:

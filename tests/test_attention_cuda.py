@@ -337,6 +337,29 @@ def test_emulated_fused_backward_fails_when_blocks_run_in_reverse(monkeypatch, c
 
 
 @needs_gxx
+def test_emulated_kernels_opt_into_shared_memory_once_each():
+    """cudaFuncSetAttribute (a driver call) runs once per kernel, not before every launch; the emulator, like
+    a GPU, refuses a launch above 48 KB of shared memory that its own kernel did not opt into, so a cache
+    that mixed two kernels up would fail the launches here."""
+    lib = pytest.importorskip("attention_cuda.emulate").library()
+    scale = 1 / math.sqrt(128)
+
+    def every_kernel():  # forward with and without the max-score output, the split and the fused backward
+        q, k, v, do = random_inputs(1, 1, 70, 128, torch.bfloat16, seed=3)
+        o, lse, _, _ = run_emulated(q, k, v, do, scale)
+        launch.forward_into(lib, q, k, v, scale, torch.empty_like(q), torch.empty_like(lse))
+        run_fused_backward(q, k, v, o, lse, do, scale)
+
+    every_kernel()
+    after_first = lib.gust_emu_smem_optin_calls()
+    assert after_first >= 5, "the kernels did not opt in at all"
+    assert any(lib.gust_attention_smem_bytes(128, which) > 48 * 1024 for which in range(3)), \
+        "no kernel needs the opt-in at D = 128: this test checks nothing"
+    every_kernel()
+    assert lib.gust_emu_smem_optin_calls() == after_first
+
+
+@needs_gxx
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_emulated_max_score_is_max_abs_not_signed_max(dtype):
     """The kernel's by-product is max |score| per row (after scaling, before softmax, causal
