@@ -103,11 +103,12 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{r['preset']:<12} {r['attn_impl']:<8} {r['precision']:<5} {str(r['compile']):<7} FAILED: {r['error']}")
             continue
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        shown = lambda key, spec, scale=1, unit="": "-" if r[key] is None else format(scale * r[key], spec) + unit  # noqa: E731
         lines.append(f"{r['preset']:<12} {r['attn_impl']:<8} {r['precision']:<5} {str(r['compile']):<7} "
                      f"{str(r.get('deterministic', False)):<7} {r['vocab_rows']:>6} {r['micro_batch_size']:>5} "
-                     f"{r['tokens_per_sec']:>10,.0f} {mfu:>6} {r['peak_memory_gb'] or 0:>8.1f} "
-                     f"{r['skipped_steps']:>7} {r['final_loss']:>7.3f} {r['wall_s']:>7.1f}")
+                     f"{shown('tokens_per_sec', ',.0f'):>10} {shown('mfu', '.1f', 100, '%'):>6} "
+                     f"{shown('peak_memory_gb', '.1f'):>8} {shown('skipped_steps', 'd'):>7} "
+                     f"{shown('final_loss', '.3f'):>7} {r['wall_s']:>7.1f}")  # "-": too few steps for a steady rate
     return "\n".join(lines)
 
 
