@@ -222,11 +222,10 @@ def _backward_into(grad_y, q, k, v, y, lse, scale: float, dq, dk, dv) -> None:
         return
     library, stream, on_device = _kernel_library_for(q.device)
     q, k, v, y, grad_y = _ready(q), _ready(k), _ready(v), _ready(y), _ready(grad_y)
-    delta = torch.empty_like(lse)  # (B, H, T) rowsum(dO * O), scratch for the kernels
-    k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()  # (B, H, D) each head's mean key: dQ centers on it
+    B, H, T, D = q.shape  # scratch the kernels fill: delta rowsum(dO * O), k_mean each head's mean key (dQ centers on it)
+    delta, k_mean = torch.empty_like(lse), torch.empty((B, H, D), dtype=torch.float32, device=q.device)
     with on_device:
-        if BACKWARD == "fused":
-            B, H, T, D = q.shape  # scratch whose contents do not matter: fp32 dQ accumulator, turn counters
+        if BACKWARD == "fused":  # scratch whose contents do not matter: fp32 dQ accumulator, turn counters
             dq_acc = torch.empty((B, H, T, D), dtype=torch.float32, device=q.device)
             dq_turn = torch.empty((B * H * -(-T // reference.BLOCK_Q),), dtype=torch.int32, device=q.device)
             _launch.backward_fused_into(library, q, k, v, y, lse, grad_y, k_mean, scale, dq, dk, dv, delta, dq_acc,

@@ -198,10 +198,6 @@ __device__ __forceinline__ float quad_sum(float x) {
     x += __shfl_xor_sync(0xffffffffu, x, 1);
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
-__device__ __forceinline__ float warp_sum(float x) {
-    for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-    return x;
-}
 
 // True where query i must not see key j: the future (j > i), and the padding rows past the end
 // of the sequence in the last tile (i >= seq_len), so those rows add nothing anywhere.
@@ -608,24 +604,79 @@ attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restr
 // dK, dV. The price is the extra recompute of q kᵀ and dO vᵀ.
 // ----------------------------------------------------------------------------------------
 
-// delta[row] = sum_d dO[row, d] * O[row, d] in fp32; one warp per row of the B*H*T rows
-// (row = (b * heads + h) * seq_len + t). reference: `delta = (do * o).sum(dim=-1)`.
+// The backward's first kernel, one launch for what the tile kernels need besides q, k, v, dO:
+// - blocks [0, delta_blocks): delta[row] = sum_d dO[row, d] * O[row, d] in fp32 for the B*H*T rows
+//   (row = (b * heads + h) * seq_len + t); reference: `delta = (do * o).sum(dim=-1)`;
+// - the next batch_heads blocks, one per (batch, head): k_mean[bh, :] = the head's mean key in fp32,
+//   which the dQ kernels centre the keys on (reference: `k.mean(dim=2)`), and, for the fused
+//   backward (dq_turn not null), that head's dQ turn counters set to 0.
+// Every lane reads 16 bytes (8 elements) at a time: D / 8 lanes per row. Sums run in a fixed order.
+constexpr int VEC = 8;  // 16-bit elements per 16-byte load
+
+template <typename scalar_t>
+__device__ __forceinline__ void load_vec(const scalar_t* from, float (&to)[VEC]) {
+    const uint4 bits = *reinterpret_cast<const uint4*>(from);  // 16-byte aligned: rows are (checked on the host)
+    scalar_t elements[VEC];
+    memcpy(elements, &bits, sizeof(bits));
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) to[e] = to_float(elements[e]);
+}
+
 template <int D, typename scalar_t>
 __global__ void __launch_bounds__(THREADS)
-attention_backward_delta_kernel(const scalar_t* __restrict__ o, const scalar_t* __restrict__ d_o,
-                                float* __restrict__ delta, const Layout layout, int seq_len, long long total_rows) {
-    const long long row = (long long)blockIdx.x * WARPS + threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    if (row >= total_rows) return;  // whole warps leave together: row depends on the warp only
-    const long long batch_head = row / seq_len, t = row % seq_len;
-    const long long b = batch_head / layout.heads, h = batch_head % layout.heads;
-    const scalar_t* o_row = o + b * layout.o.batch + h * layout.o.head + t * layout.o.row;
-    const scalar_t* do_row = d_o + b * layout.d_o.batch + h * layout.d_o.head + t * layout.d_o.row;
-    float acc = 0.0f;
-    for (int d = lane; d < D; d += 32) acc += to_float(do_row[d]) * to_float(o_row[d]);
-    acc = warp_sum(acc);
-    if (lane == 0) delta[row] = acc;
+attention_backward_prologue_kernel(const scalar_t* __restrict__ o, const scalar_t* __restrict__ d_o,
+                                   const scalar_t* __restrict__ k, float* __restrict__ delta,
+                                   float* __restrict__ k_mean, unsigned* __restrict__ dq_turn, const Layout layout,
+                                   int seq_len, long long total_rows, int delta_blocks) {
+    constexpr int LANES_PER_ROW = D / VEC;                  // 8 at D = 64, 16 at D = 128
+    constexpr int ROWS_PER_BLOCK = THREADS / LANES_PER_ROW;  // 16 or 8
+    const int col = (threadIdx.x % LANES_PER_ROW) * VEC, row_in_block = threadIdx.x / LANES_PER_ROW;
+    if ((int)blockIdx.x < delta_blocks) {
+        const long long row = (long long)blockIdx.x * ROWS_PER_BLOCK + row_in_block;
+        float acc = 0.0f;
+        if (row < total_rows) {
+            const long long batch_head = row / seq_len, t = row % seq_len;
+            const long long b = batch_head / layout.heads, h = batch_head % layout.heads;
+            float o_vec[VEC], do_vec[VEC];
+            load_vec(o + b * layout.o.batch + h * layout.o.head + t * layout.o.row + col, o_vec);
+            load_vec(d_o + b * layout.d_o.batch + h * layout.d_o.head + t * layout.d_o.row + col, do_vec);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc += do_vec[e] * o_vec[e];
+        }
+        // a row's lanes are LANES_PER_ROW consecutive lanes of one warp: xor offsets below that stay inside them
+        for (int offset = LANES_PER_ROW / 2; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+        if (row < total_rows && col == 0) delta[row] = acc;
+        return;
+    }
+    const int batch_head = blockIdx.x - delta_blocks, b = batch_head / layout.heads, h = batch_head % layout.heads;
+    const scalar_t* k_head = k + b * layout.k.batch + h * layout.k.head + col;
+    float sum[VEC] = {};  // this thread's 8 columns over rows row_in_block, + ROWS_PER_BLOCK, ...
+    for (int t = row_in_block; t < seq_len; t += ROWS_PER_BLOCK) {
+        float k_vec[VEC];
+        load_vec(k_head + (long long)t * layout.k.row, k_vec);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) sum[e] += k_vec[e];
+    }
+    extern __shared__ __align__(128) unsigned char smem[];
+    float* partial = reinterpret_cast<float*>(smem);  // (THREADS, VEC): each thread's sums
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) partial[threadIdx.x * VEC + e] = sum[e];
+    __syncthreads();
+    if (row_in_block == 0) {  // the first row's lanes add the ROWS_PER_BLOCK partial sums of their columns in order
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+            float total = 0.0f;
+            for (int r = 0; r < ROWS_PER_BLOCK; ++r) total += partial[(r * LANES_PER_ROW + threadIdx.x) * VEC + e];
+            k_mean[(long long)batch_head * D + col + e] = total / seq_len;
+        }
+    }
+    if (dq_turn != nullptr) {
+        const int q_tiles = (seq_len + BLOCK_Q - 1) / BLOCK_Q;
+        for (int i = threadIdx.x; i < q_tiles; i += THREADS) dq_turn[(long long)batch_head * q_tiles + i] = 0;
+    }
 }
+
+constexpr int PROLOGUE_SMEM_BYTES = THREADS * VEC * sizeof(float);  // the k-mean partial sums: 4 KB
 
 // From a warp's raw scores s and dL/dP dp (both (16, 64) fp32 fragments), recomputes in place
 // p = exp(scale * s - lse) and ds = p * (dp - delta). reference._recompute_tile.
@@ -812,7 +863,7 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
 // release increment). Block 0 stores instead of adding (so dq_acc needs no zeroing) and takes its
 // turn without waiting; block i, the last, writes scale * (accumulator + its partial) as the
 // 16-bit dQ instead of storing it back, and releases nothing (nobody comes after it): no
-// conversion kernel. The counters are zeroed (cudaMemsetAsync) before every launch.
+// conversion kernel. The counters are zeroed (by the prologue kernel) before every launch.
 //
 // Why no block waits forever, and why the waits are short:
 // - A block waits only on blocks of its own head with a smaller K tile, which have a smaller
@@ -1038,26 +1089,31 @@ int launch_forward(const void* q, const void* k, const void* v, void* o, float* 
 }
 
 // delta = rowsum(dO * O), the first kernel of both backwards.
+// delta, k_mean and (fused backward) the zeroed turn counters, the first kernel of both backwards.
 template <int D, typename scalar_t>
-int launch_delta(const void* o, const void* d_o, float* delta, const Layout& layout, int batch_heads, int seq_len,
-                 cudaStream_t stream) {
+int launch_prologue(const void* o, const void* d_o, const void* k, float* delta, float* k_mean, unsigned* dq_turn,
+                    const Layout& layout, int batch_heads, int seq_len, cudaStream_t stream) {
     const long long total_rows = (long long)batch_heads * seq_len;
-    const unsigned delta_blocks = (unsigned)((total_rows + WARPS - 1) / WARPS);  // a warp per row
-    auto delta_kernel = attention_backward_delta_kernel<D, scalar_t>;
-    delta_kernel<<<delta_blocks, THREADS, 0, stream>>>(static_cast<const scalar_t*>(o), static_cast<const scalar_t*>(d_o),
-                                                       delta, layout, seq_len, total_rows);
+    constexpr int rows_per_block = THREADS / (D / VEC);
+    const long long delta_blocks = (total_rows + rows_per_block - 1) / rows_per_block;
+    if (delta_blocks + batch_heads > 0x7fffffffLL) return GUST_BAD_SIZE;  // a grid's x dimension
+    auto kernel = attention_backward_prologue_kernel<D, scalar_t>;
+    kernel<<<(unsigned)(delta_blocks + batch_heads), THREADS, PROLOGUE_SMEM_BYTES, stream>>>(
+        static_cast<const scalar_t*>(o), static_cast<const scalar_t*>(d_o), static_cast<const scalar_t*>(k), delta,
+        k_mean, dq_turn, layout, seq_len, total_rows, (int)delta_blocks);
     return cudaGetLastError();
 }
 
 template <int D, typename scalar_t>
 int launch_backward(const void* q, const void* k, const void* v, const void* o, const void* d_o,
-                    const float* lse, const float* k_mean, float* delta, void* dq, void* dk, void* dv,
+                    const float* lse, float* k_mean, float* delta, void* dq, void* dk, void* dv,
                     const Layout& layout, int batch_heads, int seq_len, float scale, cudaStream_t stream) {
     const scalar_t* q_ = static_cast<const scalar_t*>(q);
     const scalar_t* k_ = static_cast<const scalar_t*>(k);
     const scalar_t* v_ = static_cast<const scalar_t*>(v);
     const scalar_t* do_ = static_cast<const scalar_t*>(d_o);
-    cudaError_t err = static_cast<cudaError_t>(launch_delta<D, scalar_t>(o, d_o, delta, layout, batch_heads, seq_len, stream));
+    cudaError_t err = static_cast<cudaError_t>(
+        launch_prologue<D, scalar_t>(o, d_o, k, delta, k_mean, nullptr, layout, batch_heads, seq_len, stream));
     if (err != cudaSuccess) return err;
 
     const dim3 grid(batch_heads, ceil_div(seq_len, BLOCK_Q));  // x: (batch, head); y: K tile, then Q tile
@@ -1074,21 +1130,21 @@ int launch_backward(const void* q, const void* k, const void* v, const void* o, 
     return cudaGetLastError();
 }
 
-// The fused backward: delta, the turn counters zeroed, then one kernel for dK, dV and dQ. dq_acc:
-// (batch_heads, seq_len, head_dim) fp32 scratch (need not be zeroed); dq_turn: batch_heads * ⌈T/64⌉
-// counters, zeroed here on the stream.
+// The fused backward: delta, k_mean and the turn counters zeroed (one prologue kernel), then one kernel
+// for dK, dV and dQ. dq_acc: (batch_heads, seq_len, head_dim) fp32 scratch (need not be zeroed);
+// dq_turn: batch_heads * ⌈T/64⌉ counters, zeroed by the prologue on the stream.
 template <int D, typename scalar_t>
 int launch_backward_fused(const void* q, const void* k, const void* v, const void* o, const void* d_o,
-                          const float* lse, const float* k_mean, float* delta, float* dq_acc, unsigned* dq_turn,
+                          const float* lse, float* k_mean, float* delta, float* dq_acc, unsigned* dq_turn,
                           void* dq, void* dk, void* dv, const Layout& layout, int batch_heads, int seq_len,
                           float scale, cudaStream_t stream) {
-    cudaError_t err = static_cast<cudaError_t>(launch_delta<D, scalar_t>(o, d_o, delta, layout, batch_heads, seq_len, stream));
+    static_assert(BLOCK_K == BLOCK_Q, "the prologue zeroes one counter per Q tile: ⌈T/64⌉ per head");
+    cudaError_t err = static_cast<cudaError_t>(
+        launch_prologue<D, scalar_t>(o, d_o, k, delta, k_mean, dq_turn, layout, batch_heads, seq_len, stream));
     if (err != cudaSuccess) return err;
     // x: (batch, head); y: K tile. This order is what the kernel's turns rely on: a block waits only
     // on blocks of its head with a smaller y, hence a smaller linear index, dispatched before it.
     const dim3 grid(batch_heads, ceil_div(seq_len, BLOCK_K));
-    err = cudaMemsetAsync(dq_turn, 0, sizeof(unsigned) * (size_t)batch_heads * grid.y, stream);
-    if (err != cudaSuccess) return err;
     auto kernel = attention_backward_fused_kernel<D, scalar_t>;
     if ((err = allow_smem(kernel, FusedSmem<D>::bytes)) != cudaSuccess) return err;
     kernel<<<grid, THREADS, FusedSmem<D>::bytes, stream>>>(
@@ -1173,10 +1229,10 @@ int gust_attention_forward(const void* q, const void* k, const void* v, void* o,
 
 // Backward. q, k, v, o, d_o (the output's gradient), dq, dk, dv (outputs): views as in the
 // forward, with strides[0..23] = (batch, head, row) of q, k, v, o, d_o, dq, dk, dv in turn; lse:
-// the forward's. k_mean: (batch * heads, head_dim) fp32, each head's mean key over the sequence
-// (see the dQ kernel for why). delta: (batch * heads, seq_len) fp32 scratch.
+// the forward's. k_mean: (batch * heads, head_dim) fp32, written here: each head's mean key over the
+// sequence (see the dQ kernel for why). delta: (batch * heads, seq_len) fp32, written here: rowsum(dO * O).
 int gust_attention_backward(const void* q, const void* k, const void* v, const void* o, const void* d_o,
-                            const void* lse, const void* k_mean, void* delta, void* dq, void* dk, void* dv,
+                            const void* lse, void* k_mean, void* delta, void* dq, void* dk, void* dv,
                             const long long* strides, int batch, int heads, int seq_len, int head_dim, float scale,
                             int dtype, void* stream) {
     if (int bad = check_sizes(batch, heads, seq_len)) return bad;
@@ -1190,7 +1246,7 @@ int gust_attention_backward(const void* q, const void* k, const void* v, const v
         constexpr int D = decltype(head_dim_tag)::value;
         using scalar_t = typename decltype(type_tag)::type;
         return launch_backward<D, scalar_t>(q, k, v, o, d_o, static_cast<const float*>(lse),
-                                            static_cast<const float*>(k_mean), static_cast<float*>(delta), dq, dk,
+                                            static_cast<float*>(k_mean), static_cast<float*>(delta), dq, dk,
                                             dv, layout, batch * heads, seq_len, scale,
                                             static_cast<cudaStream_t>(stream));
     });
@@ -1201,7 +1257,7 @@ int gust_attention_backward(const void* q, const void* k, const void* v, const v
 // ⌈seq_len / 64⌉ unsigned counters (any contents: zeroed on the stream first). dK, dV and dQ come out of one
 // kernel; dQ is accumulated in a fixed order, so two calls give the same bits (see the kernel).
 int gust_attention_backward_fused(const void* q, const void* k, const void* v, const void* o, const void* d_o,
-                                  const void* lse, const void* k_mean, void* delta, void* dq_acc, void* dq_turn,
+                                  const void* lse, void* k_mean, void* delta, void* dq_acc, void* dq_turn,
                                   void* dq, void* dk, void* dv, const long long* strides, int batch, int heads,
                                   int seq_len, int head_dim, float scale, int dtype, void* stream) {
     if (int bad = check_sizes(batch, heads, seq_len)) return bad;
@@ -1215,7 +1271,7 @@ int gust_attention_backward_fused(const void* q, const void* k, const void* v, c
         constexpr int D = decltype(head_dim_tag)::value;
         using scalar_t = typename decltype(type_tag)::type;
         return launch_backward_fused<D, scalar_t>(q, k, v, o, d_o, static_cast<const float*>(lse),
-                                                  static_cast<const float*>(k_mean), static_cast<float*>(delta),
+                                                  static_cast<float*>(k_mean), static_cast<float*>(delta),
                                                   static_cast<float*>(dq_acc), static_cast<unsigned*>(dq_turn), dq, dk,
                                                   dv, layout, batch * heads, seq_len, scale,
                                                   static_cast<cudaStream_t>(stream));

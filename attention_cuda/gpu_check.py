@@ -160,13 +160,14 @@ def make_inputs(B, H, T, D, dtype, kind, seed):
     return [t.to(dtype) for t in (q, k, v, do)]
 
 
-def run_backward(library, backward, q, k, v, o, lse, do, k_mean, scale, fill):
+def run_backward(library, backward, q, k, v, o, lse, do, scale, fill):
     """One backward ("split" or "fused") through the raw launchers into outputs prefilled with `fill`
-    (NaN: unwritten shows); the fused one's scratch starts as `fill` too (its contents must not matter)."""
+    (NaN: unwritten shows); the scratch (delta, k_mean, the fused one's accumulator) starts as `fill`
+    too: its contents must not matter."""
     B, H, T, D = q.shape
     full = lambda shape, dtype: torch.full(shape, fill, dtype=dtype, device=q.device)  # noqa: E731
     dq, dk, dv = (full(q.shape, q.dtype) for _ in range(3))
-    delta, stream = full((B, H, T), torch.float32), current_stream()
+    delta, k_mean, stream = full((B, H, T), torch.float32), full((B, H, D), torch.float32), current_stream()
     if backward == "fused":
         dq_acc = full((B, H, T, D), torch.float32)
         dq_turn = torch.full((B * H * -(-T // reference.BLOCK_Q),), 12345, dtype=torch.int32, device=q.device)
@@ -187,10 +188,9 @@ def kernel_outputs(library, q, k, v, do, scale):
     nan = lambda shape, dtype: torch.full(shape, math.nan, dtype=dtype, device=q.device)  # noqa: E731
     o, lse, row_abs_max = nan(q.shape, q.dtype), nan((B, H, T), torch.float32), nan((B, H, T), torch.float32)
     launch.forward_into(library, q, k, v, scale, o, lse, row_abs_max, stream=current_stream())
-    k_mean = k.mean(dim=2, dtype=torch.float32)  # (B, H, D)
     backwards = {}
     for backward in attention_cuda.BACKWARDS:
-        grads = [run_backward(library, backward, q, k, v, o, lse, do, k_mean, scale, fill) for fill in (math.nan, 0.0)]
+        grads = [run_backward(library, backward, q, k, v, o, lse, do, scale, fill) for fill in (math.nan, 0.0)]
         synchronize()
         backwards[backward] = (grads[0], all(torch.equal(a, b) for a, b in zip(*grads)))
     return o, lse, row_abs_max, backwards

@@ -2,7 +2,7 @@
 
 For: passing raw pointers, strides, sizes and the stream to attention.cu's launchers, and turning
 their error codes into one-line exceptions. No tensor math happens here (the caller allocates
-every output and computes k_mean). The same calls drive the real CUDA library and the CPU
+every output and scratch buffer). The same calls drive the real CUDA library and the CPU
 emulation that the tests build (emulate.py); both export the same functions.
 Not for: checking shapes or dtypes (__init__.py does that), building (build.py), or autograd.
 """
@@ -78,10 +78,11 @@ def forward_into(lib, q, k, v, scale: float, o, lse, row_abs_max=None, stream: i
 
 
 def backward_into(lib, q, k, v, o, lse, do, k_mean, scale: float, dq, dk, dv, delta, stream: int = 0) -> None:
-    """Runs the backward kernels, writing dq, dk, dv (B, H, T, D); delta (B, H, T) fp32 is scratch.
+    """Runs the backward kernels, writing dq, dk, dv (B, H, T, D), and, as by-products of their first
+    kernel, delta (B, H, T) = rowsum(dO * O) and k_mean (B, H, D) = each head's mean key (the dQ kernel
+    centers keys on it), both contiguous fp32 whose contents beforehand do not matter.
 
-    The 16-bit tensors are views as in forward_into; k_mean: (B, H, D) fp32 contiguous, each
-    head's mean key (the dQ kernel centers keys on it).
+    The 16-bit tensors are views as in forward_into.
     """
     B, H, T, D = q.shape
     code = lib.gust_attention_backward(

@@ -147,7 +147,7 @@ def run_emulated(q, k, v, do, scale):
     launch.forward_into(lib, q, k, v, scale, o, lse, row_max)
     grads = [guarded(q.shape, q.dtype) for _ in range(3)]
     delta, _ = guarded((B, H, T), torch.float32)
-    k_mean = k.mean(dim=2, dtype=torch.float32)  # (B, H, D): the dQ kernel's centering
+    k_mean, _ = guarded((B, H, D), torch.float32)  # (B, H, D): the dQ kernel's centering, written by the kernels
     launch.backward_into(lib, q, k, v, o, lse, do, k_mean, scale, *(g for g, _ in grads), delta)
     assert all(guard_intact(b) for b in (o_buf, lse_buf, max_buf, *(b for _, b in grads))), "write out of bounds"
     return o, lse, row_max, [g for g, _ in grads]
@@ -212,8 +212,8 @@ def test_emulated_kernel_reads_qkv_and_writes_y_in_place(dtype, tolerance, B, H,
     grads = [heads_of(dqkv[..., i * C:(i + 1) * C], H) for i in range(3)]
     lse, row_abs_max = torch.empty(B, H, T), torch.empty(B, H, T)
     launch.forward_into(lib, q, k, v, scale, heads_of(y, H), lse, row_abs_max)
-    launch.backward_into(lib, q, k, v, heads_of(y, H), lse, heads_of(dy, H), k.mean(dim=2, dtype=torch.float32),
-                         scale, *grads, torch.empty(B, H, T))
+    launch.backward_into(lib, q, k, v, heads_of(y, H), lse, heads_of(dy, H), torch.empty(B, H, D), scale, *grads,
+                         torch.empty(B, H, T))
     for name, storage, buffer in [("y", y_storage, y_buffer), ("dqkv", dqkv_storage, dqkv_buffer),
                                   ("qkv", qkv_storage, qkv_buffer)]:
         assert guard_intact(buffer) and storage[..., -ROW_PAD:].isnan().all(), f"{name}: write outside the view"
@@ -225,6 +225,40 @@ def test_emulated_kernel_reads_qkv_and_writes_y_in_place(dtype, tolerance, B, H,
     o, lse_c, row_abs_max_c, grads_c = run_emulated(*(t.contiguous() for t in (q, k, v, heads_of(dy, H))), scale)
     assert torch.equal(heads_of(y, H), o) and torch.equal(lse, lse_c) and torch.equal(row_abs_max, row_abs_max_c)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_c)), "strided and contiguous launches differ"
+
+
+@needs_gxx
+@pytest.mark.parametrize("kind", ["split", "fused"])
+@pytest.mark.parametrize("B, H, T, D", [(2, 3, 37, 64), (1, 2, 70, 128)])
+def test_emulated_backward_prologue_gives_delta_and_key_mean(kind, B, H, T, D):
+    """The backward's first kernel writes delta = rowsum(dO * O) and each head's mean key (the dQ
+    centering) into NaN-filled scratch, reading o, dO and k as strided views with padded rows; both
+    within fp32 rounding of fp64 sums of the same 16-bit numbers. T = 37 and 70 leave the last
+    block of rows part-empty."""
+    lib = pytest.importorskip("attention_cuda.emulate").library()
+    C, scale, dtype = H * D, 1 / math.sqrt(D), torch.bfloat16
+    generator = torch.Generator().manual_seed(5)
+    qkv, _, _ = padded_rows(B, T, 3 * C, dtype)
+    qkv.copy_(torch.randn(B, T, 3 * C, generator=generator) + 3.0)  # a nonzero mean key
+    y, _, _ = padded_rows(B, T, C, dtype)
+    dy, _, _ = padded_rows(B, T, C, dtype)
+    dy.copy_(torch.randn(B, T, C, generator=generator))
+    q, k, v = (heads_of(qkv[..., i * C:(i + 1) * C], H) for i in range(3))
+    o, do = heads_of(y, H), heads_of(dy, H)
+    lse = torch.empty(B, H, T)
+    launch.forward_into(lib, q, k, v, scale, o, lse)
+    (delta, delta_buffer), (k_mean, mean_buffer) = guarded((B, H, T), torch.float32), guarded((B, H, D), torch.float32)
+    grads = [torch.empty(B, H, T, D, dtype=dtype) for _ in range(3)]
+    if kind == "split":
+        launch.backward_into(lib, q, k, v, o, lse, do, k_mean, scale, *grads, delta)
+    else:
+        dq_acc, dq_turn = torch.empty(B, H, T, D), torch.full((B * H * -(-T // 64),), 7, dtype=torch.int32)
+        launch.backward_fused_into(lib, q, k, v, o, lse, do, k_mean, scale, *grads, delta, dq_acc, dq_turn)
+    assert guard_intact(delta_buffer) and guard_intact(mean_buffer), "write outside delta or k_mean"
+    delta_ref = (do.double() * o.double()).sum(dim=-1)  # (B, H, T)
+    mean_ref = k.double().mean(dim=2)  # (B, H, D)
+    assert torch.allclose(delta.double(), delta_ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(k_mean.double(), mean_ref, rtol=1e-6, atol=1e-6)
 
 
 @needs_gxx
@@ -255,7 +289,7 @@ def run_emulated_backward(kind, q, k, v, o, lse, do, scale, grads=None, acc_fill
         guarded_grads = [guarded(q.shape, q.dtype) for _ in range(3)]
         grads, buffers = [g for g, _ in guarded_grads], [b for _, b in guarded_grads]
     delta, _ = guarded((B, H, T), torch.float32)
-    k_mean = k.mean(dim=2, dtype=torch.float32)
+    k_mean, _ = guarded((B, H, D), torch.float32)
     if kind == "split":
         launch.backward_into(lib, q, k, v, o, lse, do, k_mean, scale, *grads, delta)
     else:
