@@ -17,12 +17,25 @@ import torch
 import torch.distributed as dist
 
 from configs import TrainConfig
+import cpu_fp16
 from errors import UserError
 from model import GPT
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """--precision → the autocast dtype (fp32: no autocast)."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """--precision auto → bf16 where `device` multiplies bf16 natively, else fp32; any other value as it is.
+    A CPU counts only where its flags say so (avx512_bf16, amx_bf16): where they cannot be read (macOS) or are
+    missing, bf16 would be emulated, far slower than fp32. Each process decides for its own device."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
+    flags = cpu_fp16.cpu_flags() or []
+    return "bf16" if device.type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,8 @@ import rundir
 from configs import PRESETS, TrainConfig, check_ranges, from_json
 from cpu_fp16 import emulated_bf16_warning, fp16_matmuls
 from data import TokenSplit, rank_rows
-from distributed import Dist, agree_on_resume, autocast, distribute, full, gradient_sync, pick_device, setup_processes
+from distributed import (Dist, agree_on_resume, autocast, distribute, full, gradient_sync, pick_device, resolve_precision,
+                         setup_processes)
 from errors import UserError, read_json, run_cli
 from loss_scaler import DynamicLossScaler, unscale_and_clip
 from metrics import MetricsLog, evaluate, flops_per_token, peak_flops
@@ -202,6 +203,8 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None, dict]:
 
 def train(cfg: TrainConfig) -> dict:
     """Check the config, take the run directory's lock (rank 0: the one writer), then build the run and loop."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # precision auto: decided once, recorded in config.json as such
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, pick_device(cfg.device, local_rank)))
     check_ranges(cfg)  # parse_config checked already; this covers a TrainConfig built in code (tests, scripts)
     check_batch_sizes(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # here too: bad input is refused before the lock
     writer = int(os.environ.get("RANK", 0)) == 0  # rank 0 writes the run directory: it holds the lock

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from configs import CheckpointConfig  # noqa: E402
+from distributed import pick_device, resolve_precision  # noqa: E402
 from train import parse_config, train  # noqa: E402
 
 FIRST_TIMED = 5
@@ -78,6 +79,7 @@ def main():
     if args.iters < FIRST_TIMED + 1:
         parser.error(f"--iters {args.iters}: at least {FIRST_TIMED + 1} are needed (iterations 1..4 are start-up)")
     cfg = parse_config(train_args)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, pick_device(cfg.device)))  # auto: as train() decides
     times = step_times(cfg, args.iters)
     median = statistics.median(times)
     tokens_per_step = cfg.global_batch_size * cfg.model.block_size

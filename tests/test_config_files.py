@@ -121,7 +121,7 @@ def test_mutated_config_files_parse_like_the_command_line_or_fail_in_one_line(tm
     ({"max_steps": 2.5}, "max_steps = 2.5: expected an integer"),
     ({"compile": "yes"}, 'compile = "yes": expected true or false'),
     ({"checkpoint": {"intervals": [[10, 100, 5]]}}, "checkpoint.intervals = .*: expected a list, each \\[an integer, an integer\\]"),
-    ({"precision": "fp8"}, 'precision = "fp8": expected one of "fp32", "bf16", "fp16"'),
+    ({"precision": "fp8"}, 'precision = "fp8": expected one of "auto", "fp32", "bf16", "fp16"'),
     ({"micro_batch_size": 0}, r"micro_batch_size \(--micro-batch-size\) = 0: must be ≥ 1"),
 ])
 def test_a_bad_config_file_is_one_line_exit_2_and_the_run_untouched(tmp_path, capsys, values, message):

@@ -143,3 +143,23 @@ def test_a_bf16_cpu_run_without_bf16_arithmetic_says_so_in_one_line(tiny_data, t
         err = capsys.readouterr().err
         assert err.count("no bf16 arithmetic") == (1 if warned else 0), (flags, precision, err)
         assert not warned or "--precision fp32" in err
+
+
+def test_precision_auto_is_bf16_only_on_bf16_units_and_the_run_records_what_it_chose(tiny_data, tmp_path, monkeypatch):
+    """--precision auto (the CPU demo's): bf16 where the CPU's flags show bf16 units, fp32 where they do not (bf16
+    emulated is ~40x slower) or cannot be read; the run's config.json and console line say which, and a run on
+    an AVX2-only CPU gets no emulated-bf16 warning."""
+    import json
+
+    from configs import PRESETS
+    from distributed import resolve_precision
+    from train import train
+
+    assert PRESETS["shakespeare-cpu"][1].precision == "auto"
+    for flags, chosen in [(["avx2"], "fp32"), (["avx512f", "avx512_bf16"], "bf16"), (["amx_bf16"], "bf16"), (None, "fp32")]:
+        monkeypatch.setattr(cpu_fp16, "cpu_flags", lambda: flags)
+        assert resolve_precision("auto", torch.device("cpu")) == chosen, flags
+        assert resolve_precision("fp16", torch.device("cpu")) == "fp16"  # only auto is decided
+    monkeypatch.setattr(cpu_fp16, "cpu_flags", lambda: ["avx2"])
+    train(tiny_run(tiny_data, tmp_path / "run", precision="auto", max_steps=1, eval_interval=10**6))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "fp32"
