@@ -25,8 +25,8 @@ import rundir
 from configs import PRESETS, TrainConfig, check_ranges, from_json
 from cpu_fp16 import emulated_bf16_warning, fp16_matmuls
 from data import TokenSplit, rank_rows
-from distributed import (Dist, agree_on_resume, autocast, distribute, full, gradient_sync, pick_device, resolve_precision,
-                         setup_processes)
+from distributed import (Dist, agree_on_resume, autocast, distribute, full, gradient_sync, pick_device,
+                         resolve_precision, setup_processes)
 from errors import UserError, read_json, run_cli
 from loss_scaler import DynamicLossScaler, unscale_and_clip
 from metrics import MetricsLog, evaluate, flops_per_token, peak_flops

@@ -222,7 +222,7 @@ def _backward_into(grad_y, q, k, v, y, lse, scale: float, dq, dk, dv) -> None:
         return
     library, stream, on_device = _kernel_library_for(q.device)
     q, k, v, y, grad_y = _ready(q), _ready(k), _ready(v), _ready(y), _ready(grad_y)
-    B, H, T, D = q.shape  # scratch the kernels fill: delta rowsum(dO * O), k_mean each head's mean key (dQ centers on it)
+    B, H, T, D = q.shape  # scratch the kernels fill: delta = rowsum(dO * O), k_mean = each head's mean key (dQ's centre)
     delta, k_mean = torch.empty_like(lse), torch.empty((B, H, D), dtype=torch.float32, device=q.device)
     with on_device:
         if BACKWARD == "fused":  # scratch whose contents do not matter: fp32 dQ accumulator, turn counters

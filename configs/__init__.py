@@ -263,8 +263,9 @@ def _mistral_gpt2(preset: str, lr: float, model: GPTConfig) -> TrainConfig:
 
 def _shakespeare_cpu(preset: str, steps: int, eval_interval: int) -> TrainConfig:
     """The CPU demo: 4 layers × 256 on the plays' BPE-4096 tokens, precision auto (bf16 where the CPU has bf16
-    units — AMX multiplies bf16 ~5× faster than fp32 — else fp32, which is then ~40× faster than emulated bf16), batches of 8 × 128 tokens (more, smaller steps learn more per second here than 16 × 128),
-    a cosine schedule that ends with the run."""
+    units — AMX multiplies bf16 ~5× faster than fp32 — else fp32, then ~40× faster than emulated bf16), batches
+    of 8 × 128 tokens (more, smaller steps learn more per second here than 16 × 128), a cosine schedule that ends
+    with the run."""
     return TrainConfig(
         preset=preset,
         model=GPTConfig(block_size=128, vocab_size=4096, n_layer=4, n_head=4, n_embd=256, dropout=0.0),
