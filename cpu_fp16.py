@@ -53,10 +53,11 @@ def cpu_has_fp16_arithmetic() -> bool:
     return flags is None or "avx512_fp16" in flags or "amx_fp16" in flags
 
 
-def cpu_has_bf16_arithmetic() -> bool:
-    """True where the CPU multiplies bf16 natively (avx512_bf16 / amx_bf16), or where we cannot tell."""
+def cpu_has_bf16_arithmetic(when_unknown: bool = True) -> bool:
+    """True where the CPU multiplies bf16 natively (avx512_bf16 / amx_bf16); where we cannot tell (no
+    /proc/cpuinfo), `when_unknown`: the warning gives the benefit of the doubt, --precision auto does not."""
     flags = cpu_flags()
-    return flags is None or "avx512_bf16" in flags or "amx_bf16" in flags
+    return when_unknown if flags is None else "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def emulated_bf16_warning(precision: str, device_type: str) -> str | None:

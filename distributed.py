@@ -34,8 +34,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
-    flags = cpu_fp16.cpu_flags() or []
-    return "bf16" if device.type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_fp16.cpu_has_bf16_arithmetic(when_unknown=False) else "fp32"
 
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:

@@ -28,7 +28,6 @@
 #include <cstring>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -145,11 +144,6 @@ inline const char* cudaGetErrorString(cudaError_t error) {
         return "emulated kernel: a spin-wait's condition was false when it ran, so on a GPU it would wait for a "
                "block launched after it (blocks are ordered wrongly); see stderr";
     return error == cudaSuccess ? "no error" : "emulated launch error (bad configuration or shared memory)";
-}
-// Stream-ordered memset: the emulation runs everything at once, in call order.
-inline cudaError_t cudaMemsetAsync(void* destination, int value, size_t bytes, cudaStream_t) {
-    std::memset(destination, value, bytes);
-    return cudaSuccess;
 }
 
 [[noreturn]] inline void emu_fail(const char* what) {
