@@ -473,39 +473,43 @@ __device__ void store_stripe(const float (&acc)[D / 8][4], const float (&row_sca
 
 // Online softmax over this warp's (16, BLOCK_K) scores, in place: raw q kᵀ in, P out (fp32).
 // reference.flash_forward's lines from `scores = ...` to `row_max = new_max`, except P @ V.
-// A lane holds 2 rows (h = 0, 1: rows g and g + 8); row_max is the row's running max (the same
-// in its 4 lanes), row_sum the lane's own share of the row's sum (added up once, at the end).
-// TRACK_ABS_MAX: abs_max is the lane's share of the row's max |scaled score| over visible keys
-// (the overflow diagnostic; reduced over the 4 lanes once, at the end). The signed row_max is
-// not that diagnostic: a row whose scores are all very negative has a small row_max.
+// A lane holds 2 rows (h = 0, 1: rows g and g + 8); row_max is the row's running max of the
+// scaled scores (the same in its 4 lanes), row_sum the lane's own share of the row's sum (added
+// up once, at the end). The scale is never applied score by score: for scale > 0, rounding keeps
+// order, so fl(max(s) * scale) is exactly max(fl(s * scale)), and p = exp(s * scale - max) is
+// exp2 of one FMA, s * (scale log2 e) - max log2 e (FlashAttention's softmax_scale_log2).
+// TRACK_ABS_MAX: abs_max is the lane's share of the row's max |raw score| over visible keys
+// (the overflow diagnostic, scaled and reduced over the 4 lanes once, at the end). The signed
+// row_max is not that diagnostic: a row whose scores are all very negative has a small row_max.
 template <bool TRACK_ABS_MAX, bool MASK>
 __device__ void online_softmax(float (&s)[BLOCK_K / 8][4], float (&row_max)[2], float (&row_sum)[2],
                                float (&abs_max)[2], float (&alpha)[2], int q_row0, int k_start, int seq_len,
                                float scale) {
+    const float scale_log2 = scale * LOG2E;  // upcast: the scale multiplies fp32 scores, never 16-bit ones
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int i = q_row0 + frag_row(2 * h);  // query position of this half's row
-        float tile_max = -INFINITY;
+        float tile_max = -INFINITY;              // of the raw scores
 #pragma unroll
         for (int n = 0; n < BLOCK_K / 8; ++n)
 #pragma unroll
             for (int e = 2 * h; e < 2 * h + 2; ++e) {
                 const bool masked = MASK && is_masked(i, k_start + 8 * n + frag_col(e), seq_len);
-                const float scaled = s[n][e] * scale;  // upcast: the scale multiplies fp32 scores, never 16-bit ones
-                if constexpr (TRACK_ABS_MAX) abs_max[h] = masked ? abs_max[h] : fmaxf(abs_max[h], fabsf(scaled));
-                s[n][e] = masked ? -INFINITY : scaled;
+                if constexpr (TRACK_ABS_MAX) abs_max[h] = masked ? abs_max[h] : fmaxf(abs_max[h], fabsf(s[n][e]));
+                s[n][e] = masked ? -INFINITY : s[n][e];
                 tile_max = fmaxf(tile_max, s[n][e]);
             }
-        const float new_max = fmaxf(row_max[h], quad_max(tile_max));
+        const float new_max = fmaxf(row_max[h], quad_max(tile_max) * scale);  // scaled: -inf stays -inf
         // guard: a row with nothing visible yet keeps max -inf, and exp(-inf - -inf) would be NaN
         const float safe_max = (new_max == -INFINITY) ? 0.0f : new_max;
+        const float max_log2 = safe_max * LOG2E;
         float tile_sum = 0.0f;
 #pragma unroll
         for (int n = 0; n < BLOCK_K / 8; ++n)
 #pragma unroll
             for (int e = 2 * h; e < 2 * h + 2; ++e) {
-                s[n][e] = exp2f((s[n][e] - safe_max) * LOG2E);  // masked: exp(-inf) = 0
-                tile_sum += s[n][e];                             // the fp32 p, not its 16-bit rounding
+                s[n][e] = exp2f(fmaf(s[n][e], scale_log2, -max_log2));  // masked: exp2(-inf) = 0
+                tile_sum += s[n][e];                                     // the fp32 p, not its 16-bit rounding
             }
         alpha[h] = exp2f((row_max[h] - safe_max) * LOG2E);  // 0 on the first visible tile (old max -inf)
         row_sum[h] = alpha[h] * row_sum[h] + tile_sum;
@@ -585,7 +589,8 @@ attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restr
         inv_sum[h] = sum > 0.0f ? 1.0f / sum : 0.0f;
         const int i = q_row0 + frag_row(2 * h);
         float row_abs = 0.0f;
-        if constexpr (TRACK_ABS_MAX) row_abs = quad_max(abs_max[h]);  // all lanes: the shuffle needs the warp
+        // all lanes: the shuffle needs the warp. Scaled after the max: the same bits (see online_softmax)
+        if constexpr (TRACK_ABS_MAX) row_abs = quad_max(abs_max[h]) * scale;
         if (i < seq_len && threadIdx.x % 4 == 0) {  // one lane of the 4 writes the row's scalars
             lse[head_rows + i] = row_max[h] + logf(sum);
             if constexpr (TRACK_ABS_MAX) row_abs_max[head_rows + i] = row_abs;
@@ -695,7 +700,8 @@ __device__ void recompute_p_and_ds(float (&s)[BLOCK_K / 8][4], float (&dp)[BLOCK
             const int i = ROWS_ARE_KEYS ? col_start + local_col : row_start + local_row;  // query position
             const int j = ROWS_ARE_KEYS ? row_start + local_row : col_start + local_col;  // key position
             const int q_local = ROWS_ARE_KEYS ? local_col : local_row;                    // index into lse/delta
-            // upcast: scale and exp in fp32; lse already holds the row's max and sum
+            // upcast: scale and exp in fp32; lse already holds the row's max and sum. Not online_softmax's
+            // one FMA, s (scale log2 e) - lse log2 e: on sm_90 it cost the fused kernel 12 bytes of spills
             const float p = MASK && is_masked(i, j, seq_len) ? 0.0f : exp2f((s[n][e] * scale - lse_tile[q_local]) * LOG2E);
             dp[n][e] = p * (dp[n][e] - delta_tile[q_local]);  // dS = dL/d(scaled score), fp32
             s[n][e] = p;
