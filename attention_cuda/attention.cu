@@ -1056,6 +1056,7 @@ enum GustStatus {
     GUST_MISALIGNED = -3,        // a pointer or stride is not 16-byte aligned (the tile loads are 16 bytes wide)
     GUST_BAD_SIZE = -4,          // negative sizes, or more Q tiles than a grid dimension holds
     GUST_SMEM_TOO_SMALL = -5,    // the device cannot give a block the shared memory it needs
+    GUST_BAD_SCALE = -6,         // scale is not a positive finite number (online_softmax scales after the max)
 };
 enum GustDtype { GUST_FP16 = 0, GUST_BF16 = 1 };
 
@@ -1221,6 +1222,7 @@ int gust_attention_forward(const void* q, const void* k, const void* v, void* o,
                            const long long* strides, int batch, int heads, int seq_len, int head_dim, float scale,
                            int dtype, void* stream) {
     if (int bad = check_sizes(batch, heads, seq_len)) return bad;
+    if (!(scale > 0.0f && scale < INFINITY)) return GUST_BAD_SCALE;  // NaN fails both
     if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(o)) return GUST_MISALIGNED;
     Layout layout;
     if (int bad = make_layout(&layout, strides, 4, heads, seq_len)) return bad;
@@ -1242,6 +1244,7 @@ int gust_attention_backward(const void* q, const void* k, const void* v, const v
                             const long long* strides, int batch, int heads, int seq_len, int head_dim, float scale,
                             int dtype, void* stream) {
     if (int bad = check_sizes(batch, heads, seq_len)) return bad;
+    if (!(scale > 0.0f && scale < INFINITY)) return GUST_BAD_SCALE;  // NaN fails both
     const void* tiles[] = {q, k, v, o, d_o, dq, dk, dv};
     for (const void* p : tiles)
         if (!aligned16(p)) return GUST_MISALIGNED;
@@ -1267,6 +1270,7 @@ int gust_attention_backward_fused(const void* q, const void* k, const void* v, c
                                   void* dq, void* dk, void* dv, const long long* strides, int batch, int heads,
                                   int seq_len, int head_dim, float scale, int dtype, void* stream) {
     if (int bad = check_sizes(batch, heads, seq_len)) return bad;
+    if (!(scale > 0.0f && scale < INFINITY)) return GUST_BAD_SCALE;  // NaN fails both
     const void* tiles[] = {q, k, v, o, d_o, dq, dk, dv, dq_acc};
     for (const void* p : tiles)
         if (!aligned16(p)) return GUST_MISALIGNED;
@@ -1321,6 +1325,7 @@ const char* gust_attention_error_string(int code) {
         case GUST_MISALIGNED: return "a tensor's data pointer or a stride is not 16-byte aligned";
         case GUST_BAD_SIZE: return "sizes out of range (negative, no heads, B * H over 2^31 - 1, or T over 65,535 * 64)";
         case GUST_SMEM_TOO_SMALL: return "this GPU cannot give a block enough shared memory";
+        case GUST_BAD_SCALE: return "scale must be a positive finite number";
         default: return code > 0 ? cudaGetErrorString(static_cast<cudaError_t>(code)) : "unknown gust error";
     }
 }

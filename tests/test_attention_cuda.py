@@ -420,6 +420,13 @@ def test_emulated_kernel_rejects_bad_arguments():
     misaligned = buffer[1:].view(1, 1, 4, 64)  # 2 bytes past an aligned address
     with pytest.raises(RuntimeError, match="not 16-byte aligned"):
         launch.forward_into(lib, misaligned, misaligned, misaligned, 1.0, misaligned.clone(), lse)
+    q = torch.zeros(1, 1, 4, 64, dtype=torch.float16)
+    for scale in (0.0, -0.125, math.nan, math.inf):  # the forward takes the row max before scaling: scale > 0
+        with pytest.raises(RuntimeError, match="scale must be a positive finite number"):
+            launch.forward_into(lib, q, q, q, scale, q.clone(), lse)
+        with pytest.raises(RuntimeError, match="scale must be a positive finite number"):
+            launch.backward_into(lib, q, q, q, q, lse, q, torch.zeros(1, 1, 64), scale, q.clone(), q.clone(),
+                                 q.clone(), torch.zeros(1, 1, 4))
 
 
 # ---- the op: autograd, torch.compile, availability ----
