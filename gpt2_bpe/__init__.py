@@ -74,7 +74,7 @@ def library() -> ctypes.CDLL | None:
     lib.gpt2_bpe_encode.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p]
     lib.gpt2_bpe_free.argtypes = [ctypes.c_void_p]
     lib.jsonl_texts.restype = ctypes.c_int64
-    lib.jsonl_texts.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_char_p, ctypes.c_int64,
+    lib.jsonl_texts.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_char_p, ctypes.c_int64,
                                 *[ctypes.c_void_p] * 4, ctypes.c_int64]
     return lib
 
@@ -151,7 +151,7 @@ def thread_local_encoder(ranks: dict[bytes, int], eot_id: int):
 _scratch = threading.local()  # jsonl_texts's output buffers
 
 
-def jsonl_texts(block: bytes, n: int, field: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, bytes]:
+def jsonl_texts(block: bytes | bytearray, n: int, field: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, bytes]:
     """(status, line_ends, text_ends, texts) of the lines of a JSONL block's first n bytes, as jsonl_text.c describes:
     line i is block[line_ends[i - 1]:line_ends[i]] and, where status[i] is TEXT, its field's text (UTF-8) is
     texts[text_ends[i - 1]:text_ends[i]] (an offset before the first line is 0). The arrays: (n_lines,) each."""
@@ -160,6 +160,8 @@ def jsonl_texts(block: bytes, n: int, field: bytes) -> tuple[np.ndarray, np.ndar
         _scratch.size, _scratch.out = n, np.empty(max(n, 1), dtype=np.uint8)
         _scratch.arrays = [np.empty(max_lines, dtype=t) for t in (np.int8, np.int64, np.int64)]
     out, (status, line_ends, text_ends) = _scratch.out, _scratch.arrays
+    if isinstance(block, bytearray):  # data_sources's reused block: passed without a copy
+        block = (ctypes.c_char * len(block)).from_buffer(block)
     n_lines = library().jsonl_texts(block, n, field, len(field), out.ctypes.data, status.ctypes.data,
                                     line_ends.ctypes.data, text_ends.ctypes.data, max_lines)
     text_bytes = int(text_ends[n_lines - 1]) if n_lines else 0
