@@ -133,11 +133,13 @@ def _line_blocks(raw, suffix: str):
         if not got:
             break
         have += got
-        cut = block.rfind(b"\n", 0, have) + 1
+        cut = block.rfind(b"\n", have - got, have) + 1  # block[:have - got] holds no newline: not searched again
         if cut:  # else a line longer than what was read: wait for its end
             yield block, cut, raw.tell()  # tell() once a block: it costs a system call
             block[:have - cut] = block[cut:have]  # the unfinished line moves to the front
             have -= cut
+            if len(block) > max(BLOCK_BYTES, 2 * have):  # grown for a long line that has passed: blocks of
+                del block[max(BLOCK_BYTES, 2 * have):]      # BLOCK_BYTES again (or room for the line begun)
     if have:
         yield block, have, raw.tell()
 

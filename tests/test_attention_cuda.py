@@ -427,6 +427,10 @@ def test_emulated_kernel_rejects_bad_arguments():
         with pytest.raises(RuntimeError, match="scale must be a positive finite number"):
             launch.backward_into(lib, q, q, q, q, lse, q, torch.zeros(1, 1, 64), scale, q.clone(), q.clone(),
                                  q.clone(), torch.zeros(1, 1, 4))
+        with pytest.raises(RuntimeError, match="scale must be a positive finite number"):
+            launch.backward_fused_into(lib, q, q, q, q, lse, q, torch.zeros(1, 1, 64), scale, q.clone(), q.clone(),
+                                       q.clone(), torch.zeros(1, 1, 4), torch.zeros(1, 1, 4, 64),
+                                       torch.zeros(1, dtype=torch.int32))
 
 
 # ---- the op: autograd, torch.compile, availability ----

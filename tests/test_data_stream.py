@@ -223,12 +223,14 @@ def test_a_flag_that_cannot_work_is_refused_before_anything_is_written(tmp_path,
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
 def test_lines_longer_than_a_block_come_whole_and_in_order(tmp_path, monkeypatch, suffix):
     """Read in 64-byte blocks (one buffer, refilled and grown for a long line), lines of 1 to 5 blocks' length
-    come back whole: every block ends at a newline, the blocks add up to the file, the texts are json.loads's."""
+    come back whole: every block ends at a newline, the blocks add up to the file, the texts are json.loads's; and
+    once a long line has passed, blocks are back to 64 bytes (at most twice the longest line they hold)."""
     if suffix == ".jsonl.zst":
         zstandard = pytest.importorskip("zstandard")
     monkeypatch.setattr(data_sources, "BLOCK_BYTES", 64)
     rng = np.random.default_rng(0)
-    lines = [json.dumps({"text": "é" * int(n)}) for n in rng.integers(1, 160, size=300)]  # 14 to 330 bytes
+    lines = [json.dumps({"text": "é" * int(n)}, ensure_ascii=False) for n in rng.integers(1, 160, size=300)]
+    # ^ 15 to 330 bytes of UTF-8
     raw = "\n".join(lines).encode()  # no newline after the last line: it still comes
     compress = {".jsonl": bytes, ".jsonl.gz": gzip.compress,
                 ".jsonl.zst": lambda b: zstandard.ZstdCompressor().compress(b)}[suffix]
@@ -236,6 +238,7 @@ def test_lines_longer_than_a_block_come_whole_and_in_order(tmp_path, monkeypatch
     with open(tmp_path / f"docs{suffix}", "rb") as f:
         blocks = [block[:n] for block, n, _ in data_sources._line_blocks(f, suffix)]  # copies: block is reused
     assert b"".join(blocks) == raw and all(block.endswith(b"\n") for block in blocks[:-1])
+    assert all(len(block) <= max(64, 2 * max(map(len, block.split(b"\n")))) for block in blocks)
     texts = [text for batch in data_sources.file_batches(tmp_path / f"docs{suffix}") for text in batch.texts]
     assert texts == [json.loads(line)["text"].encode() for line in lines]
 
