@@ -1184,10 +1184,12 @@ int dispatch(int head_dim, int dtype, Fn fn) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Sizes the grid can hold: batch*heads on x (up to 2^31 - 1), Q tiles on y (up to 65,535).
-int check_sizes(int batch, int heads, int seq_len) {
+// Sizes the grid can hold: batch*heads on x (up to 2^31 - 1), Q tiles on y (up to 65,535); and a
+// positive finite scale (online_softmax takes the row max before scaling).
+int check_sizes_and_scale(int batch, int heads, int seq_len, float scale) {
     if (batch < 0 || heads <= 0 || seq_len < 0) return GUST_BAD_SIZE;
     if ((long long)batch * heads > 2147483647LL || ceil_div(seq_len, BLOCK_Q) > 65535) return GUST_BAD_SIZE;
+    if (!(scale > 0.0f && scale < INFINITY)) return GUST_BAD_SCALE;  // NaN fails both
     return GUST_OK;
 }
 
@@ -1221,8 +1223,7 @@ extern "C" {
 int gust_attention_forward(const void* q, const void* k, const void* v, void* o, void* lse, void* row_abs_max,
                            const long long* strides, int batch, int heads, int seq_len, int head_dim, float scale,
                            int dtype, void* stream) {
-    if (int bad = check_sizes(batch, heads, seq_len)) return bad;
-    if (!(scale > 0.0f && scale < INFINITY)) return GUST_BAD_SCALE;  // NaN fails both
+    if (int bad = check_sizes_and_scale(batch, heads, seq_len, scale)) return bad;
     if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(o)) return GUST_MISALIGNED;
     Layout layout;
     if (int bad = make_layout(&layout, strides, 4, heads, seq_len)) return bad;
@@ -1243,8 +1244,7 @@ int gust_attention_backward(const void* q, const void* k, const void* v, const v
                             const void* lse, void* k_mean, void* delta, void* dq, void* dk, void* dv,
                             const long long* strides, int batch, int heads, int seq_len, int head_dim, float scale,
                             int dtype, void* stream) {
-    if (int bad = check_sizes(batch, heads, seq_len)) return bad;
-    if (!(scale > 0.0f && scale < INFINITY)) return GUST_BAD_SCALE;  // NaN fails both
+    if (int bad = check_sizes_and_scale(batch, heads, seq_len, scale)) return bad;
     const void* tiles[] = {q, k, v, o, d_o, dq, dk, dv};
     for (const void* p : tiles)
         if (!aligned16(p)) return GUST_MISALIGNED;
@@ -1269,8 +1269,7 @@ int gust_attention_backward_fused(const void* q, const void* k, const void* v, c
                                   const void* lse, void* k_mean, void* delta, void* dq_acc, void* dq_turn,
                                   void* dq, void* dk, void* dv, const long long* strides, int batch, int heads,
                                   int seq_len, int head_dim, float scale, int dtype, void* stream) {
-    if (int bad = check_sizes(batch, heads, seq_len)) return bad;
-    if (!(scale > 0.0f && scale < INFINITY)) return GUST_BAD_SCALE;  // NaN fails both
+    if (int bad = check_sizes_and_scale(batch, heads, seq_len, scale)) return bad;
     const void* tiles[] = {q, k, v, o, d_o, dq, dk, dv, dq_acc};
     for (const void* p : tiles)
         if (!aligned16(p)) return GUST_MISALIGNED;
