@@ -7,6 +7,8 @@
   python bench_data.py --parts startup --startup-gb 4       # python train.py → first step on a 4 GB train.bin
   python bench_data.py --parts pairs --size-mb 512 --encode-sample-mb 512 --pairs 5   # prepare and the ceiling
                                                           # alternated, on the same text: the median ratio
+  python bench_data.py --parts bound --size-mb 512 --encode-sample-mb 512 --pairs 4   # the same for an ideal
+                                                          # pipeline (no per-document Python): the most here
 
 Each part prints its numbers and appends them, with the machine, to .cache/bench_data/results.jsonl. Parts are
 separate so that each measurement fits a short exclusive hold of the machine (`/work/wt/cpu bench ...`).
@@ -139,6 +141,13 @@ def prepare_chunks(texts: list[bytes]) -> list[list[bytes]]:
     return chunks + [chunk] if chunk else chunks
 
 
+def as_texts(chunks: list[list[bytes]]) -> list:
+    """The chunks as prepare holds a chunk for gpt2_bpe: a Texts, its documents spans of one buffer."""
+    from tokenizer import Texts
+
+    return [Texts.of(chunk) for chunk in chunks]
+
+
 def as_str(chunks: list[list[bytes]]) -> list[list[str]]:
     """The chunks' texts as str: the libraries' input (gpt2_bpe takes UTF-8, as prepare holds it)."""
     return [[text.decode() for text in chunk] for chunk in chunks]
@@ -162,10 +171,10 @@ def raw_encoders(cores: int) -> dict:
     prepares_encode, library = tokenizer.gpt2_encoder(GPT2_VOCAB)
     tok = tokenizer.gpt2_tokenizer(GPT2_VOCAB)
 
-    def joined(encode, chunks):  # prepare's call: a chunk's texts as one text, one chunk per thread
+    def joined(encode, chunks):  # prepare's call: a chunk's texts in one call, one chunk per thread
         return sum(len(ids) - (len(chunk) - 1) for ids, chunk in zip(pool.map(encode, chunks), chunks))
 
-    def gpt2_bpe_joined(chunks):  # our C tokenizer, as prepare calls it
+    def gpt2_bpe_joined(chunks):  # our C tokenizer, as prepare calls it (chunks of Texts: spans of one buffer)
         return joined(prepares_encode, chunks)
 
     def tiktoken_joined_numpy(chunks):  # tiktoken, as prepare calls it where gpt2_bpe cannot be built
@@ -198,9 +207,9 @@ def bench_encode(size_mb: int, sample_mb: int) -> dict:
     chunks = prepare_chunks(sample_texts(size_mb, sample_mb))
     result = {"part": "encode", "sample_MB": round(utf8_bytes(chunks) / 1e6, 1),
               "cores": cores}
-    str_chunks = as_str(chunks)
+    str_chunks, texts_chunks = as_str(chunks), as_texts(chunks)
     for name, encode in raw_encoders(cores).items():
-        use = chunks if name.startswith("gpt2_bpe") else str_chunks
+        use = texts_chunks if name.startswith("gpt2_bpe") else str_chunks
         use = use if not name.startswith("tokenizers") else use[:max(1, len(use) // 4)]
         use_bytes = utf8_bytes(chunks[:len(use)])
         started, cpu_before = time.time(), cpu_seconds_so_far()
@@ -216,11 +225,12 @@ def bench_encode(size_mb: int, sample_mb: int) -> dict:
     return result
 
 
-def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str], ceiling_kind: str) -> dict:
-    """prepare and the ceiling's encode (prepare's tokenizer, a chunk as one text, all cores) alternated `pairs`
-    times, in turn first: on a machine whose speed drifts within minutes (this KVM guest: the same raw encode measured
-    11–23 MB/s in one afternoon), one sequential pair is mostly noise; the median of adjacent pairs' ratios
-    is the number to read.
+def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str], ceiling_kind: str,
+                against: str = "prepare") -> dict:
+    """prepare (against "prepare") or the ideal pipeline (against "bound") and the ceiling's encode (prepare's
+    tokenizer, a chunk per call, all cores) alternated `pairs` times, in turn first: on a machine whose speed
+    drifts within minutes (this KVM guest: the same raw encode measured 11–23 MB/s in one afternoon), one sequential
+    pair is mostly noise; the median of adjacent pairs' ratios is the number to read.
 
     ceiling_kind "fresh": each ceiling call starts as prepare does, with new encoders (vocab.json read, empty piece
     caches) — with --encode-sample-mb at least the corpus size, both then encode the same text from the same start.
@@ -232,45 +242,93 @@ def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str], ceil
     import tokenizer
 
     chunks = prepare_chunks(sample_texts(size_mb, sample_mb))
-    sample_bytes = utf8_bytes(chunks)
-    if tokenizer.gpt2_encoder(GPT2_VOCAB)[1] != "gpt2_bpe":
-        chunks = as_str(chunks)  # tiktoken takes str
-    warm = raw_encoders(os.cpu_count())
-    warm = warm.get("gpt2_bpe_joined", warm["tiktoken_joined_numpy"])  # the one prepare uses
+    sample_bytes, chunks = utf8_bytes(chunks), as_texts(chunks)  # as prepare holds them, whatever its tokenizer
+    warm_encode, library = tokenizer.gpt2_encoder(GPT2_VOCAB)  # prepare's encode, made once: its caches stay warm
+    if against == "bound" and library != "gpt2_bpe":
+        sys.exit("--parts bound: needs gpt2_bpe (the C library: `python -m gpt2_bpe` says why it does not build)")
 
-    def fresh(chunks) -> None:  # what warm does, from new encoders and threads
+    def encode_all(encode) -> None:  # prepare's calls, a chunk per call, on all cores
         from concurrent.futures import ThreadPoolExecutor
 
-        encode, _ = tokenizer.gpt2_encoder(GPT2_VOCAB)
         with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
             for _ in pool.map(encode, chunks):
                 pass
 
     def ceiling() -> tuple[float, float]:
         started, cpu_before = time.time(), cpu_seconds_so_far()
-        (fresh if ceiling_kind == "fresh" else warm)(chunks)
+        # fresh: new encoders and threads, as prepare starts; warm: the first call's encoders again
+        encode_all(tokenizer.gpt2_encoder(GPT2_VOCAB)[0] if ceiling_kind == "fresh" else warm_encode)
         return sample_bytes / (time.time() - started) / 1e6, sample_bytes / (cpu_seconds_so_far() - cpu_before) / 1e6
 
-    prepare_rates, ceiling_rates = [], []  # (MB/s, MB per CPU-s) each
+    def candidate() -> tuple[float, float]:
+        if against == "bound":
+            return ideal_pipeline(size_mb)
+        result = bench_prepare(size_mb, ROOT / "data.py", "prepare", extra)
+        return result["text_MB_per_s"], result["text_MB_per_cpu_s"]
+
+    candidate_rates, ceiling_rates = [], []  # (MB/s, MB per CPU-s) each
     for i in range(pairs):
-        for step in (("prepare", "encode") if i % 2 == 0 else ("encode", "prepare")):
-            if step == "prepare":
-                result = bench_prepare(size_mb, ROOT / "data.py", "prepare", extra)
-                prepare_rates.append((result["text_MB_per_s"], result["text_MB_per_cpu_s"]))
-            else:
-                ceiling_rates.append(tuple(round(rate, 2) for rate in ceiling()))
-        (prepare, prepare_cpu), (encode, encode_cpu) = prepare_rates[-1], ceiling_rates[-1]
-        print(f"pair {i + 1}: prepare {prepare} MB/s ({prepare_cpu} per CPU-s), encode {encode} MB/s ({encode_cpu} "
-              f"per CPU-s): {prepare / encode:.0%} ({prepare_cpu / encode_cpu:.0%} per CPU-s)", flush=True)
-    ratios = [p[0] / c[0] for p, c in zip(prepare_rates, ceiling_rates)]
-    cpu_ratios = [p[1] / c[1] for p, c in zip(prepare_rates, ceiling_rates)]
-    return {"part": "pairs", "size_mb": size_mb, "sample_MB": round(sample_bytes / 1e6, 1), "pairs": pairs,
-            "ceiling": ceiling_kind,
-            "prepare_MB_per_s": [p[0] for p in prepare_rates], "encode_MB_per_s": [c[0] for c in ceiling_rates],
-            "prepare_MB_per_cpu_s": [p[1] for p in prepare_rates],
+        for step in ((candidate, ceiling) if i % 2 == 0 else (ceiling, candidate)):
+            rates = tuple(round(rate, 2) for rate in step())
+            (candidate_rates if step is candidate else ceiling_rates).append(rates)
+        (mine, mine_cpu), (encode, encode_cpu) = candidate_rates[-1], ceiling_rates[-1]
+        print(f"pair {i + 1}: {against} {mine} MB/s ({mine_cpu} per CPU-s), encode {encode} MB/s ({encode_cpu} "
+              f"per CPU-s): {mine / encode:.0%} ({mine_cpu / encode_cpu:.0%} per CPU-s)", flush=True)
+    ratios = [p[0] / c[0] for p, c in zip(candidate_rates, ceiling_rates)]
+    cpu_ratios = [p[1] / c[1] for p, c in zip(candidate_rates, ceiling_rates)]
+    return {"part": "pairs" if against == "prepare" else "bound", "size_mb": size_mb,
+            "sample_MB": round(sample_bytes / 1e6, 1), "pairs": pairs, "ceiling": ceiling_kind,
+            f"{against}_MB_per_s": [p[0] for p in candidate_rates], "encode_MB_per_s": [c[0] for c in ceiling_rates],
+            f"{against}_MB_per_cpu_s": [p[1] for p in candidate_rates],
             "encode_MB_per_cpu_s": [c[1] for c in ceiling_rates],
             "ratios": [round(r, 3) for r in ratios], "median_ratio": round(statistics.median(ratios), 3),
             "cpu_ratios": [round(r, 3) for r in cpu_ratios], "median_cpu_ratio": round(statistics.median(cpu_ratios), 3)}
+
+
+def ideal_pipeline(size_mb: int) -> tuple[float, float]:
+    """(MB/s, MB per CPU-s) of text through the least a pipeline of prepare's shape must do on this machine: this
+    thread reads the corpus's .jsonl files 4 MB at a time and hashes (sha256) and writes the ids; the tokenizer
+    threads, one per core, decode a block's JSON (gpt2_bpe's C scan) and encode all its texts as one call. Nothing
+    per document in Python, no split, no resume points: its ids are no valid output (texts run together), only its
+    cost counts. Against the ceiling it bounds what reworking prepare's Python could reach here."""
+    import hashlib
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gpt2_bpe
+    import tokenizer
+
+    started, cpu_before = time.time(), cpu_seconds_so_far()
+    this_thread = gpt2_bpe.thread_local_encoder(tokenizer.gpt2_ranks(GPT2_VOCAB), 50256)
+
+    def decode_and_encode(block: bytes) -> tuple[np.ndarray, int]:
+        texts = gpt2_bpe.jsonl_texts(block, len(block), b"text")[3]  # every line's text, back to back
+        return this_thread().encode_spans(texts, np.zeros(1), np.array([len(texts)])), len(texts)
+
+    text_bytes, hasher, in_flight = 0, hashlib.sha256(), deque()
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool, open(BENCH_DIR / "ideal.bin", "wb") as out:
+        def write_oldest():
+            nonlocal text_bytes
+            ids, n_text = in_flight.popleft().result()
+            hasher.update(ids)
+            out.write(ids)
+            text_bytes += n_text
+        for path in sorted(corpus_dir(size_mb).glob("*.jsonl")):
+            with open(path, "rb") as f:
+                rest = b""  # the unfinished last line of the block before
+                while block := f.read(4 << 20):
+                    block = rest + block
+                    cut = block.rfind(b"\n") + 1
+                    rest = block[cut:]
+                    in_flight.append(pool.submit(decode_and_encode, block[:cut]))
+                    if len(in_flight) >= 3 * os.cpu_count():  # as many in flight as prepare keeps
+                        write_oldest()
+        while in_flight:
+            write_oldest()
+        out.flush()
+        os.fsync(out.fileno())
+    (BENCH_DIR / "ideal.bin").unlink()
+    return text_bytes / (time.time() - started) / 1e6, text_bytes / (cpu_seconds_so_far() - cpu_before) / 1e6
 
 
 def cpu_seconds_so_far() -> float:
@@ -348,12 +406,12 @@ def bench_startup(gigabytes: float) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench_data.py", description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="corpus,prepare,encode",
-                        help="comma-separated: corpus,prepare,encode,old,startup,pairs")
+                        help="comma-separated: corpus,prepare,encode,old,startup,pairs,bound")
     parser.add_argument("--size-mb", type=int, default=2048, help="synthetic corpus size (MiB of jsonl)")
     parser.add_argument("--encode-sample-mb", type=int, default=128, help="text the raw encode rate is measured on")
     parser.add_argument("--old-data-py", type=Path, default=None, help="an earlier data.py to compare (part old)")
     parser.add_argument("--startup-gb", type=float, default=4.0, help="size of the synthetic train.bin (part startup)")
-    parser.add_argument("--pairs", type=int, default=5, help="(prepare, encode) pairs alternated (part pairs)")
+    parser.add_argument("--pairs", type=int, default=5, help="(prepare or the ideal pipeline, encode) pairs alternated (parts pairs, bound)")
     parser.add_argument("--ceiling", choices=["fresh", "warm"], default="fresh",
                         help="part pairs: each ceiling call from new encoders (as prepare starts) or the first's")
     parser.add_argument("--prepare-args", default="--split hash --no-progress", help="extra args for data.py prepare")
@@ -383,6 +441,8 @@ def main():
         elif part == "pairs":
             result = bench_pairs(args.size_mb, args.encode_sample_mb, args.pairs, args.prepare_args.split(),
                                  args.ceiling)
+        elif part == "bound":
+            result = bench_pairs(args.size_mb, args.encode_sample_mb, args.pairs, [], args.ceiling, "bound")
         else:
             sys.exit(f"--parts: unknown part {part!r}")
         print(json.dumps(result))

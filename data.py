@@ -4,9 +4,9 @@ Not in here: reading the input formats (data_sources.py), the tokenizers (tokeni
 
 prepare streams documents from the inputs through the tokenizer into shards of ~shard_tokens uint16 tokens per
 split (train.bin / val.bin when a split fits in one shard, else train-000000.bin, ...), with one <|endoftext|>
-between documents. The reader (main thread) cuts the documents into chunks and one tokenizer thread per core encodes
-a chunk at a time — its documents as one string per split, so a chunk's ids come out just as they are written —
-with a fixed number of chunks in flight. After each completed shard it records where it is in prepare-state.json
+between documents. The reader (main thread) cuts each block of documents into chunks and one tokenizer thread per
+core encodes a chunk at a time — each split's documents in one call, so a chunk's ids come out just as they are
+written — with a fixed number of chunks in flight. After each completed shard it records where it is in prepare-state.json
 (written atomically), so a killed prepare re-run with the same arguments continues there and writes the same
 bytes; meta.json, written last, lists the shards with their sizes, sha256s, cheap fingerprints and the largest
 token id.
@@ -41,7 +41,8 @@ if TYPE_CHECKING:  # imported where batches are made: prepare never needs torch 
 
 from data_sources import corpus_files, document_name, file_batches, read_documents  # noqa: F401  (eval.py's)
 from errors import UserError, read_json
-from tokenizer import EOT, document_ids, find_gpt2_files, gpt2_encoder, gpt2_tokenizer, tokenizers_encoder, train_bpe
+from tokenizer import (EOT, Texts, document_ids, find_gpt2_files, gpt2_encoder, gpt2_tokenizer, tokenizers_encoder,
+                       train_bpe)
 
 META_FORMAT = 2  # 2: shards, max_token_id, fingerprints, args; format 1 (one .bin per split) still loads
 SPLITS = ("train", "val")
@@ -79,8 +80,8 @@ class Batch(NamedTuple):
     file_index: int      # which input file they came from
     file_first: int      # index of that file's first document (where a resume starts reading)
     path: Path
-    texts: list[bytes]   # UTF-8
-    places: list[int]    # each one's line or row (document_name)
+    texts: Texts         # UTF-8
+    places: np.ndarray   # (n,) each one's line or row (document_name)
     bytes_read: int      # input bytes read so far over all files (for the progress bar)
 
 
@@ -136,60 +137,39 @@ def val_chooser(cfg, files: list[Path]):
     return in_val
 
 
-class Piece(NamedTuple):
-    """A run of one batch's documents inside a chunk."""
-    batch: Batch
-    start: int           # the piece is batch.texts[start:stop]
-    stop: int
-    val: np.ndarray      # (stop - start,) bool: which of them are val
-
-
 class Chunk(NamedTuple):
-    """Consecutive documents sorted into their splits: the unit one tokenizer thread encodes."""
-    pieces: list[Piece]              # where they lie in the batches, in corpus order
-    texts: dict[str, list[bytes]]    # split -> its documents' texts, in corpus order
-
-
-def make_chunk(pieces: list[Piece]) -> Chunk:
-    texts = {split: [] for split in SPLITS}
-    for batch, start, stop, val in pieces:
-        run = batch.texts[start:stop]
-        texts["val"] += compress(run, val)  # itertools: one C loop, not a Python step per document
-        texts["train"] += compress(run, ~val)
-    return Chunk(pieces, texts)
+    """Consecutive documents of one batch, sorted into their splits: the unit one tokenizer thread encodes."""
+    batch: Batch
+    start: int                       # the chunk is batch.texts[start:stop]
+    stop: int
+    val: np.ndarray                  # (stop - start,) bool: which of them are val
+    texts: dict[str, Texts]          # split -> its documents' texts, in corpus order (spans of the batch's buffer)
 
 
 def document_chunks(batches, in_val, max_documents: int, max_bytes: int):
-    """Chunks of at most max_documents, or about max_bytes of text: a chunk closes at the document that brings it
-    to either (so the cut is where a document-by-document count would make it, whatever the batches).
+    """Chunks of at most max_documents, or about max_bytes of text, each within one batch: a chunk closes at the
+    document that brings it to either, or at its batch's end. Where the cuts fall changes no byte of the output
+    (each document is encoded on its own); they size the tokenizer calls, and a batch's texts stay one buffer.
 
-    E.g. max_bytes 10, a chunk already holding 4 bytes, a batch of texts of 3, 5, 2 bytes from start 0: ends is
-    [3, 8, 10], the text reaching the 6 bytes still wanted is the one where ends first is ≥ 6 (by_bytes = 1), so the
-    piece is texts[0:2] (8 bytes: the chunk has 12 and closes) and the next chunk starts at texts[2].
+    E.g. max_bytes 10, a batch of texts of 3, 5, 4 bytes: ends is [3, 8, 12], the text reaching 10 bytes is the one
+    where ends first is ≥ 10 (by_bytes = 2), so the chunk is texts[0:3]; with max_documents 2, texts[0:2], then [2:3].
     """
-    pieces, n_docs, n_bytes = [], 0, 0
     for batch in batches:
-        ends, val, start = np.cumsum([len(text) for text in batch.texts]), in_val(batch.first, len(batch.texts)), 0
+        ends, val, start = np.cumsum(batch.texts.lengths()), in_val(batch.first, len(batch.texts)), 0
         while start < len(batch.texts):
             before = int(ends[start - 1]) if start else 0  # bytes of the batch's texts before start
-            by_count = start + max_documents - n_docs - 1  # the text that makes max_documents
-            by_bytes = int(np.searchsorted(ends, max_bytes - n_bytes + before))  # the one that reaches max_bytes
-            stop = min(by_count, by_bytes, len(batch.texts) - 1) + 1
-            pieces.append(Piece(batch, start, stop, val[start:stop]))
-            n_docs, n_bytes = n_docs + stop - start, n_bytes + int(ends[stop - 1]) - before
-            if n_docs >= max_documents or n_bytes >= max_bytes:
-                yield make_chunk(pieces)
-                pieces, n_docs, n_bytes = [], 0, 0
+            by_bytes = int(np.searchsorted(ends, before + max_bytes))  # the text that reaches max_bytes
+            stop = min(start + max_documents - 1, by_bytes, len(batch.texts) - 1) + 1
+            run, chunk_val = batch.texts[start:stop], val[start:stop]
+            yield Chunk(batch, start, stop, chunk_val, {"val": run.chosen(chunk_val), "train": run.chosen(~chunk_val)})
             start = stop
-    if pieces:
-        yield make_chunk(pieces)
 
 
 def chunk_names(chunk: Chunk, split: str):
     """The names of a chunk's documents of split, in order, made as they are asked for (most never are)."""
-    for batch, start, stop, val in chunk.pieces:
-        chosen = val if split == "val" else ~val
-        yield from (document_name(batch.path, batch.places[start + i]) for i in np.flatnonzero(chosen).tolist())
+    chosen = chunk.val if split == "val" else ~chunk.val
+    places = chunk.batch.places[chunk.start:chunk.stop][chosen].tolist()
+    return (document_name(chunk.batch.path, place) for place in places)
 
 
 def resume_after(batch: Batch, position: int) -> dict:
@@ -259,7 +239,7 @@ class ShardWriter:
         """Whether n_tokens more (after their separator) leave the open shard short of full."""
         return self.open_tokens + n_tokens + (self.stats["documents"] > 0) < self.shard_tokens
 
-    def add(self, ids: np.ndarray, eot_id: int, texts: list[bytes], names):
+    def add(self, ids: np.ndarray, eot_id: int, texts: Texts, names):
         """Append documents (texts; their uint16 ids joined by <|endoftext|>; names: an iterator of their names),
         after an <|endoftext|> unless they are the split's first. The caller closes the shard when it is full."""
         if self.file is None:
@@ -272,7 +252,7 @@ class ShardWriter:
         n_tokens = len(separator) + len(ids)
         self.open_tokens += n_tokens
         stats["documents"], stats["tokens"] = stats["documents"] + len(texts), stats["tokens"] + n_tokens
-        stats["bytes"] += sum(map(len, texts))
+        stats["bytes"] += texts.n_bytes()
         stats["max_token_id"] = max(stats["max_token_id"], int(ids.max()) if len(ids) else -1, *separator.tolist())
         stats["names"] += islice(names, max(VAL_NAMES_KEPT - len(stats["names"]), 0))
 
@@ -455,9 +435,8 @@ def write_shards(cfg, files, encode, in_val, eot_id: int, out: Path, state: dict
               disable=not cfg.progress, smoothing=0.1) as bar:
         for chunk, ids in encoded_chunks(chunks, encode, workers):
             write_chunk(chunk, ids, eot_id, out, state, writers)
-            last = chunk.pieces[-1]
-            resume = resume_after(last.batch, last.stop - 1)
-            bar.update(last.batch.bytes_read - bar.n)
+            resume = resume_after(chunk.batch, chunk.stop - 1)
+            bar.update(chunk.batch.bytes_read - bar.n)
             tokens_now = sum(w.stats["tokens"] for w in writers.values()) - tokens_before
             bar.set_postfix_str(f"{tokens_now / max(time.time() - started, 1e-9) / 1e6:.2f}M tokens/s", refresh=False)
     for split, writer in writers.items():
@@ -479,15 +458,15 @@ def write_chunk(chunk: Chunk, ids: dict, eot_id: int, out: Path, state: dict, wr
         for split, split_ids in ids.items():
             writers[split].add(split_ids, eot_id, chunk.texts[split], chunk_names(chunk, split))
         return
-    pieces = {split: iter(document_ids(split_ids, chunk.texts[split], eot_id)) for split, split_ids in ids.items()}
-    for batch, start, stop, val in chunk.pieces:
-        for position, is_val in zip(range(start, stop), val.tolist()):
-            writer, text = writers["val" if is_val else "train"], batch.texts[position]
-            writer.add(next(pieces[writer.split]), eot_id, [text],
-                       iter([document_name(batch.path, batch.places[position])]))
-            if writer.open_tokens >= writer.shard_tokens:
-                writer.close_shard()
-                commit(out, state, writers, resume_after(batch, position))
+    each_ids = {split: iter(document_ids(split_ids, chunk.texts[split], eot_id)) for split, split_ids in ids.items()}
+    batch = chunk.batch
+    for position, is_val in zip(range(chunk.start, chunk.stop), chunk.val.tolist()):
+        writer = writers["val" if is_val else "train"]
+        writer.add(next(each_ids[writer.split]), eot_id, batch.texts[position:position + 1],
+                   iter([document_name(batch.path, batch.places[position])]))
+        if writer.open_tokens >= writer.shard_tokens:
+            writer.close_shard()
+            commit(out, state, writers, resume_after(batch, position))
 
 
 def discard(out: Path, writers: dict):

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from errors import UserError
+from tokenizer import Texts
 
 SUFFIXES = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet", ".txt")
 PACKAGES = {".jsonl.zst": "zstandard", ".parquet": "pyarrow"}  # optional readers: `make setup` installs both
@@ -67,8 +68,8 @@ def _require(package: str, path: Path):
 
 class TextBatch(NamedTuple):
     """Consecutive non-empty documents of one file: what the readers give, a block of lines (or rows) at a time."""
-    texts: list[bytes]   # each document's text, UTF-8
-    places: list[int]    # each one's line (.jsonl) or row (.parquet), from 1; 0 for a .txt file (the whole file)
+    texts: Texts         # each document's text, UTF-8
+    places: np.ndarray   # (n,) int64: each one's line (.jsonl) or row (.parquet), from 1; 0 for a .txt file
     bytes_read: int      # the file's own bytes read so far (the compressed ones, where compressed)
 
 
@@ -101,7 +102,7 @@ def _txt_batch(path: Path):
         warnings.warn(f"{path}: not UTF-8 ({err.reason} at byte {err.start}), skipped")
         return
     if has_text(text):
-        yield TextBatch([text.encode("utf-8")], [0], path.stat().st_size)
+        yield TextBatch(Texts.of([text.encode("utf-8")]), np.zeros(1, dtype=np.int64), path.stat().st_size)
     else:
         warnings.warn(f"{path}: empty, skipped")
 
@@ -205,13 +206,12 @@ def _block_texts(path: Path, line_no: int, block: bytes, n: int, text_field: str
         return *_kept([_jsonl_text(path, line_no + 1 + i, line, text_field) for i, line in enumerate(lines)],
                       line_no), len(lines)
     status, line_ends, text_ends, out = gpt2_bpe.jsonl_texts(block, n, text_field.encode("utf-8"))
-    text_ends = text_ends.tolist()
-    text_starts = [0] + text_ends[:-1]  # a line's text starts where the one before it ends (only TEXT lines add)
     if not (status == gpt2_bpe.ASK_PYTHON).any():  # the common case: every line decided in C, no Python per line
-        kept = np.flatnonzero(status == gpt2_bpe.TEXT).tolist()
-        return [out[text_starts[i]:text_ends[i]] for i in kept], [line_no + 1 + i for i in kept], len(status)
-    line_ends = line_ends.tolist()
-    line_starts, texts = [0] + line_ends[:-1], []
+        kept = np.flatnonzero(status == gpt2_bpe.TEXT)  # a line's text starts where the one before it ends
+        text_starts = np.concatenate(([0], text_ends[:-1]))  # (only TEXT lines add to out)
+        return Texts(out, text_starts[kept], text_ends[kept]), line_no + 1 + kept, len(status)
+    line_ends, text_ends = line_ends.tolist(), text_ends.tolist()
+    line_starts, text_starts, texts = [0] + line_ends[:-1], [0] + text_ends[:-1], []
     for i, line_status in enumerate(status.tolist()):
         if line_status == gpt2_bpe.TEXT:
             texts.append(out[text_starts[i]:text_ends[i]])
@@ -222,10 +222,10 @@ def _block_texts(path: Path, line_no: int, block: bytes, n: int, text_field: str
     return *_kept(texts, line_no), len(status)
 
 
-def _kept(texts: list[bytes | None], line_no: int) -> tuple[list[bytes], list[int]]:
+def _kept(texts: list[bytes | None], line_no: int) -> tuple[Texts, np.ndarray]:
     """(the texts that are not None, their line numbers): texts[i] is line line_no + 1 + i's, None for none."""
     kept = [i for i, text in enumerate(texts) if text is not None]
-    return [texts[i] for i in kept], [line_no + 1 + i for i in kept]
+    return Texts.of([texts[i] for i in kept]), line_no + 1 + np.array(kept, dtype=np.int64)
 
 
 def _jsonl_text(path: Path, line_no: int, line: bytes, text_field: str) -> bytes | None:
@@ -271,7 +271,7 @@ def _parquet_batches(path: Path, text_field: str):
                 elif text is not None and not isinstance(text, str):
                     raise UserError(f"{path}: column \"{text_field}\" holds {type(text).__name__}, not text")
             if texts:
-                yield TextBatch(texts, places, size * row // rows_total)
+                yield TextBatch(Texts.of(texts), np.array(places, dtype=np.int64), size * row // rows_total)
     except (pyarrow.ArrowException, OSError) as err:
         raise UserError(f"{path}: truncated or corrupt at row {row + 1} ({err}) — stopped; "
                         "completed shards are kept") from None

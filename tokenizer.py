@@ -18,6 +18,47 @@ GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p
 GPT2_FIX = "run `make setup`, or pass --gpt2-vocab-dir"
 
 
+class Texts:
+    """Documents' UTF-8 texts as spans of one buffer: text i is buffer[starts[i]:ends[i]] ((n,) int64 each). How
+    prepare holds them: the C JSONL reader writes a block's texts back to back, and choosing documents (a chunk's,
+    a split's) makes new spans over the same buffer, not a copy of each text. Iterating gives each text as bytes."""
+
+    def __init__(self, buffer: bytes | np.ndarray, starts: np.ndarray, ends: np.ndarray):  # array: uint8
+        self.buffer, self.starts, self.ends = buffer, starts, ends
+
+    @classmethod
+    def of(cls, texts) -> "Texts":
+        """texts itself if it is a Texts; else a Texts of that list of bytes (joined once)."""
+        if isinstance(texts, Texts):
+            return texts
+        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        ends = np.cumsum(lengths)
+        return cls(b"".join(texts), ends - lengths, ends)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index):
+        """Text index (bytes), or a slice of the texts (a Texts over the same buffer)."""
+        if isinstance(index, slice):
+            return Texts(self.buffer, self.starts[index], self.ends[index])
+        return bytes(self.buffer[self.starts[index]:self.ends[index]])  # bytes of bytes: no second copy
+
+    def __iter__(self):
+        buffer = self.buffer
+        return (bytes(buffer[start:end]) for start, end in zip(self.starts.tolist(), self.ends.tolist()))
+
+    def chosen(self, mask: np.ndarray) -> "Texts":
+        """The texts where mask ((n,) bool) is True, in order, over the same buffer."""
+        return Texts(self.buffer, self.starts[mask], self.ends[mask])
+
+    def lengths(self) -> np.ndarray:
+        return self.ends - self.starts
+
+    def n_bytes(self) -> int:
+        return int(self.lengths().sum())
+
+
 def gpt2_tokenizer(vocab_dir: Path, fix: str = GPT2_FIX):
     """GPT-2's byte-level BPE (50257 tokens, <|endoftext|> = 50256) from vocab.json + merges.txt."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -74,29 +115,32 @@ def gpt2_tiktoken(vocab_dir: Path, fix: str = GPT2_FIX):
 
 
 def gpt2_encoder(vocab_dir: Path):
-    """(encode, library): encode maps a list of UTF-8 texts to their GPT-2 ids joined by <|endoftext|> (one uint16
-    array, see join_documents). The fastest library at hand, all giving the same ids (tested): gpt2_bpe (our C, ~9x
-    tiktoken per core here), else tiktoken (~6x the tokenizers library), else the tokenizers library."""
+    """(encode, library): encode maps texts (a Texts, or a list of UTF-8 bytes) to their GPT-2 ids joined by
+    <|endoftext|> (one uint16 array, see join_documents). The fastest library at hand, all giving the same ids
+    (tested): gpt2_bpe (our C, ~9x tiktoken per core here), else tiktoken (~6x the tokenizers library), else the
+    tokenizers library."""
     import gpt2_bpe
 
     if gpt2_bpe.available():
-        encode_text, library = gpt2_bpe.thread_local_encoder(gpt2_ranks(vocab_dir), 50256), "gpt2_bpe"
-    else:
-        try:
-            import tiktoken  # noqa: F401
-        except ImportError:
-            return tokenizers_encoder(gpt2_tokenizer(vocab_dir), 50256), "tokenizers"
-        enc, library = gpt2_tiktoken(vocab_dir), "tiktoken"
-        # allowed_special: "<|endoftext|>" inside a text becomes id 50256 too, as the tokenizers library does;
-        # encode_to_numpy: the ids as one buffer, not a Python list of ints (its Rust part releases the GIL)
-        def encode_text(utf8: bytes) -> np.ndarray:
-            return enc.encode_to_numpy(utf8.decode(), allowed_special={EOT}).astype(np.uint16)
+        this_thread = gpt2_bpe.thread_local_encoder(gpt2_ranks(vocab_dir), 50256)
 
-    def encode(texts: list[bytes]) -> np.ndarray:
-        # One call for all the texts, not one per text: both cut their input at each "<|endoftext|>" and encode
-        # the pieces apart, so these are exactly each text's ids with 50256 between them.
-        return encode_text(EOT_UTF8.join(texts))
-    return encode, library
+        def encode(texts) -> np.ndarray:  # the spans encoded in one C call, the texts never joined
+            texts = Texts.of(texts)
+            return this_thread().encode_spans(texts.buffer, texts.starts, texts.ends)
+        return encode, "gpt2_bpe"
+    try:
+        import tiktoken  # noqa: F401
+    except ImportError:
+        return tokenizers_encoder(gpt2_tokenizer(vocab_dir), 50256), "tokenizers"
+    enc = gpt2_tiktoken(vocab_dir)
+
+    def encode(texts) -> np.ndarray:
+        # One call for all the texts, not one per text: tiktoken cuts its input at each "<|endoftext|>" and encodes
+        # the pieces apart, so these are exactly each text's ids with 50256 between them. allowed_special:
+        # "<|endoftext|>" inside a text becomes id 50256 too, as the tokenizers library does; encode_to_numpy: the
+        # ids as one buffer, not a Python list of ints (its Rust part releases the GIL).
+        return enc.encode_to_numpy(EOT_UTF8.join(texts).decode(), allowed_special={EOT}).astype(np.uint16)
+    return encode, "tiktoken"
 
 
 def tokenizers_encoder(tok, eot_id: int):
@@ -112,7 +156,7 @@ def join_documents(ids_per_text: list[np.ndarray], eot_id: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
-def document_ids(ids: np.ndarray, texts: list[bytes], eot_id: int) -> list[np.ndarray]:
+def document_ids(ids: np.ndarray, texts, eot_id: int) -> list[np.ndarray]:
     """Each text's ids (views) from an encoder's output for texts (UTF-8). A text may itself hold "<|endoftext|>",
     which encodes to eot_id as well: counting those tells which eot_ids are the separators."""
     eots = np.flatnonzero(ids == eot_id)

@@ -28,6 +28,7 @@ FLAGS = ["-O2", "-std=c11", "-shared", "-fPIC", "-Wall", "-Werror"]
 N_CODEPOINTS = 0x110000
 OTHER, LETTER, NUMBER, SPACE = 0, 1, 2, 3  # as gpt2_bpe.c numbers them
 TEXT, BLANK, ASK_PYTHON = 0, 1, 2  # a JSONL line's status, as jsonl_text.c numbers them
+OUT_ROUNDING = 1 << 20  # encode_spans's output buffer, in ids: rounded up to this, so its few sizes are reused
 # \s as tiktoken's regex engine (Rust's regex crate) reads it: Unicode's White_Space property
 WHITE_SPACE = [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,
                0x205F, 0x3000]
@@ -72,6 +73,9 @@ def library() -> ctypes.CDLL | None:
     lib.gpt2_bpe_new.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_char_p, ctypes.c_uint32]
     lib.gpt2_bpe_encode.restype = ctypes.c_int64
     lib.gpt2_bpe_encode.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.gpt2_bpe_encode_spans.restype = ctypes.c_int64
+    lib.gpt2_bpe_encode_spans.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_void_p] * 2, ctypes.c_int64,
+                                          ctypes.c_void_p]  # the texts' buffer: bytes or an array's address
     lib.gpt2_bpe_free.argtypes = [ctypes.c_void_p]
     lib.jsonl_texts.restype = ctypes.c_int64
     lib.jsonl_texts.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_char_p, ctypes.c_int64,
@@ -132,38 +136,61 @@ class Encoder:
             raise MemoryError("gpt2_bpe: out of memory while encoding")
         return out[:count].copy()  # copy: don't keep a buffer the size of the text per chunk
 
+    def encode_spans(self, buffer: bytes | np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """(n_ids,) uint16: the texts buffer[starts[i]:ends[i]] (valid UTF-8 each; buffer bytes or a uint8 array)
+        encoded with <|endoftext|> between them — what encode_utf8 gives for the texts joined by "<|endoftext|>",
+        without that copy of them."""
+        starts, ends = (np.ascontiguousarray(a, dtype=np.int64) for a in (starts, ends))
+        held = np.ascontiguousarray(buffer, dtype=np.uint8) if isinstance(buffer, np.ndarray) else buffer
+        pointer = held.ctypes.data if isinstance(held, np.ndarray) else held  # held: alive through the call
+        if len(starts) and (starts.min() < 0 or (ends < starts).any() or ends.max() > len(held)):
+            raise ValueError("gpt2_bpe: spans outside their buffer")  # the C would read past it
+        most = int((ends - starts).sum()) + len(starts)  # ids: at most one a byte, and the separators
+        out = np.empty(-(-max(most, 1) // OUT_ROUNDING) * OUT_ROUNDING, dtype=np.uint16)  # few sizes: reused
+        count = self._lib.gpt2_bpe_encode_spans(self._handle, pointer, starts.ctypes.data, ends.ctypes.data,
+                                                len(starts), out.ctypes.data)
+        if count < 0:
+            raise MemoryError("gpt2_bpe: out of memory while encoding")
+        return out[:count].copy()
+
     def __del__(self):
         if getattr(self, "_handle", None):
             self._lib.gpt2_bpe_free(self._handle)
 
 
 def thread_local_encoder(ranks: dict[bytes, int], eot_id: int):
-    """encode(utf8) that gives each calling thread its own Encoder (an Encoder's piece cache is not shared)."""
+    """this_thread() -> the calling thread's own Encoder, made on its first call (an Encoder's piece cache is not
+    shared between threads)."""
     local = threading.local()
 
-    def encode(utf8: bytes) -> np.ndarray:
+    def this_thread() -> Encoder:
         if not hasattr(local, "encoder"):
             local.encoder = Encoder(ranks, eot_id)
-        return local.encoder.encode_utf8(utf8)
-    return encode
+        return local.encoder
+    return this_thread
 
 
-_scratch = threading.local()  # jsonl_texts's output buffers
+_scratch = threading.local()  # jsonl_texts's line arrays
 
 
-def jsonl_texts(block: bytes | bytearray, n: int, field: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, bytes]:
+def jsonl_texts(block: bytes | bytearray, n: int, field: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                         np.ndarray]:
     """(status, line_ends, text_ends, texts) of the lines of a JSONL block's first n bytes, as jsonl_text.c describes:
     line i is block[line_ends[i - 1]:line_ends[i]] and, where status[i] is TEXT, its field's text (UTF-8) is
-    texts[text_ends[i - 1]:text_ends[i]] (an offset before the first line is 0). The arrays: (n_lines,) each."""
+    texts[text_ends[i - 1]:text_ends[i]] (an offset before the first line is 0). The arrays: (n_lines,) each; texts
+    a uint8 array of its own, written once by the C and never copied (it becomes the block's Texts buffer)."""
     max_lines = n + 1  # room for the most lines there could be: costs no memory until written (np.empty is lazy)
-    if getattr(_scratch, "size", -1) < n:  # one set of buffers per thread, reused: no page faults per block
-        _scratch.size, _scratch.out = n, np.empty(max(n, 1), dtype=np.uint8)
+    if getattr(_scratch, "size", -1) < n:  # one set of line arrays per thread, reused: no page faults per block
+        _scratch.size = n
         _scratch.arrays = [np.empty(max_lines, dtype=t) for t in (np.int8, np.int64, np.int64)]
-    out, (status, line_ends, text_ends) = _scratch.out, _scratch.arrays
+    status, line_ends, text_ends = _scratch.arrays
+    # the whole block's size, not n: one size for every block, so malloc hands out a freed one's memory again
+    # (no page faults anew) and the heap does not fragment as the corpus goes by
+    out = np.empty(max(len(block), 1), dtype=np.uint8)
     if isinstance(block, bytearray):  # data_sources's reused block: passed without a copy
         block = (ctypes.c_char * len(block)).from_buffer(block)
     n_lines = library().jsonl_texts(block, n, field, len(field), out.ctypes.data, status.ctypes.data,
                                     line_ends.ctypes.data, text_ends.ctypes.data, max_lines)
     text_bytes = int(text_ends[n_lines - 1]) if n_lines else 0
     return status[:n_lines].copy(), line_ends[:n_lines].copy(), text_ends[:n_lines].copy(), \
-        out[:text_bytes].tobytes()  # copies: the scratch buffers are overwritten by the next call
+        out[:text_bytes]  # copies of the line arrays: the next call overwrites them

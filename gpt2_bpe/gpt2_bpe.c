@@ -242,6 +242,22 @@ int64_t gpt2_bpe_encode(Encoder *e, const uint8_t *text, int64_t n, uint16_t *ou
     return got < 0 ? got : count + got;
 }
 
+/* Several texts, text t being buffer[starts[t]:ends[t]], encoded one after another with eot_id between them: the
+ * ids of the texts joined by "<|endoftext|>" (the separator splits the joined text exactly there: it begins with
+ * '<', which no suffix of "<|endoftext|>" but the whole does), without joining them. out must hold the texts'
+ * bytes plus n_texts ids. The number of ids, or -1 if out of memory. */
+int64_t gpt2_bpe_encode_spans(Encoder *e, const uint8_t *buffer, const int64_t *starts, const int64_t *ends,
+                              int64_t n_texts, uint16_t *out) {
+    int64_t count = 0;
+    for (int64_t t = 0; t < n_texts; t++) {
+        if (t > 0) out[count++] = (uint16_t)e->eot_id;
+        int64_t got = gpt2_bpe_encode(e, buffer + starts[t], ends[t] - starts[t], out + count);
+        if (got < 0) return got;
+        count += got;
+    }
+    return count;
+}
+
 void gpt2_bpe_free(Encoder *e) {
     if (e == NULL) return;
     free(e->classes); free(e->token_bytes); free(e->tokens); free(e->cache); free(e->cache_keys);

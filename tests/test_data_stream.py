@@ -166,30 +166,31 @@ def test_threads_chunks_and_shards_do_not_change_a_token(tmp_path, workers, batc
 
 
 def test_chunks_close_where_a_document_by_document_count_closes_them():
-    """document_chunks cuts batches of documents (any sizes, chunks spanning batches) exactly where a chunk reaches
-    max_documents or max_bytes counting one document at a time, and sorts each document into its split."""
+    """document_chunks cuts each batch of documents (any sizes) exactly where a chunk reaches max_documents or
+    max_bytes counting one document at a time, or at the batch's end, and sorts each document into its split."""
     rng = np.random.default_rng(0)
     sizes = rng.integers(1, 9, size=12)
     texts = [b"x" * int(n) for n in rng.integers(1, 40, size=int(sizes.sum()))]
     firsts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-    batches = [data.Batch(int(first), 0, 0, Path("f"), texts[first:first + size], list(range(size)), 0)
+    batches = [data.Batch(int(first), 0, 0, Path("f"), data.Texts.of(texts[first:first + size]),
+                          np.arange(1, size + 1), 0)
                for first, size in zip(firsts, sizes)]
+    batch_ends = set((firsts + sizes - 1).tolist())
     in_val = lambda first, count: np.arange(first, first + count) % 3 == 0
     for max_documents, max_bytes in ((5, 10_000), (1000, 60), (4, 50), (1, 1)):
         want, chunk, n_bytes = [], [], 0  # the rule, one document at a time
         for i, text in enumerate(texts):
             chunk.append(i)
             n_bytes += len(text)
-            if len(chunk) >= max_documents or n_bytes >= max_bytes:
+            if len(chunk) >= max_documents or n_bytes >= max_bytes or i in batch_ends:
                 want.append(chunk)
                 chunk, n_bytes = [], 0
-        want += [chunk] if chunk else []
         got = list(data.document_chunks(iter(batches), in_val, max_documents, max_bytes))
-        assert [[piece.batch.first + j for piece in c.pieces for j in range(piece.start, piece.stop)] for c in got] \
-            == want
+        assert [[c.batch.first + j for j in range(c.start, c.stop)] for c in got] == want
         for c, indices in zip(got, want):
-            assert c.texts["val"] == [texts[i] for i in indices if i % 3 == 0]
-            assert c.texts["train"] == [texts[i] for i in indices if i % 3 != 0]
+            assert list(c.texts["val"]) == [texts[i] for i in indices if i % 3 == 0]
+            assert list(c.texts["train"]) == [texts[i] for i in indices if i % 3 != 0]
+            assert list(data.chunk_names(c, "val")) == [f"f:{i - c.batch.first + 1}" for i in indices if i % 3 == 0]
 
 
 REFUSED_FLAGS = [
@@ -269,7 +270,7 @@ def test_the_reader_keeps_a_bounded_number_of_chunks_in_flight():
         time.sleep(0.002)
         return np.zeros(1, dtype=np.uint16)
 
-    chunk_of = lambda i: data.Chunk([], {"train": [b"x" * (i + 1)], "val": []})
+    chunk_of = lambda i: data.Chunk(None, 0, 0, np.zeros(0, bool), {"train": [b"x" * (i + 1)], "val": []})
     for workers in (1, 3):
         read.clear()
         for i, (chunk, ids) in enumerate(data.encoded_chunks(map(chunk_of, chunks()), slow_encode, workers)):

@@ -5,6 +5,7 @@ import os
 import random
 import threading
 
+import numpy as np
 import pytest
 
 import tokenizer
@@ -84,10 +85,10 @@ def test_threads_encoding_at_once_get_the_ids_one_thread_gets(encoders):
     ours, _ = encoders
     texts = [" ".join(random.Random(seed).choice(ALPHABET) for _ in range(20_000)) for seed in range(4)]
     expected = [ours.encode(text).tolist() for text in texts]
-    encode, results = gpt2_bpe.thread_local_encoder(tokenizer.gpt2_ranks(GPT2_VOCAB), 50256), {}
+    this_thread, results = gpt2_bpe.thread_local_encoder(tokenizer.gpt2_ranks(GPT2_VOCAB), 50256), {}
 
     def work(index):
-        results[index] = [encode(texts[index].encode()).tolist() for _ in range(3)]
+        results[index] = [this_thread().encode_utf8(texts[index].encode()).tolist() for _ in range(3)]
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(texts))]
     [thread.start() for thread in threads]
     [thread.join() for thread in threads]
@@ -103,3 +104,44 @@ def test_a_failed_build_names_the_compiler_and_prepare_falls_back(tmp_path, monk
     if GPT2_VOCAB.is_dir() and pytest.importorskip("tiktoken"):
         monkeypatch.setattr(gpt2_bpe, "available", lambda: False)
         assert tokenizer.gpt2_encoder(GPT2_VOCAB)[1] == "tiktoken"
+
+
+def test_spans_encode_as_tiktoken_encodes_the_texts_joined_by_endoftext(encoders):
+    """encode_spans (prepare's call) on texts chosen out of one buffer, some cut in the middle of "<|endoftext|>" or
+    holding it, some empty: tiktoken's ids for the chosen texts joined by "<|endoftext|>", from bytes or an array."""
+    ours, reference = encoders
+    rng = random.Random(1)
+    pieces = ["<|endof", "text|>", "<|endoftext|>", "<", "|>", ""]
+    texts = ["".join(rng.choice(ALPHABET + pieces) for _ in range(rng.randint(0, 12))) for _ in range(300)]
+    texts += ["a<|endof", "text|>b", "", "<|endoftext|>", "x<", "|endoftext|>"]
+    all_texts = tokenizer.Texts.of([text.encode() for text in texts])
+    chosen = np.array([rng.random() < 0.6 for _ in texts])
+    for spans in (all_texts, all_texts.chosen(chosen), all_texts[3:], all_texts[:0]):
+        want = reference_ids(reference, tokenizer.EOT.join(text.decode() for text in spans))
+        as_array = np.frombuffer(spans.buffer, dtype=np.uint8)
+        for buffer in (spans.buffer, as_array):
+            assert ours.encode_spans(buffer, spans.starts, spans.ends).tolist() == want
+
+
+def test_texts_hold_what_a_list_of_the_texts_holds():
+    """Texts (spans of one buffer) against the list of bytes it was made of: items, slices, choices, sizes."""
+    texts = [b"one", b"", "tw\u00f6".encode(), b"three<|endoftext|>", b"4"]
+    spans = tokenizer.Texts.of(texts)
+    mask = np.array([True, False, True, True, False])
+    assert list(spans) == texts and [spans[i] for i in range(5)] == texts and len(spans) == 5
+    assert list(spans[1:4]) == texts[1:4] and list(spans[4:]) == [b"4"]
+    assert list(spans.chosen(mask)) == [t for t, m in zip(texts, mask) if m]
+    assert list(spans.chosen(~mask)[1:]) == [b"4"]
+    assert spans.lengths().tolist() == [len(t) for t in texts] and spans.n_bytes() == sum(map(len, texts))
+    assert spans.chosen(mask).n_bytes() == sum(len(t) for t, m in zip(texts, mask) if m)
+    as_array = tokenizer.Texts(np.frombuffer(spans.buffer, dtype=np.uint8), spans.starts, spans.ends)
+    assert list(as_array) == texts and as_array[3] == texts[3] and isinstance(as_array[3], bytes)
+    assert list(tokenizer.Texts.of([])) == [] and tokenizer.Texts.of([]).n_bytes() == 0
+
+
+def test_spans_outside_their_buffer_are_refused(encoders):
+    ours, _ = encoders
+    for starts, ends in (([0], [4]), ([-1], [2]), ([2], [1])):
+        with pytest.raises(ValueError, match="spans outside their buffer"):
+            ours.encode_spans(b"abc", np.array(starts), np.array(ends))
+    assert ours.encode_spans(b"abc", np.array([0, 3]), np.array([3, 3])).tolist() == ours.encode("abc").tolist() + [50256]
