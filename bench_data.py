@@ -127,7 +127,8 @@ def sample_texts(size_mb: int, sample_mb: int) -> list[bytes]:
 
 
 def prepare_chunks(texts: list[bytes]) -> list[list[bytes]]:
-    """The texts cut as prepare cuts them for its tokenizer threads (--batch-documents, --batch-bytes)."""
+    """The texts cut by prepare's rule for its tokenizer threads (--batch-documents, --batch-bytes); prepare also
+    cuts at each 4 MB block's end, these chunks run on across it."""
     from configs import PrepareConfig
 
     max_documents, max_bytes = PrepareConfig().batch_documents, PrepareConfig().batch_bytes
@@ -247,17 +248,21 @@ def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str], ceil
     if against == "bound" and library != "gpt2_bpe":
         sys.exit("--parts bound: needs gpt2_bpe (the C library: `python -m gpt2_bpe` says why it does not build)")
 
-    def encode_all(encode) -> None:  # prepare's calls, a chunk per call, on all cores
-        from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-            for _ in pool.map(encode, chunks):
-                pass
+    warm_pool = ThreadPoolExecutor(max_workers=os.cpu_count())  # warm: the same threads, so the same encoders
+
+    def encode_all(encode, pool) -> None:  # prepare's calls, a chunk per call, on all cores
+        for _ in pool.map(encode, chunks):
+            pass
 
     def ceiling() -> tuple[float, float]:
         started, cpu_before = time.time(), cpu_seconds_so_far()
-        # fresh: new encoders and threads, as prepare starts; warm: the first call's encoders again
-        encode_all(tokenizer.gpt2_encoder(GPT2_VOCAB)[0] if ceiling_kind == "fresh" else warm_encode)
+        if ceiling_kind == "fresh":  # new encoders and threads, as prepare starts
+            with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+                encode_all(tokenizer.gpt2_encoder(GPT2_VOCAB)[0], pool)
+        else:  # the first call's encoders again, their piece caches filled
+            encode_all(warm_encode, warm_pool)
         return sample_bytes / (time.time() - started) / 1e6, sample_bytes / (cpu_seconds_so_far() - cpu_before) / 1e6
 
     def candidate() -> tuple[float, float]:
@@ -297,13 +302,16 @@ def ideal_pipeline(size_mb: int) -> tuple[float, float]:
 
     import gpt2_bpe
     import tokenizer
+    from data import CHUNKS_PER_WORKER
+    from data_sources import BLOCK_BYTES
 
     started, cpu_before = time.time(), cpu_seconds_so_far()
     this_thread = gpt2_bpe.thread_local_encoder(tokenizer.gpt2_ranks(GPT2_VOCAB), 50256)
 
     def decode_and_encode(block: bytes) -> tuple[np.ndarray, int]:
         texts = gpt2_bpe.jsonl_texts(block, len(block), b"text")[3]  # every line's text, back to back
-        return this_thread().encode_spans(texts, np.zeros(1), np.array([len(texts)])), len(texts)
+        spans = np.array([0], dtype=np.int64), np.array([len(texts)], dtype=np.int64)  # all of it as one text
+        return this_thread().encode_spans(texts, *spans), len(texts)
 
     text_bytes, hasher, in_flight = 0, hashlib.sha256(), deque()
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool, open(BENCH_DIR / "ideal.bin", "wb") as out:
@@ -316,13 +324,15 @@ def ideal_pipeline(size_mb: int) -> tuple[float, float]:
         for path in sorted(corpus_dir(size_mb).glob("*.jsonl")):
             with open(path, "rb") as f:
                 rest = b""  # the unfinished last line of the block before
-                while block := f.read(4 << 20):
+                while block := f.read(BLOCK_BYTES):
                     block = rest + block
                     cut = block.rfind(b"\n") + 1
                     rest = block[cut:]
                     in_flight.append(pool.submit(decode_and_encode, block[:cut]))
-                    if len(in_flight) >= 3 * os.cpu_count():  # as many in flight as prepare keeps
+                    if len(in_flight) >= CHUNKS_PER_WORKER * os.cpu_count():  # as many in flight as prepare keeps
                         write_oldest()
+                if rest:  # a last line without its newline
+                    in_flight.append(pool.submit(decode_and_encode, rest))
         while in_flight:
             write_oldest()
         out.flush()
@@ -411,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--encode-sample-mb", type=int, default=128, help="text the raw encode rate is measured on")
     parser.add_argument("--old-data-py", type=Path, default=None, help="an earlier data.py to compare (part old)")
     parser.add_argument("--startup-gb", type=float, default=4.0, help="size of the synthetic train.bin (part startup)")
-    parser.add_argument("--pairs", type=int, default=5, help="(prepare or the ideal pipeline, encode) pairs alternated (parts pairs, bound)")
+    parser.add_argument("--pairs", type=int, default=5,
+                        help="(prepare or the ideal pipeline, encode) pairs alternated (parts pairs, bound)")
     parser.add_argument("--ceiling", choices=["fresh", "warm"], default="fresh",
                         help="part pairs: each ceiling call from new encoders (as prepare starts) or the first's")
     parser.add_argument("--prepare-args", default="--split hash --no-progress", help="extra args for data.py prepare")

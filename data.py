@@ -6,10 +6,10 @@ prepare streams documents from the inputs through the tokenizer into shards of ~
 split (train.bin / val.bin when a split fits in one shard, else train-000000.bin, ...), with one <|endoftext|>
 between documents. The reader (main thread) cuts each block of documents into chunks and one tokenizer thread per
 core encodes a chunk at a time — each split's documents in one call, so a chunk's ids come out just as they are
-written — with a fixed number of chunks in flight. After each completed shard it records where it is in prepare-state.json
-(written atomically), so a killed prepare re-run with the same arguments continues there and writes the same
-bytes; meta.json, written last, lists the shards with their sizes, sha256s, cheap fingerprints and the largest
-token id.
+written — with a fixed number of chunks in flight. After each completed shard it records where it is in
+prepare-state.json (written atomically), so a killed prepare re-run with the same arguments continues there and
+writes the same bytes; meta.json, written last, lists the shards with their sizes, sha256s, cheap fingerprints and
+the largest token id.
 
 The order of batches is a pure function of (seed, step); a split's shards are read as one token stream:
   * The token stream of a split is cut into fixed windows of block_size + 1 tokens (x = first T, y = last T).

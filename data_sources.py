@@ -3,8 +3,9 @@
 Inputs: .txt (one document), .jsonl / .jsonl.gz / .jsonl.zst (one document per line, its --text-field), .parquet
 (one document per row of the text column), and directories or globs of them. Documents come in a fixed order —
 files sorted by path, then line or row — so the split and the token files are reproducible. A document's text comes
-as UTF-8 bytes (what the tokenizer reads); JSONL is read in blocks of lines whose texts gpt2_bpe's C extracts
-(json.loads, per line, only for the lines it leaves to Python, or where it could not be built).
+as a span of a block's UTF-8 buffer (a tokenizer.Texts; UTF-8 is what the tokenizer reads); JSONL is read in blocks
+of lines whose texts gpt2_bpe's C extracts (json.loads, per line, only for the lines it leaves to Python, or where
+it could not be built).
 Not in here: tokenizing, splitting, writing (data.py). Kept apart from data.py so that file stays readable.
 """
 import glob
@@ -207,8 +208,8 @@ def _block_texts(path: Path, line_no: int, block: bytes, n: int, text_field: str
                       line_no), len(lines)
     status, line_ends, text_ends, out = gpt2_bpe.jsonl_texts(block, n, text_field.encode("utf-8"))
     if not (status == gpt2_bpe.ASK_PYTHON).any():  # the common case: every line decided in C, no Python per line
-        kept = np.flatnonzero(status == gpt2_bpe.TEXT)  # a line's text starts where the one before it ends
-        text_starts = np.concatenate(([0], text_ends[:-1]))  # (only TEXT lines add to out)
+        kept = np.flatnonzero(status == gpt2_bpe.TEXT)
+        text_starts = np.concatenate(([0], text_ends[:-1]))  # where the line before ends (only TEXT lines add)
         return Texts(out, text_starts[kept], text_ends[kept]), line_no + 1 + kept, len(status)
     line_ends, text_ends = line_ends.tolist(), text_ends.tolist()
     line_starts, text_starts, texts = [0] + line_ends[:-1], [0] + text_ends[:-1], []
@@ -222,7 +223,7 @@ def _block_texts(path: Path, line_no: int, block: bytes, n: int, text_field: str
     return *_kept(texts, line_no), len(status)
 
 
-def _kept(texts: list[bytes | None], line_no: int) -> tuple[Texts, np.ndarray]:
+def _kept(texts: list[bytes | np.ndarray | None], line_no: int) -> tuple[Texts, np.ndarray]:
     """(the texts that are not None, their line numbers): texts[i] is line line_no + 1 + i's, None for none."""
     kept = [i for i, text in enumerate(texts) if text is not None]
     return Texts.of([texts[i] for i in kept]), line_no + 1 + np.array(kept, dtype=np.int64)

@@ -1,4 +1,5 @@
-"""GPT-2's tokenizer and a trained byte-level BPE: the vocabulary files, and encoders that give many documents' ids.
+"""GPT-2's tokenizer and a trained byte-level BPE: the vocabulary files, encoders that give many documents' ids, and
+Texts, how prepare holds those documents (spans of one buffer).
 
 Three libraries give GPT-2's ids, all the same (tests/test_data_stream.py checks it on the whole Shakespeare corpus
 and on awkward strings): gpt2_bpe (our C, the fastest), tiktoken (built offline from vocab.json), and the tokenizers
@@ -53,9 +54,11 @@ class Texts:
         return Texts(self.buffer, self.starts[mask], self.ends[mask])
 
     def lengths(self) -> np.ndarray:
+        """(n,) int64: each text's bytes."""
         return self.ends - self.starts
 
     def n_bytes(self) -> int:
+        """All the texts' bytes together."""
         return int(self.lengths().sum())
 
 

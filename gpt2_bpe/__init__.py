@@ -141,7 +141,9 @@ class Encoder:
         encoded with <|endoftext|> between them — what encode_utf8 gives for the texts joined by "<|endoftext|>",
         without that copy of them."""
         starts, ends = (np.ascontiguousarray(a, dtype=np.int64) for a in (starts, ends))
-        held = np.ascontiguousarray(buffer, dtype=np.uint8) if isinstance(buffer, np.ndarray) else buffer
+        if isinstance(buffer, np.ndarray) and buffer.dtype != np.uint8:
+            raise ValueError(f"gpt2_bpe: a texts buffer must hold bytes (uint8), not {buffer.dtype}")
+        held = np.ascontiguousarray(buffer) if isinstance(buffer, np.ndarray) else buffer
         pointer = held.ctypes.data if isinstance(held, np.ndarray) else held  # held: alive through the call
         if len(starts) and (starts.min() < 0 or (ends < starts).any() or ends.max() > len(held)):
             raise ValueError("gpt2_bpe: spans outside their buffer")  # the C would read past it
@@ -192,5 +194,5 @@ def jsonl_texts(block: bytes | bytearray, n: int, field: bytes) -> tuple[np.ndar
     n_lines = library().jsonl_texts(block, n, field, len(field), out.ctypes.data, status.ctypes.data,
                                     line_ends.ctypes.data, text_ends.ctypes.data, max_lines)
     text_bytes = int(text_ends[n_lines - 1]) if n_lines else 0
-    return status[:n_lines].copy(), line_ends[:n_lines].copy(), text_ends[:n_lines].copy(), \
-        out[:text_bytes]  # copies of the line arrays: the next call overwrites them
+    # the line arrays copied (the next call overwrites them); out handed over as it is, a new array every call
+    return status[:n_lines].copy(), line_ends[:n_lines].copy(), text_ends[:n_lines].copy(), out[:text_bytes]

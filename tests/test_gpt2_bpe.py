@@ -145,3 +145,5 @@ def test_spans_outside_their_buffer_are_refused(encoders):
         with pytest.raises(ValueError, match="spans outside their buffer"):
             ours.encode_spans(b"abc", np.array(starts), np.array(ends))
     assert ours.encode_spans(b"abc", np.array([0, 3]), np.array([3, 3])).tolist() == ours.encode("abc").tolist() + [50256]
+    with pytest.raises(ValueError, match="must hold bytes"):
+        ours.encode_spans(np.zeros(3, dtype=np.int16), np.array([0]), np.array([3]))
