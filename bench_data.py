@@ -303,15 +303,14 @@ def ideal_pipeline(size_mb: int) -> tuple[float, float]:
     import gpt2_bpe
     import tokenizer
     from data import CHUNKS_PER_WORKER
-    from data_sources import BLOCK_BYTES
+    from data_sources import _line_blocks
 
     started, cpu_before = time.time(), cpu_seconds_so_far()
     this_thread = gpt2_bpe.thread_local_encoder(tokenizer.gpt2_ranks(GPT2_VOCAB), 50256)
 
     def decode_and_encode(block: bytes) -> tuple[np.ndarray, int]:
         texts = gpt2_bpe.jsonl_texts(block, len(block), b"text")[3]  # every line's text, back to back
-        spans = np.array([0], dtype=np.int64), np.array([len(texts)], dtype=np.int64)  # all of it as one text
-        return this_thread().encode_spans(texts, *spans), len(texts)
+        return this_thread().encode_utf8(texts), len(texts)  # all of it as one text
 
     text_bytes, hasher, in_flight = 0, hashlib.sha256(), deque()
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool, open(BENCH_DIR / "ideal.bin", "wb") as out:
@@ -323,16 +322,10 @@ def ideal_pipeline(size_mb: int) -> tuple[float, float]:
             text_bytes += n_text
         for path in sorted(corpus_dir(size_mb).glob("*.jsonl")):
             with open(path, "rb") as f:
-                rest = b""  # the unfinished last line of the block before
-                while block := f.read(BLOCK_BYTES):
-                    block = rest + block
-                    cut = block.rfind(b"\n") + 1
-                    rest = block[cut:]
-                    in_flight.append(pool.submit(decode_and_encode, block[:cut]))
+                for block, n, _ in _line_blocks(f, ".jsonl"):  # prepare's reader: whole lines, one reused buffer
+                    in_flight.append(pool.submit(decode_and_encode, bytes(block[:n])))  # a copy for the thread
                     if len(in_flight) >= CHUNKS_PER_WORKER * os.cpu_count():  # as many in flight as prepare keeps
                         write_oldest()
-                if rest:  # a last line without its newline
-                    in_flight.append(pool.submit(decode_and_encode, rest))
         while in_flight:
             write_oldest()
         out.flush()

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from itertools import compress, islice
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -356,7 +356,7 @@ def prepare(cfg) -> dict:
     tok = None
     if cfg.tokenizer == "bpe" and not _saved_bpe_is_intact(out, state):
         train_texts = (text.decode() for batch in iter_batches(files, cfg.text_field)
-                       for text in compress(batch.texts, ~in_val(batch.first, len(batch.texts))))
+                       for text in batch.texts.chosen(~in_val(batch.first, len(batch.texts))))
         tok = train_bpe(train_texts, cfg.bpe_vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / STATE_FILE, state)  # from here on the directory is ours: a re-run resumes it

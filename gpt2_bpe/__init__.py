@@ -71,8 +71,6 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.gpt2_bpe_new.restype = ctypes.c_void_p
     lib.gpt2_bpe_new.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_char_p, ctypes.c_uint32]
-    lib.gpt2_bpe_encode.restype = ctypes.c_int64
-    lib.gpt2_bpe_encode.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p]
     lib.gpt2_bpe_encode_spans.restype = ctypes.c_int64
     lib.gpt2_bpe_encode_spans.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_void_p] * 2, ctypes.c_int64,
                                           ctypes.c_void_p]  # the texts' buffer: bytes or an array's address
@@ -128,13 +126,9 @@ class Encoder:
             utf8 = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
         return self.encode_utf8(utf8)
 
-    def encode_utf8(self, utf8: bytes) -> np.ndarray:
-        """(n_ids,) uint16 ids of a text given as valid UTF-8 (what prepare holds: no conversion at all)."""
-        out = np.empty(max(len(utf8), 1), dtype=np.uint16)  # a text of n bytes has at most n ids
-        count = self._lib.gpt2_bpe_encode(self._handle, utf8, len(utf8), out.ctypes.data)
-        if count < 0:
-            raise MemoryError("gpt2_bpe: out of memory while encoding")
-        return out[:count].copy()  # copy: don't keep a buffer the size of the text per chunk
+    def encode_utf8(self, utf8: bytes | np.ndarray) -> np.ndarray:
+        """(n_ids,) uint16 ids of a text given as valid UTF-8 (bytes or a uint8 array): one span, all of it."""
+        return self.encode_spans(utf8, np.zeros(1, dtype=np.int64), np.array([len(utf8)], dtype=np.int64))
 
     def encode_spans(self, buffer: bytes | np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
         """(n_ids,) uint16: the texts buffer[starts[i]:ends[i]] (valid UTF-8 each; buffer bytes or a uint8 array)
@@ -153,7 +147,7 @@ class Encoder:
                                                 len(starts), out.ctypes.data)
         if count < 0:
             raise MemoryError("gpt2_bpe: out of memory while encoding")
-        return out[:count].copy()
+        return out[:count].copy()  # copy: don't keep a buffer the size of the text per chunk
 
     def __del__(self):
         if getattr(self, "_handle", None):
