@@ -397,10 +397,40 @@ __device__ __forceinline__ void load_b(uint32_t (&b)[2][2], const scalar_t* tile
     b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
 }
 
-// acc (16, COLS) fp32 = a_tile[row0 .. row0+16) (16, D) @ b_tile (COLS, D)ᵀ: scores
-// q kᵀ and dp = dO vᵀ (and their transposes in the dK/dV kernel). Both tiles in shared memory.
-template <int D, int COLS, typename scalar_t>
-__device__ void warp_matmul_abt(float (&acc)[COLS / 8][4], const scalar_t* a_tile, const scalar_t* b_tile, int row0) {
+// A warp's stripe, rows [row0, row0 + 16) of a (64, D) tile in shared memory, as the A operand of
+// q kᵀ or dO vᵀ. Each kernel multiplies the same stripes by every tile of its loop (q in the forward,
+// q and dO in the dQ kernel, k and v in the dK/dV ones), so where registers allow (IN_REGISTERS) a warp
+// reads a stripe with ldmatrix once, on the loop's first pass, and keeps its D / 4 registers per lane:
+// at D = 64, 4 of the forward's 36 ldmatrix.x4 per pass fewer, 8 of the dQ kernel's 56 and of dK/dV's 72.
+// Otherwise every product re-reads it from the tile.
+template <int D, typename scalar_t, bool IN_REGISTERS>
+struct Stripe {
+    const scalar_t* tile;
+    int row0;
+    uint32_t fragments[IN_REGISTERS ? D / 16 : 1][4];  // IN_REGISTERS: fragment kk = columns [16 kk, 16 kk + 16)
+
+    __device__ Stripe(const scalar_t* tile, int row0) : tile(tile), row0(row0) {}
+    __device__ void load() {  // once the tile has landed (after the barrier); a no-op when not IN_REGISTERS
+        if constexpr (IN_REGISTERS) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) load_a(fragments[kk], tile, ld16(D), row0, 16 * kk);
+        }
+    }
+    __device__ __forceinline__ void fragment(uint32_t (&a)[4], int kk) const {
+        if constexpr (IN_REGISTERS) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) a[r] = fragments[kk][r];
+        } else {
+            load_a(a, tile, ld16(D), row0, 16 * kk);
+        }
+    }
+};
+
+// acc (16, COLS) fp32 = a (16, D) @ b_tile (COLS, D)ᵀ, a a warp's Stripe and b_tile 16-bit in shared
+// memory: scores q kᵀ and dp = dO vᵀ (and their transposes in the dK/dV kernels).
+template <int D, int COLS, typename scalar_t, bool IN_REGISTERS>
+__device__ void warp_matmul_abt(float (&acc)[COLS / 8][4], const Stripe<D, scalar_t, IN_REGISTERS>& a_stripe,
+                                const scalar_t* b_tile) {
 #pragma unroll
     for (int n = 0; n < COLS / 8; ++n)
 #pragma unroll
@@ -408,7 +438,7 @@ __device__ void warp_matmul_abt(float (&acc)[COLS / 8][4], const scalar_t* a_til
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t a[4];
-        load_a(a, a_tile, ld16(D), row0, 16 * kk);
+        a_stripe.fragment(a, kk);
 #pragma unroll
         for (int n = 0; n < COLS / 16; ++n) {
             uint32_t b[2][2];
@@ -418,6 +448,11 @@ __device__ void warp_matmul_abt(float (&acc)[COLS / 8][4], const scalar_t* a_til
         }
     }
 }
+
+// Where the dK/dV and fused kernels keep their k and v stripes in registers: at D = 64 they go from
+// 184-188 to 236-243 registers, inside the 255 that 2 blocks (8 warps) per SM allow; at D = 128 they
+// already use 254-255, and the 64 more registers would spill.
+__host__ __device__ constexpr bool key_stripes_in_registers(int D) { return D == 64; }
 
 // acc (16, COLS) fp32 += a (16, INNER) @ b_tile (INNER, COLS), with `a` already in registers as A
 // fragments (P or dS, from to_a_fragments or load_a_transposed) and b_tile 16-bit in shared memory
@@ -556,6 +591,7 @@ attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restr
 
     // causal: K tiles starting after the tile's last query (q_end - 1) are fully masked: skipped
     int buffer = 0;  // which k_tile / v_tile holds this pass's keys
+    Stripe<D, scalar_t, true> q_rows(q_tile, warp * STRIPE);  // this warp's queries
     for (int k_start = 0; k_start < q_end; k_start += BLOCK_K, buffer ^= 1) {
         if (k_start + BLOCK_K < q_end) {  // start loading the next K/V tile into the other buffer
             load_tile_async<BLOCK_K, D>(k_tile(buffer ^ 1), k_head, k_start + BLOCK_K, seq_len);
@@ -565,7 +601,8 @@ attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restr
         cp_async_wait<1>();  // everything but the newest group, the prefetch, has landed
         __syncthreads();     // ... for every thread: this pass's tiles (and q_tile) are complete
         float s[BLOCK_K / 8][4];  // (16, BLOCK_K) scores, then P, fp32
-        warp_matmul_abt<D, BLOCK_K>(s, q_tile, k_tile(buffer), warp * STRIPE);  // s = q_tile @ k_tileᵀ
+        if (k_start == 0) q_rows.load();  // q_tile landed with the first K/V tile
+        warp_matmul_abt<D, BLOCK_K>(s, q_rows, k_tile(buffer));  // s = q_tile @ k_tileᵀ
         float alpha[2];
         if (fragment_needs_mask(q_row0, STRIPE, k_start, BLOCK_K, seq_len))  // uniform per warp
             online_softmax<TRACK_ABS_MAX, true>(s, row_max, row_sum, abs_max, alpha, q_row0, k_start, seq_len, scale);
@@ -751,6 +788,8 @@ attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* _
     float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};  // this warp's (16, D) dK and dV, fp32
 
     int buffer = 0;  // which q_tile / do_tile / lse / delta holds this pass's queries
+    constexpr bool KEEP = key_stripes_in_registers(D);
+    Stripe<D, scalar_t, KEEP> k_rows(k_tile, warp * STRIPE), v_rows(v_tile, warp * STRIPE);  // this warp's keys
     for (int q_start = first_q_start; q_start < seq_len; q_start += BLOCK_Q, buffer ^= 1) {
         if (q_start + BLOCK_Q < seq_len) load_q_side(buffer ^ 1, q_start + BLOCK_Q);  // prefetch the next pass
         cp_async_commit();   // one group per pass (empty on the last), so that:
@@ -759,8 +798,9 @@ attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* _
         const scalar_t* q_now = q_tile(buffer);
         const scalar_t* do_now = do_tile(buffer);
         float s[BLOCK_Q / 8][4], dp[BLOCK_Q / 8][4];  // sᵀ and dpᵀ: (16 keys, BLOCK_Q queries)
-        warp_matmul_abt<D, BLOCK_Q>(s, k_tile, q_now, warp * STRIPE);   // sᵀ = k_tile @ q_tileᵀ
-        warp_matmul_abt<D, BLOCK_Q>(dp, v_tile, do_now, warp * STRIPE);  // dpᵀ = v_tile @ do_tileᵀ
+        if (q_start == first_q_start) k_rows.load(), v_rows.load();  // k_tile, v_tile landed with the first pass
+        warp_matmul_abt<D, BLOCK_Q>(s, k_rows, q_now);   // sᵀ = k_tile @ q_tileᵀ
+        warp_matmul_abt<D, BLOCK_Q>(dp, v_rows, do_now);  // dpᵀ = v_tile @ do_tileᵀ
         // warp's keys [k_row0, k_row0 + 16) against queries [q_start, q_start + 64); uniform per warp
         if (fragment_needs_mask(q_start, BLOCK_Q, k_row0, STRIPE, seq_len))
             recompute_p_and_ds<true, true>(s, dp, lse_tile(buffer), delta_tile(buffer), k_start, q_start, seq_len, scale);
@@ -779,6 +819,11 @@ attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* _
     store_stripe<D>(dk_acc, by_scale, head_matrix(dk, layout.dk, layout.heads), k_row0, seq_len);
 }
 
+// Blocks per SM the dQ kernel must fit in registers: at D = 64 its shared memory (65,024 B) allows 3,
+// so at most 65,536 / (3 x 128) = 170 registers (it uses 166-167 with its q and dO stripes held).
+// At D = 128 its shared memory (122,368 B) allows only 1.
+__host__ __device__ constexpr int dq_min_blocks(int D) { return D == 64 ? 3 : 1; }
+
 // dQ for one Q tile: one block per (Q tile, batch*head), looping over the K tiles it can see.
 // reference.flash_backward's second loop. Warp w owns query rows [16 w, 16 w + 16) and their
 // dQ rows, accumulated in registers.
@@ -790,7 +835,7 @@ attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* _
 // 16 bits. Measured with a shared component of 260 (scores ~67,600): bf16 dQ was 10% off with
 // K, 0.4% with K - k_mean (the fp32 naive path: 0.2%). dK (dSᵀ Q) has no such cancellation.
 template <int D, typename scalar_t>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, dq_min_blocks(D))
 attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                              const scalar_t* __restrict__ v, const scalar_t* __restrict__ d_o,
                              const float* __restrict__ lse, const float* __restrict__ delta,
@@ -831,6 +876,7 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
     float dq_acc[D / 8][4] = {};  // this warp's (16, D) dQ, fp32
 
     int buffer = 0;  // which k_tile / v_tile holds this pass's keys
+    Stripe<D, scalar_t, true> q_rows(q_tile, warp * STRIPE), do_rows(do_tile, warp * STRIPE);  // this warp's queries
     for (int k_start = 0; k_start < q_end; k_start += BLOCK_K, buffer ^= 1) {  // causal: as in the forward
         if (k_start + BLOCK_K < q_end) load_k_side(buffer ^ 1, k_start + BLOCK_K);  // prefetch the next pass
         cp_async_commit();   // one group per pass (empty on the last), so that:
@@ -838,8 +884,9 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
         center_own_chunks<D>(kc_tile, k_tile(buffer), mean, k_start, seq_len);  // own copies only: before the barrier
         __syncthreads();     // for every thread: this pass's tiles, kc_tile and the Q side are complete
         float s[BLOCK_K / 8][4], dp[BLOCK_K / 8][4];  // (16 queries, BLOCK_K keys)
-        warp_matmul_abt<D, BLOCK_K>(s, q_tile, k_tile(buffer), warp * STRIPE);    // s = q_tile @ k_tileᵀ
-        warp_matmul_abt<D, BLOCK_K>(dp, do_tile, v_tile(buffer), warp * STRIPE);  // dp = do_tile @ v_tileᵀ
+        if (k_start == 0) q_rows.load(), do_rows.load();  // the Q side landed with the first K/V tile
+        warp_matmul_abt<D, BLOCK_K>(s, q_rows, k_tile(buffer));    // s = q_tile @ k_tileᵀ
+        warp_matmul_abt<D, BLOCK_K>(dp, do_rows, v_tile(buffer));  // dp = do_tile @ v_tileᵀ
         if (fragment_needs_mask(q_row0, STRIPE, k_start, BLOCK_K, seq_len))  // uniform per warp
             recompute_p_and_ds<false, true>(s, dp, lse_tile, delta_tile, q_start, k_start, seq_len, scale);
         else
@@ -991,6 +1038,8 @@ attention_backward_fused_kernel(const scalar_t* __restrict__ q, const scalar_t* 
     float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};  // this warp's (16, D) dK and dV, fp32
 
     int buffer = 0;  // which q_tile / do_tile / lse / delta holds this pass's queries
+    constexpr bool KEEP = key_stripes_in_registers(D);
+    Stripe<D, scalar_t, KEEP> k_rows(k_tile, warp * STRIPE), v_rows(v_tile, warp * STRIPE);  // this warp's keys
     for (int q_start = last_q_start; q_start >= k_start; q_start -= BLOCK_Q, buffer ^= 1) {
         if (q_start - BLOCK_Q >= k_start) load_q_side(buffer ^ 1, q_start - BLOCK_Q);  // prefetch the next pass
         cp_async_commit();   // one group per pass (empty on the last), so that:
@@ -1005,8 +1054,9 @@ attention_backward_fused_kernel(const scalar_t* __restrict__ q, const scalar_t* 
         const scalar_t* q_now = q_tile(buffer);
         const scalar_t* do_now = do_tile(buffer);
         float s[BLOCK_Q / 8][4], dp[BLOCK_Q / 8][4];  // sᵀ and dpᵀ: (16 keys, BLOCK_Q queries)
-        warp_matmul_abt<D, BLOCK_Q>(s, k_tile, q_now, warp * STRIPE);    // sᵀ = k_tile @ q_tileᵀ
-        warp_matmul_abt<D, BLOCK_Q>(dp, v_tile, do_now, warp * STRIPE);  // dpᵀ = v_tile @ do_tileᵀ
+        if (q_start == last_q_start) k_rows.load(), v_rows.load();  // k_tile, v_tile landed with the first pass
+        warp_matmul_abt<D, BLOCK_Q>(s, k_rows, q_now);    // sᵀ = k_tile @ q_tileᵀ
+        warp_matmul_abt<D, BLOCK_Q>(dp, v_rows, do_now);  // dpᵀ = v_tile @ do_tileᵀ
         if (fragment_needs_mask(q_start, BLOCK_Q, k_row0, STRIPE, seq_len))  // uniform per warp
             recompute_p_and_ds<true, true>(s, dp, lse_tile(buffer), delta_tile(buffer), k_start, q_start, seq_len, scale);
         else
