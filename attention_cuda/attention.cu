@@ -400,9 +400,8 @@ __device__ __forceinline__ void load_b(uint32_t (&b)[2][2], const scalar_t* tile
 // A warp's stripe, rows [row0, row0 + 16) of a (64, D) tile in shared memory, as the A operand of
 // q kᵀ or dO vᵀ. Each kernel multiplies the same stripes by every tile of its loop (q in the forward,
 // q and dO in the dQ kernel, k and v in the dK/dV ones), so where registers allow (IN_REGISTERS) a warp
-// reads a stripe with ldmatrix once, on the loop's first pass, and keeps its D / 4 registers per lane:
-// at D = 64, 4 of the forward's 36 ldmatrix.x4 per pass fewer, 8 of the dQ kernel's 56 and of dK/dV's 72.
-// Otherwise every product re-reads it from the tile.
+// reads a stripe with ldmatrix once, on the loop's first pass, and keeps its D / 4 registers per lane
+// instead of re-reading it from the tile for every product (NOTES.md, v3.3, has the counts).
 template <int D, typename scalar_t, bool IN_REGISTERS>
 struct Stripe {
     const scalar_t* tile;
@@ -410,7 +409,7 @@ struct Stripe {
     uint32_t fragments[IN_REGISTERS ? D / 16 : 1][4];  // IN_REGISTERS: fragment kk = columns [16 kk, 16 kk + 16)
 
     __device__ Stripe(const scalar_t* tile, int row0) : tile(tile), row0(row0) {}
-    __device__ void load() {  // once the tile has landed (after the barrier); a no-op when not IN_REGISTERS
+    __device__ __forceinline__ void load() {  // once the tile has landed (after the barrier); a no-op when not IN_REGISTERS
         if constexpr (IN_REGISTERS) {
 #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk) load_a(fragments[kk], tile, ld16(D), row0, 16 * kk);
@@ -428,8 +427,9 @@ struct Stripe {
 
 // acc (16, COLS) fp32 = a (16, D) @ b_tile (COLS, D)ᵀ, a a warp's Stripe and b_tile 16-bit in shared
 // memory: scores q kᵀ and dp = dO vᵀ (and their transposes in the dK/dV kernels).
+// Inlined: a call would pass the stripe's registers through local memory.
 template <int D, int COLS, typename scalar_t, bool IN_REGISTERS>
-__device__ void warp_matmul_abt(float (&acc)[COLS / 8][4], const Stripe<D, scalar_t, IN_REGISTERS>& a_stripe,
+__device__ __forceinline__ void warp_matmul_abt(float (&acc)[COLS / 8][4], const Stripe<D, scalar_t, IN_REGISTERS>& a_stripe,
                                 const scalar_t* b_tile) {
 #pragma unroll
     for (int n = 0; n < COLS / 8; ++n)
@@ -554,8 +554,9 @@ __device__ void online_softmax(float (&s)[BLOCK_K / 8][4], float (&row_max)[2], 
 
 // Blocks per SM the forward must fit in registers: 65,536 / (4 blocks x 128 threads) = 128
 // registers at D = 64 (16 warps per SM). Without the cap ptxas spends registers on keeping
-// strided row addresses (one per tile chunk) and lands at 136: 3 blocks. D = 128 keeps 3.
-__host__ __device__ constexpr int forward_min_blocks(int D) { return D == 64 ? 4 : 3; }
+// strided row addresses (one per tile chunk) and lands at 136: 3 blocks. At D = 128 shared memory
+// allows 2 (3 x 87,040 B is more than an SM's 228 KB), so registers may use what 2 allow (255).
+__host__ __device__ constexpr int forward_min_blocks(int D) { return D == 64 ? 4 : 2; }
 
 // TRACK_ABS_MAX: also write each row's max |scaled score| over its visible keys to row_abs_max
 // (an instantiation of its own, so the training steps that do not ask pay nothing).
@@ -591,7 +592,7 @@ attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restr
 
     // causal: K tiles starting after the tile's last query (q_end - 1) are fully masked: skipped
     int buffer = 0;  // which k_tile / v_tile holds this pass's keys
-    Stripe<D, scalar_t, true> q_rows(q_tile, warp * STRIPE);  // this warp's queries
+    Stripe<D, scalar_t, true> q_rows(q_tile, warp * STRIPE);  // this warp's queries; fits at D = 64 and 128
     for (int k_start = 0; k_start < q_end; k_start += BLOCK_K, buffer ^= 1) {
         if (k_start + BLOCK_K < q_end) {  // start loading the next K/V tile into the other buffer
             load_tile_async<BLOCK_K, D>(k_tile(buffer ^ 1), k_head, k_start + BLOCK_K, seq_len);
@@ -601,7 +602,7 @@ attention_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restr
         cp_async_wait<1>();  // everything but the newest group, the prefetch, has landed
         __syncthreads();     // ... for every thread: this pass's tiles (and q_tile) are complete
         float s[BLOCK_K / 8][4];  // (16, BLOCK_K) scores, then P, fp32
-        if (k_start == 0) q_rows.load();  // q_tile landed with the first K/V tile
+        if (k_start == 0) q_rows.load();  // q_tile landed with the first K/V tile (block-uniform)
         warp_matmul_abt<D, BLOCK_K>(s, q_rows, k_tile(buffer));  // s = q_tile @ k_tileᵀ
         float alpha[2];
         if (fragment_needs_mask(q_row0, STRIPE, k_start, BLOCK_K, seq_len))  // uniform per warp
@@ -788,8 +789,8 @@ attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* _
     float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};  // this warp's (16, D) dK and dV, fp32
 
     int buffer = 0;  // which q_tile / do_tile / lse / delta holds this pass's queries
-    constexpr bool KEEP = key_stripes_in_registers(D);
-    Stripe<D, scalar_t, KEEP> k_rows(k_tile, warp * STRIPE), v_rows(v_tile, warp * STRIPE);  // this warp's keys
+    // this warp's keys, in registers where key_stripes_in_registers says they fit
+    Stripe<D, scalar_t, key_stripes_in_registers(D)> k_rows(k_tile, warp * STRIPE), v_rows(v_tile, warp * STRIPE);
     for (int q_start = first_q_start; q_start < seq_len; q_start += BLOCK_Q, buffer ^= 1) {
         if (q_start + BLOCK_Q < seq_len) load_q_side(buffer ^ 1, q_start + BLOCK_Q);  // prefetch the next pass
         cp_async_commit();   // one group per pass (empty on the last), so that:
@@ -798,7 +799,10 @@ attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* _
         const scalar_t* q_now = q_tile(buffer);
         const scalar_t* do_now = do_tile(buffer);
         float s[BLOCK_Q / 8][4], dp[BLOCK_Q / 8][4];  // sᵀ and dpᵀ: (16 keys, BLOCK_Q queries)
-        if (q_start == first_q_start) k_rows.load(), v_rows.load();  // k_tile, v_tile landed with the first pass
+        if (q_start == first_q_start) {  // k_tile, v_tile landed with the first pass (block-uniform)
+            k_rows.load();
+            v_rows.load();
+        }
         warp_matmul_abt<D, BLOCK_Q>(s, k_rows, q_now);   // sᵀ = k_tile @ q_tileᵀ
         warp_matmul_abt<D, BLOCK_Q>(dp, v_rows, do_now);  // dpᵀ = v_tile @ do_tileᵀ
         // warp's keys [k_row0, k_row0 + 16) against queries [q_start, q_start + 64); uniform per warp
@@ -820,7 +824,8 @@ attention_backward_dkdv_kernel(const scalar_t* __restrict__ q, const scalar_t* _
 }
 
 // Blocks per SM the dQ kernel must fit in registers: at D = 64 its shared memory (65,024 B) allows 3,
-// so at most 65,536 / (3 x 128) = 170 registers (it uses 166-167 with its q and dO stripes held).
+// so at most 168 registers (65,536 / (3 x 128) = 170, rounded down to a multiple of 8; it uses 167 with
+// its q and dO stripes held, 215 if left uncapped).
 // At D = 128 its shared memory (122,368 B) allows only 1.
 __host__ __device__ constexpr int dq_min_blocks(int D) { return D == 64 ? 3 : 1; }
 
@@ -876,7 +881,9 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
     float dq_acc[D / 8][4] = {};  // this warp's (16, D) dQ, fp32
 
     int buffer = 0;  // which k_tile / v_tile holds this pass's keys
-    Stripe<D, scalar_t, true> q_rows(q_tile, warp * STRIPE), do_rows(do_tile, warp * STRIPE);  // this warp's queries
+    // this warp's queries; at D = 128 they take it from 167 to 253 registers, but its shared memory allows
+    // 1 block per SM there anyway
+    Stripe<D, scalar_t, true> q_rows(q_tile, warp * STRIPE), do_rows(do_tile, warp * STRIPE);
     for (int k_start = 0; k_start < q_end; k_start += BLOCK_K, buffer ^= 1) {  // causal: as in the forward
         if (k_start + BLOCK_K < q_end) load_k_side(buffer ^ 1, k_start + BLOCK_K);  // prefetch the next pass
         cp_async_commit();   // one group per pass (empty on the last), so that:
@@ -884,7 +891,10 @@ attention_backward_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* __r
         center_own_chunks<D>(kc_tile, k_tile(buffer), mean, k_start, seq_len);  // own copies only: before the barrier
         __syncthreads();     // for every thread: this pass's tiles, kc_tile and the Q side are complete
         float s[BLOCK_K / 8][4], dp[BLOCK_K / 8][4];  // (16 queries, BLOCK_K keys)
-        if (k_start == 0) q_rows.load(), do_rows.load();  // the Q side landed with the first K/V tile
+        if (k_start == 0) {  // the Q side landed with the first K/V tile (block-uniform)
+            q_rows.load();
+            do_rows.load();
+        }
         warp_matmul_abt<D, BLOCK_K>(s, q_rows, k_tile(buffer));    // s = q_tile @ k_tileᵀ
         warp_matmul_abt<D, BLOCK_K>(dp, do_rows, v_tile(buffer));  // dp = do_tile @ v_tileᵀ
         if (fragment_needs_mask(q_row0, STRIPE, k_start, BLOCK_K, seq_len))  // uniform per warp
@@ -1038,8 +1048,8 @@ attention_backward_fused_kernel(const scalar_t* __restrict__ q, const scalar_t* 
     float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};  // this warp's (16, D) dK and dV, fp32
 
     int buffer = 0;  // which q_tile / do_tile / lse / delta holds this pass's queries
-    constexpr bool KEEP = key_stripes_in_registers(D);
-    Stripe<D, scalar_t, KEEP> k_rows(k_tile, warp * STRIPE), v_rows(v_tile, warp * STRIPE);  // this warp's keys
+    // this warp's keys, in registers where key_stripes_in_registers says they fit
+    Stripe<D, scalar_t, key_stripes_in_registers(D)> k_rows(k_tile, warp * STRIPE), v_rows(v_tile, warp * STRIPE);
     for (int q_start = last_q_start; q_start >= k_start; q_start -= BLOCK_Q, buffer ^= 1) {
         if (q_start - BLOCK_Q >= k_start) load_q_side(buffer ^ 1, q_start - BLOCK_Q);  // prefetch the next pass
         cp_async_commit();   // one group per pass (empty on the last), so that:
@@ -1054,7 +1064,10 @@ attention_backward_fused_kernel(const scalar_t* __restrict__ q, const scalar_t* 
         const scalar_t* q_now = q_tile(buffer);
         const scalar_t* do_now = do_tile(buffer);
         float s[BLOCK_Q / 8][4], dp[BLOCK_Q / 8][4];  // sᵀ and dpᵀ: (16 keys, BLOCK_Q queries)
-        if (q_start == last_q_start) k_rows.load(), v_rows.load();  // k_tile, v_tile landed with the first pass
+        if (q_start == last_q_start) {  // k_tile, v_tile landed with the first pass (block-uniform)
+            k_rows.load();
+            v_rows.load();
+        }
         warp_matmul_abt<D, BLOCK_Q>(s, k_rows, q_now);    // sᵀ = k_tile @ q_tileᵀ
         warp_matmul_abt<D, BLOCK_Q>(dp, v_rows, do_now);  // dpᵀ = v_tile @ do_tileᵀ
         if (fragment_needs_mask(q_start, BLOCK_Q, k_row0, STRIPE, seq_len))  // uniform per warp
