@@ -627,6 +627,19 @@ def test_profile_sums_kernel_rows_only():
     assert [e.key for e in kernel_rows(events)] == ["dkdv_kernel", "dq_kernel"]
 
 
+def test_gpu_check_dry_run_passes_on_the_emulated_kernel(tmp_path):
+    """`make gpu-check` gets one try on a borrowed GPU: its script, run on the CPU emulation at tiny shapes,
+    must reach the end with every check passing (the fp64 comparisons, the fused backward's bitwise repeat,
+    the public op) and write its report, so that a GPU session only measures."""
+    result = subprocess.run([sys.executable, "-m", "attention_cuda.gpu_check", "--cpu-dry-run", "--out", str(tmp_path),
+                             "--time-limit", "240"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (tmp_path / "gpu_check.txt").read_text()
+    for row in ("correctness ", "correctness fused bwd", "api "):
+        assert re.search(rf"^{row}\s*PASS", report, re.MULTILINE), f"no PASS row {row!r} in:\n{report[-2000:]}"
+    assert "ALL PASS" in result.stdout
+
+
 # ---- nvcc: compile-only, as CI can ----
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: the compile-only check needs the CUDA toolkit")
