@@ -292,17 +292,18 @@ def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str], ceil
 
 def ideal_pipeline(size_mb: int) -> tuple[float, float]:
     """(MB/s, MB per CPU-s) of text through the least a pipeline of prepare's shape must do on this machine: this
-    thread reads the corpus's .jsonl files 4 MB at a time and hashes (sha256) and writes the ids; the tokenizer
-    threads, one per core, decode a block's JSON (gpt2_bpe's C scan) and encode all its texts as one call. Nothing
-    per document in Python, no split, no resume points: its ids are no valid output (texts run together), only its
-    cost counts. Against the ceiling it bounds what reworking prepare's Python could reach here."""
+    thread reads the corpus's .jsonl files 4 MB at a time and hashes (sha256) and writes the ids (handing them to the
+    disk as it goes, as prepare's shards do: start_writeback); the tokenizer threads, one per core, decode a block's
+    JSON (gpt2_bpe's C scan) and encode all its texts as one call. Nothing per document in Python, no split, no
+    resume points: its ids are no valid output (texts run together), only its cost counts. Against the ceiling it
+    bounds what reworking prepare's Python could reach here."""
     import hashlib
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     import gpt2_bpe
     import tokenizer
-    from data import CHUNKS_PER_WORKER
+    from data import CHUNKS_PER_WORKER, start_writeback
     from data_sources import _line_blocks
 
     started, cpu_before = time.time(), cpu_seconds_so_far()
@@ -312,13 +313,14 @@ def ideal_pipeline(size_mb: int) -> tuple[float, float]:
         texts = gpt2_bpe.jsonl_texts(block, len(block), b"text")[3]  # every line's text, back to back
         return this_thread().encode_utf8(texts), len(texts)  # all of it as one text
 
-    text_bytes, hasher, in_flight = 0, hashlib.sha256(), deque()
+    text_bytes, hasher, in_flight, written_back = 0, hashlib.sha256(), deque(), 0
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool, open(BENCH_DIR / "ideal.bin", "wb") as out:
         def write_oldest():
-            nonlocal text_bytes
+            nonlocal text_bytes, written_back
             ids, n_text = in_flight.popleft().result()
             hasher.update(ids)
             out.write(ids)
+            written_back = start_writeback(out, written_back)  # as prepare's shards: the disk writes as we go
             text_bytes += n_text
         for path in sorted(corpus_dir(size_mb).glob("*.jsonl")):
             with open(path, "rb") as f:

@@ -204,6 +204,26 @@ def encoded_chunks(chunks, encode, workers: int):
 
 # ----------------------------------------------------------------------------- prepare: shards and resuming
 
+WRITEBACK_BYTES = 16 << 20  # a shard's bytes are handed to the disk this many at a time (start_writeback)
+
+
+def start_writeback(file, written_back: int) -> int:
+    """Once WRITEBACK_BYTES have been written to `file` past offset written_back, start the disk writing them, without
+    waiting; returns the new written_back. A commit's fsync then finds a shard's bytes mostly on disk, instead of
+    stopping the pipeline (and the tokenizer threads behind it) for all of its I/O: ~0.7 s for a 200 MB shard on this
+    machine's disk. Linux's POSIX_FADV_DONTNEED starts writeback of the range's dirty pages (it drops only clean
+    pages: these stay cached); elsewhere it is a hint that may do nothing, and the fsync does it all as before."""
+    end = file.tell()
+    if end - written_back < WRITEBACK_BYTES or not hasattr(os, "posix_fadvise"):
+        return written_back
+    file.flush()  # the bytes must be in the kernel's pages first
+    try:
+        os.posix_fadvise(file.fileno(), written_back, end - written_back, os.POSIX_FADV_DONTNEED)
+    except OSError:  # a hint: a file system that refuses it loses nothing, the fsync still makes the bytes durable
+        pass
+    return end
+
+
 class ShardWriter:
     """One split's token files: documents are appended to the open shard, which closes once it holds shard_tokens.
 
@@ -218,6 +238,7 @@ class ShardWriter:
         self.shards, self.open_tokens, self.stats = list(saved["shards"]), saved["open_tokens"], dict(saved["stats"])
         self.stats["names"] = list(self.stats["names"])
         self.file, self.hasher = None, None
+        self.written_back = 0  # bytes of the open shard whose writing to disk has been started
         if self.open_tokens:
             self._reopen()
 
@@ -234,6 +255,7 @@ class ShardWriter:
         self.file.truncate(size)
         self.hasher = hashlib.sha256(self.file.read(size))  # ≤ one shard: 200 MB at the default size
         self.file.seek(size)
+        self.written_back = size
 
     def fits(self, n_tokens: int) -> bool:
         """Whether n_tokens more (after their separator) leave the open shard short of full."""
@@ -244,6 +266,7 @@ class ShardWriter:
         after an <|endoftext|> unless they are the split's first. The caller closes the shard when it is full."""
         if self.file is None:
             self.file, self.hasher = open(self.path(len(self.shards)), "wb"), hashlib.sha256()
+            self.written_back = 0
         stats = self.stats
         separator = np.array([eot_id] if stats["documents"] else [], dtype=np.uint16)  # a boundary the model sees
         for part in (separator, ids):
@@ -255,6 +278,7 @@ class ShardWriter:
         stats["bytes"] += texts.n_bytes()
         stats["max_token_id"] = max(stats["max_token_id"], int(ids.max()) if len(ids) else -1, *separator.tolist())
         stats["names"] += islice(names, max(VAL_NAMES_KEPT - len(stats["names"]), 0))
+        self.written_back = start_writeback(self.file, self.written_back)
 
     def sync(self):
         """Make the open shard's bytes durable (before prepare-state.json says they exist)."""

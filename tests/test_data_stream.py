@@ -165,6 +165,35 @@ def test_threads_chunks_and_shards_do_not_change_a_token(tmp_path, workers, batc
         assert meta["splits"][split]["max_token_id"] == max(expected)
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or not Path("/proc/self/fd").is_dir(), reason="Linux only")
+def test_shard_bytes_are_handed_to_the_disk_as_they_are_written(tmp_path, monkeypatch):
+    """Every WRITEBACK_BYTES a shard's new bytes get POSIX_FADV_DONTNEED (Linux starts writing them back without
+    waiting), so a commit's fsync does not stall the pipeline for a whole shard's I/O: per shard, the advised ranges
+    follow each other from byte 0 with no gap or overlap, each at least WRITEBACK_BYTES long, and end less than
+    WRITEBACK_BYTES before the shard's end."""
+    if not GPT2_VOCAB.is_dir():
+        pytest.skip("GPT-2 vocabulary missing: run `make setup`")
+    write_corpus(tmp_path / "src", n_docs=400, seed=2)
+    advised, real_fadvise = {}, os.posix_fadvise
+
+    def record(fd, offset, length, advice):
+        assert advice == os.POSIX_FADV_DONTNEED
+        advised.setdefault(Path(os.readlink(f"/proc/self/fd/{fd}")).name, []).append((offset, length))
+        real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    monkeypatch.setattr(data, "WRITEBACK_BYTES", 1000)
+    meta = prepare(gpt2_cfg([tmp_path / "src"], tmp_path / "out", shard_tokens=3000, batch_documents=8))
+    shards = [shard for info in meta["splits"].values() for shard in info["shards"]]
+    assert len(shards) >= 4
+    for shard in shards:
+        size, start = 2 * shard["tokens"], 0
+        for offset, length in advised.get(shard["file"], []):
+            assert offset == start and length >= 1000, (shard["file"], advised[shard["file"]])
+            start = offset + length
+        assert size - start < 1000, (shard["file"], size, start)
+
+
 def test_chunks_close_where_a_document_by_document_count_closes_them():
     """document_chunks cuts each batch of documents (any sizes) exactly where a chunk reaches max_documents or
     max_bytes counting one document at a time, or at the batch's end, and sorts each document into its split."""
