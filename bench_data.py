@@ -336,6 +336,33 @@ def ideal_pipeline(size_mb: int) -> tuple[float, float]:
     return text_bytes / (time.time() - started) / 1e6, text_bytes / (cpu_seconds_so_far() - cpu_before) / 1e6
 
 
+def bench_versus(size_mb: int, pairs: int, extra: list[str], old_data_py: Path | None) -> dict:
+    """Today's prepare alternated `pairs` times with an earlier data.py's (old_data_py: a copy of it, which imports
+    today's other modules) or, without one, with the ideal pipeline (part bound's): the median of adjacent pairs'
+    MB/s ratios, the figure to read on a machine whose speed drifts."""
+    import statistics
+
+    def mine() -> float:
+        return bench_prepare(size_mb, ROOT / "data.py", "prepare", extra)["text_MB_per_s"]
+
+    def theirs() -> float:
+        if old_data_py is not None:
+            return bench_prepare(size_mb, old_data_py, "old", extra)["text_MB_per_s"]
+        return ideal_pipeline(size_mb)[0]
+
+    against = str(old_data_py) if old_data_py is not None else "bound"
+    rates = {mine: [], theirs: []}
+    for i in range(pairs):
+        for step in ((mine, theirs) if i % 2 == 0 else (theirs, mine)):
+            rates[step].append(round(step(), 2))
+        print(f"pair {i + 1}: prepare {rates[mine][-1]} MB/s, {against} {rates[theirs][-1]} MB/s: "
+              f"{rates[mine][-1] / rates[theirs][-1]:.3f}", flush=True)
+    ratios = [m / t for m, t in zip(rates[mine], rates[theirs])]
+    return {"part": "versus", "size_mb": size_mb, "against": against, "pairs": pairs,
+            "prepare_MB_per_s": rates[mine], "against_MB_per_s": rates[theirs],
+            "ratios": [round(r, 3) for r in ratios], "median_ratio": round(statistics.median(ratios), 3)}
+
+
 def cpu_seconds_so_far() -> float:
     import resource
 
@@ -411,13 +438,15 @@ def bench_startup(gigabytes: float) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench_data.py", description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="corpus,prepare,encode",
-                        help="comma-separated: corpus,prepare,encode,old,startup,pairs,bound")
+                        help="comma-separated: corpus,prepare,encode,old,startup,pairs,bound,versus")
     parser.add_argument("--size-mb", type=int, default=2048, help="synthetic corpus size (MiB of jsonl)")
     parser.add_argument("--encode-sample-mb", type=int, default=128, help="text the raw encode rate is measured on")
-    parser.add_argument("--old-data-py", type=Path, default=None, help="an earlier data.py to compare (part old)")
+    parser.add_argument("--old-data-py", type=Path, default=None,
+                        help="an earlier data.py to compare (parts old, versus)")
     parser.add_argument("--startup-gb", type=float, default=4.0, help="size of the synthetic train.bin (part startup)")
     parser.add_argument("--pairs", type=int, default=5,
-                        help="(prepare or the ideal pipeline, encode) pairs alternated (parts pairs, bound)")
+                        help="pairs alternated: (prepare or the ideal pipeline, encode) in parts pairs, bound; "
+                             "(prepare, the old data.py or the ideal pipeline) in part versus")
     parser.add_argument("--ceiling", choices=["fresh", "warm"], default="fresh",
                         help="part pairs: each ceiling call from new encoders (as prepare starts) or the first's")
     parser.add_argument("--prepare-args", default="--split hash --no-progress", help="extra args for data.py prepare")
@@ -449,6 +478,8 @@ def main():
                                  args.ceiling)
         elif part == "bound":
             result = bench_pairs(args.size_mb, args.encode_sample_mb, args.pairs, [], args.ceiling, "bound")
+        elif part == "versus":
+            result = bench_versus(args.size_mb, args.pairs, args.prepare_args.split(), args.old_data_py)
         else:
             sys.exit(f"--parts: unknown part {part!r}")
         print(json.dumps(result))

@@ -38,7 +38,7 @@ FOREIGN_FLAGS = {  # inline flags of other programs the README mentions: not che
     "--requeue": "sbatch", "--nproc_per_node": "torchrun",
     **{flag: "sweep.py" for flag in ("--", "--name", "--parallel", "--threads", "--emit", "--launcher", "--arm", "--seeds")},
     **{flag: "compare.py" for flag in ("--metric", "--baseline")}, "--x": "plot.py", "--panels": "plot.py",
-    "--parts": "bench_data.py",
+    **{flag: "bench_data.py" for flag in ("--parts", "--old-data-py", "--prepare-args")},
 }
 
 
