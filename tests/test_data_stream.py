@@ -178,6 +178,7 @@ def test_shard_bytes_are_handed_to_the_disk_as_they_are_written(tmp_path, monkey
 
     def record(fd, offset, length, advice):
         assert advice == os.POSIX_FADV_DONTNEED
+        assert os.fstat(fd).st_size >= offset + length, "advised before the bytes left Python's buffer"
         advised.setdefault(Path(os.readlink(f"/proc/self/fd/{fd}")).name, []).append((offset, length))
         real_fadvise(fd, offset, length, advice)
 
