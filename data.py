@@ -210,8 +210,8 @@ WRITEBACK_BYTES = 16 << 20  # a shard's bytes are handed to the disk this many a
 def start_writeback(file, written_back: int) -> int:
     """Once WRITEBACK_BYTES have been written to `file` past offset written_back, start the disk writing them, without
     waiting; returns the new written_back. A commit's fsync then finds a shard's bytes mostly on disk, instead of
-    stopping the pipeline (and the tokenizer threads behind it) for all of its I/O: ~0.7 s for a 200 MB shard on this
-    machine's disk. Linux's POSIX_FADV_DONTNEED starts writeback of the range's dirty pages (it drops only clean
+    stopping the pipeline (and the tokenizer threads behind it) for all of its I/O: ~0.7 s for a 200 MB shard on a
+    300 MB/s disk (this VM's, at its slower times). Linux's POSIX_FADV_DONTNEED starts writeback of the range's dirty pages (it drops only clean
     pages: these stay cached); elsewhere it is a hint that may do nothing, and the fsync does it all as before."""
     end = file.tell()
     if end - written_back < WRITEBACK_BYTES or not hasattr(os, "posix_fadvise"):
