@@ -9,6 +9,7 @@
                                                           # alternated, on the same text: the median ratio
   python bench_data.py --parts bound --size-mb 512 --encode-sample-mb 512 --pairs 4   # the same for an ideal
                                                           # pipeline (no per-document Python): the most here
+  python bench_data.py --parts count --size-mb 2048 --pairs 4   # the permutation split's count, 1 thread / all cores
 
 Each part prints its numbers and appends them, with the machine, to .cache/bench_data/results.jsonl. Parts are
 separate so that each measurement fits a short exclusive hold of the machine (`/work/wt/cpu bench ...`).
@@ -363,6 +364,28 @@ def bench_versus(size_mb: int, pairs: int, extra: list[str], old_data_py: Path |
             "ratios": [round(r, 3) for r in ratios], "median_ratio": round(statistics.median(ratios), 3)}
 
 
+def bench_count(size_mb: int, pairs: int) -> dict:
+    """The permutation split's counting pass (data.count_documents) with one thread and with one per core,
+    alternated `pairs` times: the seconds each took."""
+    import statistics
+
+    sys.path.insert(0, str(ROOT))
+    import data
+    import data_sources
+
+    files, cores = data_sources.corpus_files([corpus_dir(size_mb)]), os.cpu_count()
+    seconds = {1: [], cores: []}
+    for i in range(pairs):
+        for workers in ((1, cores) if i % 2 == 0 else (cores, 1)):
+            started = time.time()
+            data.count_documents(files, "text", workers)
+            seconds[workers].append(round(time.time() - started, 2))
+        print(f"pair {i + 1}: 1 thread {seconds[1][-1]} s, {cores} threads {seconds[cores][-1]} s", flush=True)
+    return {"part": "count", "size_mb": size_mb, "files": len(files), "pairs": pairs,
+            "one_thread_s": seconds[1], "all_cores_s": seconds[cores],
+            "median_speedup": round(statistics.median(a / b for a, b in zip(seconds[1], seconds[cores])), 2)}
+
+
 def cpu_seconds_so_far() -> float:
     import resource
 
@@ -438,7 +461,7 @@ def bench_startup(gigabytes: float) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench_data.py", description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="corpus,prepare,encode",
-                        help="comma-separated: corpus,prepare,encode,old,startup,pairs,bound,versus")
+                        help="comma-separated: corpus,prepare,encode,old,startup,pairs,bound,versus,count")
     parser.add_argument("--size-mb", type=int, default=2048, help="synthetic corpus size (MiB of jsonl)")
     parser.add_argument("--encode-sample-mb", type=int, default=128, help="text the raw encode rate is measured on")
     parser.add_argument("--old-data-py", type=Path, default=None,
@@ -446,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--startup-gb", type=float, default=4.0, help="size of the synthetic train.bin (part startup)")
     parser.add_argument("--pairs", type=int, default=5,
                         help="pairs alternated: (prepare or the ideal pipeline, encode) in parts pairs, bound; "
-                             "(prepare, the old data.py or the ideal pipeline) in part versus")
+                             "(prepare, the old data.py or the ideal pipeline) in part versus; "
+                             "(1 thread, all cores) in part count")
     parser.add_argument("--ceiling", choices=["fresh", "warm"], default="fresh",
                         help="part pairs: each ceiling call from new encoders (as prepare starts) or the first's")
     parser.add_argument("--prepare-args", default="--split hash --no-progress", help="extra args for data.py prepare")
@@ -480,6 +504,8 @@ def main():
             result = bench_pairs(args.size_mb, args.encode_sample_mb, args.pairs, [], args.ceiling, "bound")
         elif part == "versus":
             result = bench_versus(args.size_mb, args.pairs, args.prepare_args.split(), args.old_data_py)
+        elif part == "count":
+            result = bench_count(args.size_mb, args.pairs)
         else:
             sys.exit(f"--parts: unknown part {part!r}")
         print(json.dumps(result))

@@ -26,7 +26,9 @@ import os
 import re
 import resource
 import sys
+import threading
 import time
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -127,7 +129,7 @@ def val_chooser(cfg, files: list[Path]):
     documents first (one extra read); hash needs nothing."""
     if cfg.split == "hash":
         return lambda first, count: hash_fractions(cfg.split_seed, first, count) < cfg.val_fraction
-    n_docs = sum(len(batch.texts) for batch in iter_batches(files, cfg.text_field))
+    n_docs = count_documents(files, cfg.text_field, cfg.workers or usable_cores())
     val = split_documents(n_docs, cfg.val_fraction, cfg.split_seed)
 
     def in_val(first: int, count: int) -> np.ndarray:
@@ -135,6 +137,32 @@ def val_chooser(cfg, files: list[Path]):
         mask[val[np.searchsorted(val, first):np.searchsorted(val, first + count)] - first] = True
         return mask
     return in_val
+
+
+def count_documents(files: list[Path], text_field: str, workers: int) -> int:
+    """The corpus's (non-empty) documents, `workers` files read at once: the C scan releases the GIL, and no
+    tokenizing overlaps this pass, so one thread would leave the other cores idle. Of several bad files the first
+    in order is the one named, as in a sequential read (a file after a failed one stops early; those before it run
+    to their end). Warnings are left to the pass that writes, which says them once and in order."""
+    first_failed, lock = [len(files)], threading.Lock()
+
+    def count(index: int) -> int:
+        n = 0
+        try:
+            for batch in file_batches(files[index], text_field):
+                if first_failed[0] < index:
+                    return 0  # an earlier file's error is the one raised: this count is never added
+                n += len(batch.texts)
+        except BaseException:
+            with lock:
+                first_failed[0] = min(first_failed[0], index)
+            raise
+        return n
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # for every thread: the filters are global while this pass runs
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return sum(pool.map(count, range(len(files))))  # in file order: the first failed file's error
 
 
 class Chunk(NamedTuple):

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -307,6 +308,76 @@ def test_the_reader_keeps_a_bounded_number_of_chunks_in_flight():
             assert len(chunk.texts["train"][0]) == i + 1 and list(ids) == ["train"]  # in order
             assert len(read) - i <= data.CHUNKS_PER_WORKER * workers
         assert len(read) == 50
+
+
+def hold_back(monkeypatch, slow: str, until: threading.Event):
+    """data.file_batches, but the file named slow gives its batches after the first only once `until` is set."""
+    real = data.file_batches
+
+    def file_batches(path, text_field):
+        for i, batch in enumerate(real(path, text_field)):
+            if path.name == slow and i > 0 and not until.wait(10):
+                raise TimeoutError(f"{slow}: waited 10 s for the other file: the files are not read at once")
+            yield batch
+    monkeypatch.setattr(data, "file_batches", file_batches)
+
+
+def test_the_permutation_count_reads_files_at_once_and_names_the_first_bad_one(tmp_path, monkeypatch):
+    """The permutation split counts every document before writing, with one thread per core (no tokenizing
+    overlaps that pass). Here a.jsonl, bad on its last line, gives its second batch only after b.jsonl, bad on its
+    first, has failed: the files must be read at once (else a waits in vain), and a's error is the one named, as
+    a sequential read would name it (a count that stopped at b's error would name b)."""
+    monkeypatch.setattr(data_sources, "BLOCK_BYTES", 256)  # a.jsonl comes in many batches
+    src = tmp_path / "src"
+    write_corpus(src, n_docs=60)
+    (src / "docs.jsonl").rename(src / "a.jsonl")
+    with open(src / "a.jsonl", "a") as f:
+        f.write('{"text": \n')
+    (src / "b.jsonl").write_text('{"txt": "no text field"}\n')
+    b_failed = threading.Event()
+    real = data.file_batches
+
+    def file_batches(path, text_field):  # b's error sets the event
+        try:
+            yield from real(path, text_field)
+        finally:
+            if path.name == "b.jsonl":
+                b_failed.set()
+    monkeypatch.setattr(data, "file_batches", file_batches)
+    hold_back(monkeypatch, "a.jsonl", b_failed)
+    with pytest.raises(UserError, match=r"a\.jsonl:61: not a JSON object"):
+        data.count_documents(sorted(src.iterdir()), "text", workers=2)
+    assert b_failed.is_set()
+    (src / "a.jsonl").write_text((src / "a.jsonl").read_text().rsplit("\n", 2)[0] + "\n")  # a without its bad line
+    (src / "b.jsonl").write_text('{"text": "one"}\n\n{"text": "  "}\n{"text": "two"}\n')  # 2 documents
+    assert data.count_documents(sorted(src.iterdir()), "text", workers=2) == 60 + 2
+
+
+def test_warnings_come_once_and_in_file_order_with_the_permutation_split(tmp_path, monkeypatch):
+    """The parallel count says no warning (b.jsonl's would come first: a.jsonl is held back until b is read);
+    the pass that writes says each once, in file order."""
+    if not GPT2_VOCAB.is_dir():
+        pytest.skip("GPT-2 vocabulary missing: run `make setup`")
+    monkeypatch.setattr(data_sources, "BLOCK_BYTES", 256)
+    src = tmp_path / "src"
+    write_corpus(src, n_docs=40)
+    (src / "docs.jsonl").rename(src / "a.jsonl")
+    with open(src / "a.jsonl", "ab") as f:
+        f.write(b'{"text": "caf\xe9"}\n')  # latin-1, not UTF-8: skipped with a warning
+    (src / "b.jsonl").write_bytes(b'{"text": "one"}\n{"text": "na\xefve"}\n{"text": "two"}\n')
+    b_read = threading.Event()
+    real = data.file_batches
+
+    def file_batches(path, text_field):
+        yield from real(path, text_field)
+        if path.name == "b.jsonl":
+            b_read.set()
+    monkeypatch.setattr(data, "file_batches", file_batches)
+    hold_back(monkeypatch, "a.jsonl", b_read)
+    with pytest.warns(UserWarning) as caught:
+        prepare(gpt2_cfg([src], tmp_path / "out", split="permutation"))
+    said = [str(w.message) for w in caught if "not UTF-8" in str(w.message)]
+    assert [re.sub(r" \(.*", "", m).rsplit("/", 1)[-1] for m in said] == ["a.jsonl:41: not UTF-8", "b.jsonl:2: not UTF-8"]
 
 
 @pytest.mark.parametrize("case", ["truncated_gz", "truncated_zst", "parquet_no_column", "bad_json", "no_package"])
