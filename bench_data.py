@@ -373,7 +373,9 @@ def bench_count(size_mb: int, pairs: int) -> dict:
     import data
     import data_sources
 
-    files, cores = data_sources.corpus_files([corpus_dir(size_mb)]), os.cpu_count()
+    files, cores = data_sources.corpus_files([corpus_dir(size_mb)]), data.usable_cores()
+    if cores < 2:
+        sys.exit("--parts count: one usable core, nothing to compare")
     seconds = {1: [], cores: []}
     for i in range(pairs):
         for workers in ((1, cores) if i % 2 == 0 else (cores, 1)):

@@ -130,6 +130,8 @@ def val_chooser(cfg, files: list[Path]):
     if cfg.split == "hash":
         return lambda first, count: hash_fractions(cfg.split_seed, first, count) < cfg.val_fraction
     n_docs = count_documents(files, cfg.text_field, cfg.workers or usable_cores())
+    if n_docs < 2:  # split_documents refuses: first the warnings that say why documents were skipped
+        read_through(files, cfg.text_field)
     val = split_documents(n_docs, cfg.val_fraction, cfg.split_seed)
 
     def in_val(first: int, count: int) -> np.ndarray:
@@ -141,10 +143,11 @@ def val_chooser(cfg, files: list[Path]):
 
 def count_documents(files: list[Path], text_field: str, workers: int) -> int:
     """The corpus's (non-empty) documents, `workers` files read at once: the C scan releases the GIL, and no
-    tokenizing overlaps this pass, so one thread would leave the other cores idle. Of several bad files the first
-    in order is the one named, as in a sequential read (a file after a failed one stops early; those before it run
-    to their end). Warnings are left to the pass that writes, which says them once and in order."""
-    first_failed, lock = [len(files)], threading.Lock()
+    tokenizing overlaps this pass, so one thread would leave the other cores idle (a .txt is read whole: as many
+    of them in memory at once). It says what a sequential read would: the warnings are left to the pass that writes
+    (once, in order; a resumed run says those of the files it reads again), and where this pass fails, the files up
+    to the first failed one in order are read again one by one, for their warnings and that file's error."""
+    first_failed, lock = [len(files)], threading.Lock()  # files after first_failed[0] stop at their next block
 
     def count(index: int) -> int:
         n = 0
@@ -159,10 +162,27 @@ def count_documents(files: list[Path], text_field: str, workers: int) -> int:
             raise
         return n
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # for every thread: the filters are global while this pass runs
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return sum(pool.map(count, range(len(files))))  # in file order: the first failed file's error
+    failed = len(files)  # the file whose error map raised, if one did
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # for every thread: the filters are global while this pass runs
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                try:
+                    return sum(pool.map(count, range(len(files))))  # in file order: the first failed file's error
+                except BaseException:
+                    failed, first_failed[0] = first_failed[0], -1  # all stop now: Ctrl-C waits for no file's end
+                    raise
+    except Exception:
+        if failed < len(files):
+            read_through(files[:failed + 1], text_field)  # raises that error again, after the warnings before it
+        raise
+
+
+def read_through(files: list[Path], text_field: str):
+    """Read files one after another for what they say: their warnings, and the first error."""
+    for path in files:
+        for _ in file_batches(path, text_field):
+            pass
 
 
 class Chunk(NamedTuple):

@@ -310,52 +310,87 @@ def test_the_reader_keeps_a_bounded_number_of_chunks_in_flight():
         assert len(read) == 50
 
 
-def hold_back(monkeypatch, slow: str, until: threading.Event):
-    """data.file_batches, but the file named slow gives its batches after the first only once `until` is set."""
-    real = data.file_batches
+def watch_files(monkeypatch, hold: dict[str, threading.Event], done: dict[str, threading.Event]) -> dict:
+    """data.file_batches, watched: a file named in hold gives its batches after the first only once its event is
+    set; a file named in done sets its event when its reading ends (error or not). Returns {name: batches given}."""
+    real, given = data.file_batches, {}
 
     def file_batches(path, text_field):
-        for i, batch in enumerate(real(path, text_field)):
-            if path.name == slow and i > 0 and not until.wait(10):
-                raise TimeoutError(f"{slow}: waited 10 s for the other file: the files are not read at once")
-            yield batch
+        try:
+            for i, batch in enumerate(real(path, text_field)):
+                if path.name in hold and i > 0 and not hold[path.name].wait(10):
+                    raise TimeoutError(f"{path.name}: waited 10 s for another file: the files are not read at once")
+                given[path.name] = given.get(path.name, 0) + 1
+                yield batch
+        finally:
+            if path.name in done:
+                done[path.name].set()
     monkeypatch.setattr(data, "file_batches", file_batches)
+    return given
+
+
+def three_files(src, bad_a: bool):
+    """a.jsonl: 60 documents in many 256-byte blocks (then a bad line if bad_a); b.jsonl: bad on line 1; c.jsonl:
+    60 documents too."""
+    write_corpus(src, n_docs=60)
+    (src / "docs.jsonl").rename(src / "a.jsonl")
+    if bad_a:
+        with open(src / "a.jsonl", "a") as f:
+            f.write('{"text": \n')
+    (src / "b.jsonl").write_text('{"txt": "no text field"}\n')
+    write_corpus(src, n_docs=60, seed=1)
+    (src / "docs.jsonl").rename(src / "c.jsonl")
+    return sorted(src.iterdir())
 
 
 def test_the_permutation_count_reads_files_at_once_and_names_the_first_bad_one(tmp_path, monkeypatch):
     """The permutation split counts every document before writing, with one thread per core (no tokenizing
-    overlaps that pass). Here a.jsonl, bad on its last line, gives its second batch only after b.jsonl, bad on its
-    first, has failed: the files must be read at once (else a waits in vain), and a's error is the one named, as
-    a sequential read would name it (a count that stopped at b's error would name b)."""
-    monkeypatch.setattr(data_sources, "BLOCK_BYTES", 256)  # a.jsonl comes in many batches
-    src = tmp_path / "src"
-    write_corpus(src, n_docs=60)
-    (src / "docs.jsonl").rename(src / "a.jsonl")
-    with open(src / "a.jsonl", "a") as f:
-        f.write('{"text": \n')
-    (src / "b.jsonl").write_text('{"txt": "no text field"}\n')
+    overlaps that pass). a.jsonl gives its second batch only once b.jsonl, bad on its first line, has failed: the
+    files must be read at once (else a waits in vain), and of a (bad on its last line) and b, a's error is the one
+    named, as a sequential read names it (a count that stopped at b's error would name b). c, after the failed b,
+    stops at its first block instead of being read to its end."""
+    monkeypatch.setattr(data_sources, "BLOCK_BYTES", 256)  # every file comes in many batches
+    files = three_files(tmp_path / "src", bad_a=True)
     b_failed = threading.Event()
-    real = data.file_batches
-
-    def file_batches(path, text_field):  # b's error sets the event
-        try:
-            yield from real(path, text_field)
-        finally:
-            if path.name == "b.jsonl":
-                b_failed.set()
-    monkeypatch.setattr(data, "file_batches", file_batches)
-    hold_back(monkeypatch, "a.jsonl", b_failed)
+    given = watch_files(monkeypatch, hold={"a.jsonl": b_failed, "c.jsonl": b_failed}, done={"b.jsonl": b_failed})
     with pytest.raises(UserError, match=r"a\.jsonl:61: not a JSON object"):
+        data.count_documents(files, "text", workers=2)
+    c_batches = sum(1 for _ in data_sources.file_batches(files[2], "text"))
+    assert given.get("c.jsonl", 0) <= 1 < c_batches
+    (files[0]).write_text(files[0].read_text().rsplit("\n", 2)[0] + "\n")  # a without its bad line
+    files[1].write_text('{"text": "one"}\n\n{"text": "  "}\n{"text": "two"}\n')  # 2 documents
+    assert data.count_documents(files, "text", workers=2) == 60 + 2 + 60
+
+
+def test_ctrl_c_during_the_count_stops_every_file_at_its_next_block(tmp_path, monkeypatch):
+    """Ctrl-C in the main thread while the count's threads read: each stops at its next block, not at its file's
+    end (here each of 400 batches of a.jsonl takes 10 ms, and the interrupt comes at its 5th)."""
+    monkeypatch.setattr(data_sources, "BLOCK_BYTES", 256)  # a line a batch: these lines are longer
+    src = tmp_path / "src"
+    write_corpus(src, n_docs=400)
+    (src / "docs.jsonl").rename(src / "a.jsonl")
+    (src / "b.jsonl").write_text('{"text": "one"}\n')
+    real, given = data.file_batches, {}
+
+    def slow_file_batches(path, text_field):
+        for batch in real(path, text_field):
+            given[path.name] = given.get(path.name, 0) + 1
+            if path.name == "a.jsonl" and given[path.name] == 5:
+                os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread: KeyboardInterrupt there
+            time.sleep(0.01)
+            yield batch
+    monkeypatch.setattr(data, "file_batches", slow_file_batches)
+    started = time.time()
+    with pytest.raises(KeyboardInterrupt):
         data.count_documents(sorted(src.iterdir()), "text", workers=2)
-    assert b_failed.is_set()
-    (src / "a.jsonl").write_text((src / "a.jsonl").read_text().rsplit("\n", 2)[0] + "\n")  # a without its bad line
-    (src / "b.jsonl").write_text('{"text": "one"}\n\n{"text": "  "}\n{"text": "two"}\n')  # 2 documents
-    assert data.count_documents(sorted(src.iterdir()), "text", workers=2) == 60 + 2
+    assert sum(1 for _ in data_sources.file_batches(src / "a.jsonl", "text")) >= 300  # a line a batch, about
+    assert given["a.jsonl"] <= 20 and time.time() - started < 1.0  # not 400 batches, 4 s
 
 
 def test_warnings_come_once_and_in_file_order_with_the_permutation_split(tmp_path, monkeypatch):
     """The parallel count says no warning (b.jsonl's would come first: a.jsonl is held back until b is read);
-    the pass that writes says each once, in file order."""
+    the pass that writes says each once, in file order. Where the count fails, or finds too few documents, the
+    warnings still come, then the error, as from a sequential read."""
     if not GPT2_VOCAB.is_dir():
         pytest.skip("GPT-2 vocabulary missing: run `make setup`")
     monkeypatch.setattr(data_sources, "BLOCK_BYTES", 256)
@@ -366,18 +401,25 @@ def test_warnings_come_once_and_in_file_order_with_the_permutation_split(tmp_pat
         f.write(b'{"text": "caf\xe9"}\n')  # latin-1, not UTF-8: skipped with a warning
     (src / "b.jsonl").write_bytes(b'{"text": "one"}\n{"text": "na\xefve"}\n{"text": "two"}\n')
     b_read = threading.Event()
-    real = data.file_batches
+    watch_files(monkeypatch, hold={"a.jsonl": b_read}, done={"b.jsonl": b_read})
 
-    def file_batches(path, text_field):
-        yield from real(path, text_field)
-        if path.name == "b.jsonl":
-            b_read.set()
-    monkeypatch.setattr(data, "file_batches", file_batches)
-    hold_back(monkeypatch, "a.jsonl", b_read)
-    with pytest.warns(UserWarning) as caught:
-        prepare(gpt2_cfg([src], tmp_path / "out", split="permutation"))
-    said = [str(w.message) for w in caught if "not UTF-8" in str(w.message)]
-    assert [re.sub(r" \(.*", "", m).rsplit("/", 1)[-1] for m in said] == ["a.jsonl:41: not UTF-8", "b.jsonl:2: not UTF-8"]
+    def said(cfg, error=None) -> list[str]:
+        with pytest.warns(UserWarning) as caught:
+            if error is None:
+                prepare(cfg)
+            else:
+                with pytest.raises(UserError, match=error):
+                    prepare(cfg)
+        return [re.sub(r" \(.*", "", str(w.message)).rsplit("/", 1)[-1] for w in caught]
+    cfg = gpt2_cfg([src], tmp_path / "out", split="permutation", workers=2)
+    assert said(cfg) == ["a.jsonl:41: not UTF-8", "b.jsonl:2: not UTF-8"]
+    (src / "c.jsonl").write_text('{"text": 1}\n')  # after the warnings: a bad file
+    assert said(replace(cfg, out_dir=tmp_path / "out2"), r"c\.jsonl:1") == ["a.jsonl:41: not UTF-8",
+                                                                          "b.jsonl:2: not UTF-8"]
+    for name in ("b.jsonl", "c.jsonl"):
+        (src / name).unlink()
+    (src / "a.jsonl").write_bytes(b'{"text": "one"}\n{"text": "caf\xe9"}\n')  # one document left
+    assert said(replace(cfg, out_dir=tmp_path / "out3"), "need at least 2 documents") == ["a.jsonl:2: not UTF-8"]
 
 
 @pytest.mark.parametrize("case", ["truncated_gz", "truncated_zst", "parquet_no_column", "bad_json", "no_package"])
