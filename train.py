@@ -72,12 +72,15 @@ def check_batch_sizes(cfg: TrainConfig, world_size: int) -> int:
     return cfg.global_batch_size // per_step
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class StopRequest:
     """SIGTERM / SIGINT set a flag; the loop checks it at the next step boundary (all ranks agree)."""
 
     def __init__(self):
         self.signal = 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
@@ -208,9 +211,14 @@ def train(cfg: TrainConfig) -> dict:
     check_ranges(cfg)  # parse_config checked already; this covers a TrainConfig built in code (tests, scripts)
     check_batch_sizes(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # here too: bad input is refused before the lock
     writer = int(os.environ.get("RANK", 0)) == 0  # rank 0 writes the run directory: it holds the lock
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}  # StopRequest's: for this run only
     with (rundir.holding(cfg.run_dir()) if writer else nullcontext(),  # before anything there is written or cleaned
           fp16_matmuls(cfg.precision, pick_device(cfg.device), cfg.compile)):  # CPU fp16 without fp16 units
-        return _train(cfg)
+        try:
+            return _train(cfg)
+        finally:  # train() called in a notebook or a test: Ctrl-C interrupts again once it returns
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
 
 def _train(cfg: TrainConfig) -> dict:

@@ -380,9 +380,13 @@ def test_ctrl_c_during_the_count_stops_every_file_at_its_next_block(tmp_path, mo
             time.sleep(0.01)
             yield batch
     monkeypatch.setattr(data, "file_batches", slow_file_batches)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # an in-process train.py run sets its own
     started = time.time()
-    with pytest.raises(KeyboardInterrupt):
-        data.count_documents(sorted(src.iterdir()), "text", workers=2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            data.count_documents(sorted(src.iterdir()), "text", workers=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert sum(1 for _ in data_sources.file_batches(src / "a.jsonl", "text")) >= 300  # a line a batch, about
     assert given["a.jsonl"] <= 20 and time.time() - started < 1.0  # not 400 batches, 4 s
 

@@ -1,6 +1,7 @@
 """train.py end to end on a tiny model: learning, run layout, bitwise repeatability and resume, torchrun, CLI errors."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -11,6 +12,7 @@ import torch
 import checkpoint
 from conftest import ROOT, tiny_run
 from configs import to_json
+import train as train_module
 from train import train
 
 
@@ -83,6 +85,26 @@ def test_rerun_from_config_json_is_bitwise(tiny_data, tmp_path):
     proc = run_cli("train.py", str(tmp_path / "config.json"))
     assert proc.returncode == 0, proc.stderr
     assert train_losses(tmp_path / "first") == train_losses(tmp_path / "again")
+
+
+def test_signal_handlers_are_given_back_when_train_returns_or_raises(tiny_data, tmp_path, monkeypatch):
+    """Inside the loop SIGTERM / SIGINT only ask for a checkpoint at the next step; once train() returns (or
+    raises), a caller in a notebook or a test gets its own handlers back — Ctrl-C interrupts again."""
+    mine = lambda signum, frame: None
+    before = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        train(tiny_run(tiny_data, tmp_path / "run", max_steps=2))
+        assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGTERM) is mine
+        def failing_step(*args):
+            assert signal.getsignal(signal.SIGINT) is not mine  # the loop's own handler is in place
+            raise RuntimeError("a step that fails")
+        monkeypatch.setattr(train_module, "optimization_step", failing_step)
+        with pytest.raises(RuntimeError, match="a step that fails"):
+            train(tiny_run(tiny_data, tmp_path / "failed", max_steps=2))
+        assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def test_init_from_takes_only_the_weights(tiny_data, tmp_path):
