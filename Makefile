@@ -4,7 +4,7 @@ PRESET ?= shakespeare-cpu
 SEEDS ?= 21 49 81 343 777
 ARGS ?=
 
-.PHONY: setup train test sample cuda-compile gpu-check stability-demo seeds sweep-demo clean
+.PHONY: setup train test test-torch sample cuda-compile gpu-check stability-demo seeds sweep-demo clean
 
 setup: .venv/.installed data/shakespeare/meta.json .cache/gpt2/vocab.json
 	@# GPT-2's tokenizer in C (gpt2_bpe/): optional, data.py falls back to tiktoken without a C compiler
@@ -51,6 +51,20 @@ sample: setup
 # Compile the fused attention kernel for Ampere and Hopper with nvcc: no GPU needed (also run by make test).
 cuda-compile: setup
 	$(PY) -m attention_cuda.build --arch 80 --arch 90
+
+# The test suite under another torch, on this CPU (default: the GPU image's 2.11.0, PyPI's CUDA wheel, ~3 GB with
+# its CUDA libraries, into .cache/): run it before a GPU session, so that an API that torch lacks shows up here and
+# not in the session's 15 minutes of device time. make test-torch TORCH=2.12.0 for another version.
+TORCH ?= 2.11.0
+TORCH_VENV := .cache/venv-torch-$(TORCH)
+test-torch: setup $(TORCH_VENV)/.installed
+	$(TORCH_VENV)/bin/python -m pytest -q tests/
+
+$(TORCH_VENV)/.installed: pyproject.toml
+	test -x $(TORCH_VENV)/bin/python || python3 -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TORCH_VENV)/bin/python -m pip install -q torch==$(TORCH) -e ".[dev]"
+	touch $@
 
 # On a machine with an NVIDIA GPU (python3 with torch and numpy, nvcc; no tyro or wandb needed), in under 6 minutes:
 # env.txt (card, driver, torch, nvcc, commit), gpu_check (kernel vs fp64, bitwise-repeatable backward, timing vs
