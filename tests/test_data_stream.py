@@ -310,9 +310,11 @@ def test_the_reader_keeps_a_bounded_number_of_chunks_in_flight():
         assert len(read) == 50
 
 
-def watch_files(monkeypatch, hold: dict[str, threading.Event], done: dict[str, threading.Event]) -> dict:
+def watch_files(monkeypatch, hold: dict[str, threading.Event], done: dict[str, threading.Event],
+                on_batch=lambda name, given: None) -> dict:
     """data.file_batches, watched: a file named in hold gives its batches after the first only once its event is
-    set; a file named in done sets its event when its reading ends (error or not). Returns {name: batches given}."""
+    set; a file named in done sets its event when its reading ends (error or not); on_batch(name, batches given so
+    far) runs before each batch is given. Returns {name: batches given}."""
     real, given = data.file_batches, {}
 
     def file_batches(path, text_field):
@@ -321,6 +323,7 @@ def watch_files(monkeypatch, hold: dict[str, threading.Event], done: dict[str, t
                 if path.name in hold and i > 0 and not hold[path.name].wait(10):
                     raise TimeoutError(f"{path.name}: waited 10 s for another file: the files are not read at once")
                 given[path.name] = given.get(path.name, 0) + 1
+                on_batch(path.name, given[path.name])
                 yield batch
         finally:
             if path.name in done:
@@ -370,16 +373,12 @@ def test_ctrl_c_during_the_count_stops_every_file_at_its_next_block(tmp_path, mo
     write_corpus(src, n_docs=400)
     (src / "docs.jsonl").rename(src / "a.jsonl")
     (src / "b.jsonl").write_text('{"text": "one"}\n')
-    real, given = data.file_batches, {}
 
-    def slow_file_batches(path, text_field):
-        for batch in real(path, text_field):
-            given[path.name] = given.get(path.name, 0) + 1
-            if path.name == "a.jsonl" and given[path.name] == 5:
-                os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread: KeyboardInterrupt there
-            time.sleep(0.01)
-            yield batch
-    monkeypatch.setattr(data, "file_batches", slow_file_batches)
+    def slowly(name: str, batches: int):
+        if name == "a.jsonl" and batches == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread: KeyboardInterrupt there
+        time.sleep(0.01)
+    given = watch_files(monkeypatch, hold={}, done={}, on_batch=slowly)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # an in-process train.py run sets its own
     started = time.time()
     try:
