@@ -43,8 +43,8 @@ if TYPE_CHECKING:  # imported where batches are made: prepare never needs torch 
 
 from data_sources import corpus_files, document_name, file_batches, read_documents  # noqa: F401  (eval.py's)
 from errors import UserError, read_json
-from tokenizer import (EOT, Texts, document_ids, find_gpt2_files, gpt2_encoder, gpt2_tokenizer, tokenizers_encoder,
-                       train_bpe)
+from tokenizer import (EOT, Texts, document_ids, find_gpt2_files, gpt2_encoder, gpt2_ranks, gpt2_tokenizer,
+                       tokenizers_encoder, train_bpe)
 
 META_FORMAT = 2  # 2: shards, max_token_id, fingerprints, args; format 1 (one .bin per split) still loads
 SPLITS = ("train", "val")
@@ -130,8 +130,10 @@ def val_chooser(cfg, files: list[Path]):
     if cfg.split == "hash":
         return lambda first, count: hash_fractions(cfg.split_seed, first, count) < cfg.val_fraction
     n_docs = count_documents(files, cfg.text_field, cfg.workers or usable_cores())
-    if n_docs < 2:  # split_documents refuses: first the warnings that say why documents were skipped
+    if n_docs < 2:  # first the warnings that say why documents were skipped
         read_through(files, cfg.text_field)
+        raise UserError(f"{', '.join(map(str, cfg.inputs))}: {n_docs} non-empty document(s) — --split permutation "
+                        "needs at least 2 (one for train, one for val)")
     val = split_documents(n_docs, cfg.val_fraction, cfg.split_seed)
 
     def in_val(first: int, count: int) -> np.ndarray:
@@ -376,6 +378,10 @@ def check_same_args(recorded: dict, args: dict, where: Path):
         if before == now:
             continue
         flag = "--" + key.replace("_", "-")
+        if key == "inputs" and before and sorted(map(tuple, before)) == sorted(map(tuple, now)):
+            raise UserError(f"{where}: prepared from the same --inputs in another order ("
+                            f"{', '.join(name for name, _ in before)} then) — the order decides the documents' "
+                            "order: pass them as then, use another --out-dir, or delete it to start over")
         if key == "inputs":
             before_files, now_files = dict(map(tuple, before or [])), dict(map(tuple, now))
             changed = next((f for f in sorted(before_files.keys() | now_files.keys())
@@ -390,12 +396,17 @@ def check_same_args(recorded: dict, args: dict, where: Path):
 def existing_preparation(out: Path, args: dict) -> tuple[dict | None, dict | None]:
     """(meta of a finished preparation, state of an interrupted one) in out, after checking their arguments."""
     meta_path, state_path = out / "meta.json", out / STATE_FILE
+    fix = "use another --out-dir, or delete it to start over"
     if state_path.is_file():
-        state = json.loads(state_path.read_text())
+        state = read_json(state_path, fix)
+        if not isinstance(state, dict) or not isinstance(state.get("args"), dict):
+            raise UserError(f"{state_path}: not a state file of data.py prepare — {fix}")
         check_same_args(state["args"], args, state_path)
         return None, state
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, fix)
+        if not isinstance(meta, dict) or not isinstance(meta.get("args", {}), dict):
+            raise UserError(f"{meta_path}: not a meta.json of data.py prepare — {fix}")
         if "args" not in meta:
             raise UserError(f"{meta_path}: prepared by an older data.py (its arguments are not recorded) — "
                             "use another --out-dir, or delete it to prepare again")
@@ -422,7 +433,7 @@ def prepare(cfg) -> dict:
     if meta is not None:
         return meta  # already prepared with these arguments
     if cfg.tokenizer == "gpt2":
-        find_gpt2_files(cfg.gpt2_vocab_dir)
+        gpt2_ranks(cfg.gpt2_vocab_dir)  # both files there, and vocab.json GPT-2's: else one line, nothing written
     in_val = val_chooser(cfg, files)
     state = state or {"args": args, "resume": None, "splits": {}, "finished": False}
     tok = None
@@ -511,9 +522,12 @@ def write_shards(cfg, files, encode, in_val, eot_id: int, out: Path, state: dict
             bar.update(chunk.batch.bytes_read - bar.n)
             tokens_now = sum(w.stats["tokens"] for w in writers.values()) - tokens_before
             bar.set_postfix_str(f"{tokens_now / max(time.time() - started, 1e-9) / 1e6:.2f}M tokens/s", refresh=False)
+    if all(writer.stats["documents"] == 0 for writer in writers.values()):
+        discard(out, writers, state)
+        raise UserError(f"{', '.join(map(str, cfg.inputs))}: no non-empty document (the warnings above say why)")
     for split, writer in writers.items():
         if writer.stats["documents"] == 0:
-            discard(out, writers)
+            discard(out, writers, state)
             raise UserError(f"{', '.join(map(str, cfg.inputs))}: no document went to {split} "
                             f"(--split {cfg.split}, --val-fraction {cfg.val_fraction}) — use --split permutation "
                             "for a small corpus (it puts at least one document in each), or more documents")
@@ -541,15 +555,16 @@ def write_chunk(chunk: Chunk, ids: dict, eot_id: int, out: Path, state: dict, wr
             commit(out, state, writers, resume_after(batch, position))
 
 
-def discard(out: Path, writers: dict):
+def discard(out: Path, writers: dict, state: dict):
     """Remove what this preparation wrote (it cannot be finished), and the directory if that leaves it empty."""
     for writer in writers.values():
         if writer.file is not None:
             writer.file.close()
         for shard in range(len(writer.shards) + 1):
             writer.path(shard).unlink(missing_ok=True)
-    for name in (STATE_FILE, "tokenizer.json"):
-        (out / name).unlink(missing_ok=True)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    if "tokenizer_sha256" in state:  # a BPE this preparation trained and saved; else a tokenizer.json is not ours
+        (out / "tokenizer.json").unlink(missing_ok=True)
     if not any(out.iterdir()):
         out.rmdir()
 
@@ -650,6 +665,13 @@ def split_info(meta: dict, split: str, meta_path: Path) -> dict:
         raise UserError(f"{meta_path}: \"{split}\" entry lacks {', '.join(absent)} — prepare the data again")
     if "shards" not in info:  # format 1
         info = dict(info, shards=[{"file": f"{split}.bin", "tokens": info["tokens"], "sha256": info["sha256"]}])
+    shards, vocab_size = info["shards"], meta["vocab_size"]
+    if not (isinstance(shards, list) and shards and all(isinstance(shard, dict) and isinstance(shard.get("file"), str)
+                                                        and type(shard.get("tokens")) is int for shard in shards)):
+        raise UserError(f"{meta_path}: \"{split}\" shards are not a list of {{\"file\": name, \"tokens\": count}} "
+                        "— prepare the data again")
+    if type(vocab_size) is not int:
+        raise UserError(f"{meta_path}: vocab_size {vocab_size!r} is not a whole number — prepare the data again")
     return info
 
 
@@ -724,7 +746,7 @@ class TokenSplit:
             if fingerprint(path) != shard["fingerprint"]:
                 raise UserError(f"{path}: fingerprint differs from meta.json — the file changed since "
                                 "`data.py prepare`")
-        elif verify in ("fingerprint", "full") and sha256_file(path) != shard["sha256"]:
+        elif verify in ("fingerprint", "full") and sha256_file(path) != shard.get("sha256"):
             raise UserError(f"{path}: sha256 differs from meta.json — the file changed since `data.py prepare`")
         return np.memmap(path, dtype=np.uint16, mode="r")
 
@@ -783,6 +805,18 @@ def peak_memory_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _one_line_warnings(python_format):
+    """A file prepare skips is news for the user, not for a developer: our warnings in one line each, not Python's
+    two with our source line; a library's keep Python's format."""
+    ours = {str(Path(__file__).with_name(name)) for name in ("data.py", "data_sources.py", "tokenizer.py")}
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if filename in ours:
+            return f"gust: warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+    return format_warning
+
+
 def main(argv: list[str] | None = None):
     import tyro
 
@@ -793,6 +827,7 @@ def main(argv: list[str] | None = None):
         raise UserError("usage: python data.py prepare [--inputs PATH ...] [--out-dir DIR] [--tokenizer gpt2|bpe] "
                         "(see python data.py prepare --help)")
     cfg = tyro.cli(PrepareConfig, args=argv[1:], prog="data.py prepare")
+    warnings.formatwarning = _one_line_warnings(warnings.formatwarning)
     started = time.time()
     meta = prepare(cfg)
     for split, info in meta["splits"].items():

@@ -31,24 +31,30 @@ def suffix_of(path: Path) -> str | None:
 
 
 def corpus_files(inputs, text_field: str = "text") -> list[Path]:
-    """Every file under `inputs`, in document order. Bad paths, missing reader packages and Parquet files without
-    the text column fail here, before any work."""
+    """Every file under `inputs`, in document order. Bad paths, a file named twice, missing reader packages and
+    Parquet files without the text column fail here, before any work."""
+    if not inputs:
+        raise UserError("--inputs: no file, directory or glob given")
     files = []
     for spec in inputs:
         path = Path(spec)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and suffix_of(p))
+            files += _files_under(path)
         elif path.is_file():
             files.append(path)  # named explicitly: read as plain text unless the name says otherwise
         elif glob.has_magic(str(spec)):
             matched = sorted(Path(p) for p in glob.glob(str(spec), recursive=True))
-            files += [p for p in matched if p.is_file() and suffix_of(p)]
-            if not any(p.is_file() and suffix_of(p) for p in matched):
+            # a directory matched is searched, as the shell's expansion of the same pattern would be; a file that
+            # `**` matches both itself and under its directory counts once
+            found = sorted({f for p in matched for f in (_files_under(p) if p.is_dir() else [p]) if suffix_of(f)})
+            if not found:
                 raise UserError(f"{spec}: the pattern matches no {'/'.join(SUFFIXES)} file")
+            files += found
         else:
             raise UserError(f"{path}: input not found")
     if not files:
         raise UserError(f"no {'/'.join(SUFFIXES)} files in {', '.join(map(str, inputs))}")
+    _refuse_repeats(files)
     for suffix, package in PACKAGES.items():
         needing = next((p for p in files if suffix_of(p) == suffix), None)
         if needing is not None:
@@ -57,6 +63,23 @@ def corpus_files(inputs, text_field: str = "text") -> list[Path]:
         if suffix_of(path) == ".parquet":
             _open_parquet(path, text_field)  # reads only the footer
     return files
+
+
+def _files_under(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and suffix_of(p))
+
+
+def _refuse_repeats(files: list[Path]):
+    """A file named twice (or a directory and a file in it) would be read twice: its copies would land in train
+    and in val."""
+    first_name = {}
+    for path in files:
+        real = path.resolve()
+        if real in first_name:
+            spellings = "" if str(first_name[real]) == str(path) else f" (as {first_name[real]} and as {path})"
+            raise UserError(f"--inputs: {path} is named twice{spellings} — its documents would be read twice, and "
+                            "could land in train and in val")
+        first_name[real] = path
 
 
 def _require(package: str, path: Path):
@@ -98,9 +121,10 @@ def file_documents(path: Path, text_field: str = "text"):
 
 def _txt_batch(path: Path):
     try:
-        text = path.read_text(encoding="utf-8")  # text mode, as before: \r\n becomes \n
+        text = path.read_text(encoding="utf-8-sig")  # text mode, as before: \r\n becomes \n; a BOM is no text
     except UnicodeDecodeError as err:
-        warnings.warn(f"{path}: not UTF-8 ({err.reason} at byte {err.start}), skipped")
+        at = err.start + (3 if path.open("rb").read(3) == b"\xef\xbb\xbf" else 0)  # counted after the BOM
+        warnings.warn(f"{path}: not UTF-8 ({err.reason} at byte {at}), skipped")
         return
     if has_text(text):
         yield TextBatch(Texts.of([text.encode("utf-8")]), np.zeros(1, dtype=np.int64), path.stat().st_size)
@@ -260,7 +284,7 @@ def _parquet_batches(path: Path, text_field: str):
     import pyarrow
 
     table = _open_parquet(path, text_field)
-    size, rows_total, row = path.stat().st_size, max(table.metadata.num_rows, 1), 0
+    size, rows_total, row, empty = path.stat().st_size, max(table.metadata.num_rows, 1), 0, True
     try:
         for batch in table.iter_batches(batch_size=1024, columns=[text_field]):  # bounded memory per read
             texts, places = [], []
@@ -272,10 +296,13 @@ def _parquet_batches(path: Path, text_field: str):
                 elif text is not None and not isinstance(text, str):
                     raise UserError(f"{path}: column \"{text_field}\" holds {type(text).__name__}, not text")
             if texts:
+                empty = False
                 yield TextBatch(Texts.of(texts), np.array(places, dtype=np.int64), size * row // rows_total)
     except (pyarrow.ArrowException, OSError) as err:
         raise UserError(f"{path}: truncated or corrupt at row {row + 1} ({err}) — stopped; "
                         "completed shards are kept") from None
+    if empty:  # as an empty .txt or .jsonl is
+        warnings.warn(f"{path}: no non-empty documents in column \"{text_field}\", skipped")
 
 
 def _open_parquet(path: Path, text_field: str):

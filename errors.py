@@ -28,7 +28,8 @@ def read_json(path, fix: str = ""):
     to do. A missing file or a directory is the caller's to name (each says what it expected there)."""
     tail = f" — {fix}" if fix else ""
     try:
-        text = open(path, encoding="utf-8").read()
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}){tail}") from None
     try:

@@ -5,12 +5,11 @@ Three libraries give GPT-2's ids, all the same (tests/test_data_stream.py checks
 and on awkward strings): gpt2_bpe (our C, the fastest), tiktoken (built offline from vocab.json), and the tokenizers
 library (the reference, and the only one that trains a BPE). Not in here: which documents are encoded (data.py).
 """
-import json
 from pathlib import Path
 
 import numpy as np
 
-from errors import UserError
+from errors import UserError, read_json
 
 EOT = "<|endoftext|>"
 EOT_UTF8 = EOT.encode()  # as it stands in a document's UTF-8 text
@@ -104,7 +103,12 @@ def gpt2_ranks(vocab_dir: Path, fix: str = GPT2_FIX) -> dict[bytes, int]:
     """
     vocab_path, _ = find_gpt2_files(vocab_dir, fix)
     byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
-    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    vocab = read_json(vocab_path, fix)
+    bad = "not an object of tokens" if not isinstance(vocab, dict) else next(
+        (f"entry {token!r}" for token, rank in vocab.items()
+         if token != EOT and (type(rank) is not int or not set(token) <= byte_of.keys())), None)
+    if bad is not None or len(vocab) != 50257:  # what tiktoken and gpt2_bpe would otherwise fail on, deep inside
+        raise UserError(f"{vocab_path}: not GPT-2's vocab.json ({bad or f'{len(vocab)} tokens, not 50257'}) — {fix}")
     return {bytes(byte_of[char] for char in token): rank for token, rank in vocab.items() if token != EOT}
 
 

@@ -422,7 +422,7 @@ def test_warnings_come_once_and_in_file_order_with_the_permutation_split(tmp_pat
     for name in ("b.jsonl", "c.jsonl"):
         (src / name).unlink()
     (src / "a.jsonl").write_bytes(b'{"text": "one"}\n{"text": "caf\xe9"}\n')  # one document left
-    assert said(replace(cfg, out_dir=tmp_path / "out3"), "need at least 2 documents") == ["a.jsonl:2: not UTF-8"]
+    assert said(replace(cfg, out_dir=tmp_path / "out3"), "needs at least 2") == ["a.jsonl:2: not UTF-8"]
 
 
 @pytest.mark.parametrize("case", ["truncated_gz", "truncated_zst", "parquet_no_column", "bad_json", "no_package"])
