@@ -28,6 +28,29 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The step a checkpoint holds, from its manifest: a copy of one may be named anything (--resume ~/backup)."""
+    return json.loads((Path(ckpt) / MANIFEST).read_text())["step"]
+
+
+def set_aside_after(run_dir: Path, step: int) -> Path | None:
+    """Move the complete checkpoints of steps after `step` into checkpoints/superseded-at-step-<step>-<unix time>/;
+    returns that folder, or None when there were none. A resume from an earlier checkpoint starts a new branch of
+    the run: its saves must not be skipped as "the same step, the same state" for the old branch's, nor its pruning
+    count them. Moved, never deleted: they may be the better branch. Ones without a manifest (killed saves) stay
+    where verify reports them."""
+    later = [ckpt for ckpt in all_checkpoints(run_dir)
+             if (ckpt / MANIFEST).is_file() and int(ckpt.name.split("-")[1]) > step]
+    if not later:
+        return None
+    aside = Path(run_dir) / "checkpoints" / f"superseded-at-step-{step}-{int(time.time())}"
+    aside.mkdir()
+    for ckpt in later:
+        os.rename(ckpt, aside / ckpt.name)
+    _fsync(aside.parent)  # the renames survive a power cut: a resume after one must not find the old branch
+    return aside
+
+
 def scheduled_steps(schedule: str, intervals, max_steps: int) -> set[int]:
     """The steps whose checkpoint is kept for good (the last step always is)."""
     if schedule == "mistral":  # every N until M, for each (N, M), plus step 0

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from configs import TrainConfig
 import cpu_fp16
+from checkpoint import checkpoint_step
 from errors import UserError
 from model import GPT
 
@@ -39,6 +40,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     """--device auto|cpu|cuda → this process's device (auto: its GPU when there is one)."""
+    if requested == "cuda" and local_rank >= torch.cuda.device_count():  # else a traceback from deep in torch
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise UserError(f"--device cuda: torch {torch.__version__} ({build}) sees {torch.cuda.device_count()} GPU(s) "
+                        f"here{f', and this is local rank {local_rank}' if local_rank else ''} — use --device cpu "
+                        "(or auto)")
     use_cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
     return torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
 
@@ -201,7 +207,7 @@ def agree_on_resume(ckpt: Path | None, rt: Dist):
     """Every rank must resume from the same step: a run dir not shared by all nodes would silently diverge."""
     if rt.world_size == 1:
         return
-    step = torch.tensor([-1 if ckpt is None else int(ckpt.name.split("-")[1])], device=rt.device)
+    step = torch.tensor([-1 if ckpt is None else checkpoint_step(ckpt)], device=rt.device)
     low, high = step.clone(), step.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)

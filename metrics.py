@@ -15,6 +15,7 @@ import torch.distributed as dist
 from configs import TrainConfig, to_json
 from data import TokenSplit, write_atomic
 from distributed import Dist
+from errors import UserError
 from model import GPT
 
 PEAK_FLOPS = {  # device-name fragment: dense FLOP/s for (bf16/fp16 tensor cores, TF32 tensor cores, plain fp32)
@@ -31,7 +32,7 @@ class MetricsLog:
         if not is_main:
             return
         if resume_step is not None and self.path.exists():  # drop rows of the interval about to be replayed
-            rows = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            rows = [line for line, row in _rows(self.path) if row["step"] <= resume_step]
             write_atomic(self.path, "".join(row + "\n" for row in rows))
         elif resume_step is None:
             self.path.write_text("")
@@ -47,6 +48,25 @@ class MetricsLog:
             print(console, flush=True)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if not isinstance(v, list)}, step=row["step"])
+
+
+def _rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, its row) of metrics.jsonl. A last line cut short (an append that a full disk or a crash tore) is
+    dropped with a note: its step is replayed and logged again. A bad line before it is a one-line error."""
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or type(row.get("step")) is not int:
+                raise ValueError("not a row with a step")
+        except ValueError as err:
+            if number == len(lines):
+                print(f"gust: {path}:{number}: cut short ({err}), dropped; its step is logged again", flush=True)
+                break
+            raise UserError(f"{path}:{number}: not a metrics row ({err}) — mend or remove the line") from None
+        rows.append((line, row))
+    return rows
 
 
 def _start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str):

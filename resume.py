@@ -28,6 +28,7 @@ from errors import UserError
 # ----------------------------------------------------------------------------- seeds, RNG streams
 
 def seed_everything(seed: int):
+    seed %= 2**32  # what numpy takes; a seed in range is unchanged (seed + rank, or a step-derived one, may not be)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds CUDA too
@@ -138,10 +139,16 @@ def check_resume_config(state: dict, cfg: TrainConfig, train_split: TokenSplit, 
 
 
 def record_start(run, ckpt: Path | None, step: int, changes: dict):
-    """Rank 0, lock held, run (a train.Run) built: remove killed writers' leftovers; write config.json for a fresh run (never over
-    a run's own), and append a resume's config changes, with the step they take effect, to config-changes.jsonl."""
+    """Rank 0, lock held, run (a train.Run) built: remove killed writers' leftovers; move aside the later checkpoints
+    of a resume from an earlier one (a new branch); write config.json for a fresh run (never over a run's own), and
+    append a resume's config changes, with the step they take effect, to config-changes.jsonl."""
     for path in rundir.remove_leftovers(run.run_dir):
         print(f"gust: removed {path}, left by a writer that was killed", flush=True)
+    # --resume auto continues the newest good checkpoint: any later one is broken, and left for verify to report
+    branching = ckpt is not None and run.cfg.resume not in ("auto", "none")
+    if branching and (aside := checkpoint.set_aside_after(run.run_dir, step)) is not None:
+        print(f"gust: resuming from step {step} starts a new branch: the later checkpoints are moved to {aside}",
+              flush=True)
     config_json = run.run_dir / "config.json"
     if ckpt is None or not config_json.exists():
         write_atomic(config_json, json.dumps(to_json(run.cfg), indent=2))
@@ -186,6 +193,9 @@ def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, train_split:
     """Load a checkpoint into model, optimizer, scaler and RNG; returns its step, optimizer step, wandb id, the
     config changes (check_resume_config) and the seconds of training before it."""
     state = checkpoint.load(ckpt)
+    if "optimizer" not in state:  # hf_bridge.py import writes the weights only
+        raise UserError(f"{ckpt}: holds weights only (no optimizer state) — train from them with --init-from "
+                        f"{ckpt} and a new --out-dir")
     check_model_shape(state, cfg, ckpt, same_padding=True)
     changes = check_resume_config(state, cfg, train_split, ckpt)
     load_full_state(model, optimizer, state["model"], state["optimizer"], rt)

@@ -51,16 +51,21 @@ def lock(run_dir: Path):
 
 @contextmanager
 def holding(run_dir: Path):
-    """lock() for the life of a with block. A run that fails before writing anything into a directory it created
-    takes the directory away again: bad input leaves no trace."""
-    created = not run_dir.exists()
+    """lock() for the life of a with block. A run that fails before writing anything takes away what lock() made —
+    the lock file, the directory and the ones above it that it created: bad input leaves no trace."""
+    made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # innermost first
+    had = {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else set()
     file = lock(run_dir)
     try:
         yield file
     except BaseException:
-        if created and [path.name for path in run_dir.iterdir()] == [LOCK]:
+        if LOCK not in had and {path.name for path in run_dir.iterdir()} == had | {LOCK}:
             (run_dir / LOCK).unlink()
-            run_dir.rmdir()
+            for directory in made:  # each is empty now, or holds only what a later run put there: then stop
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
         raise
     finally:
         file.close()  # in-process callers (tests) may start the next run on this directory

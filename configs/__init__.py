@@ -348,6 +348,7 @@ def config_changes(saved: dict, cfg) -> dict:
 AT_LEAST_0, AT_LEAST_1, POSITIVE = (lambda v: v >= 0, "≥ 0"), (lambda v: v >= 1, "≥ 1"), (lambda v: v > 0, "> 0")
 FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 RANGES = {
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),  # what numpy's seed takes
     "max_steps": AT_LEAST_0, "global_batch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_1,
     "eval_interval": AT_LEAST_1, "log_interval": AT_LEAST_1, "eval_batches": AT_LEAST_0,
     "final_eval_batches": AT_LEAST_0, "diag_interval": AT_LEAST_0, "peak_flops": AT_LEAST_0,
