@@ -378,11 +378,11 @@ def check_same_args(recorded: dict, args: dict, where: Path):
         if before == now:
             continue
         flag = "--" + key.replace("_", "-")
-        if key == "inputs" and before and sorted(map(tuple, before)) == sorted(map(tuple, now)):
-            raise UserError(f"{where}: prepared from the same --inputs in another order ("
-                            f"{', '.join(name for name, _ in before)} then) — the order decides the documents' "
-                            "order: pass them as then, use another --out-dir, or delete it to start over")
         if key == "inputs":
+            if before and sorted(map(tuple, before)) == sorted(map(tuple, now)):
+                raise UserError(f"{where}: prepared from the same --inputs in another order ("
+                                f"{', '.join(name for name, _ in before)} then) — the order decides the documents' "
+                                "order: pass them as then, use another --out-dir, or delete it to start over")
             before_files, now_files = dict(map(tuple, before or [])), dict(map(tuple, now))
             changed = next((f for f in sorted(before_files.keys() | now_files.keys())
                             if before_files.get(f) != now_files.get(f)), "?")
