@@ -432,8 +432,8 @@ def prepare(cfg) -> dict:
     meta, state = existing_preparation(out, args)
     if meta is not None:
         return meta  # already prepared with these arguments
-    if cfg.tokenizer == "gpt2":
-        gpt2_ranks(cfg.gpt2_vocab_dir)  # both files there, and vocab.json GPT-2's: else one line, nothing written
+    # GPT-2's files both there and vocab.json GPT-2's, else one line and nothing written; its ranks make the encoder
+    ranks = gpt2_ranks(cfg.gpt2_vocab_dir) if cfg.tokenizer == "gpt2" else None
     in_val = val_chooser(cfg, files)
     state = state or {"args": args, "resume": None, "splits": {}, "finished": False}
     tok = None
@@ -443,7 +443,7 @@ def prepare(cfg) -> dict:
         tok = train_bpe(train_texts, cfg.bpe_vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / STATE_FILE, state)  # from here on the directory is ours: a re-run resumes it
-    encode, tok_meta, vocab_size, eot_id = open_encoder(cfg, out, state, tok)
+    encode, tok_meta, vocab_size, eot_id = open_encoder(cfg, out, state, tok, ranks)
     if vocab_size > 65536:
         raise UserError(f"tokenizer has {vocab_size} tokens; uint16 .bin files hold at most 65536")
     writers = {split: ShardWriter(out, split, cfg.shard_tokens, state["splits"].get(split)) for split in SPLITS}
@@ -486,10 +486,10 @@ def _saved_bpe_is_intact(out: Path, state: dict) -> bool:
     return bool(state.get("tokenizer_sha256")) and path.is_file() and sha256_file(path) == state["tokenizer_sha256"]
 
 
-def open_encoder(cfg, out: Path, state: dict, trained_bpe):
+def open_encoder(cfg, out: Path, state: dict, trained_bpe, ranks: dict | None):
     """(encode, tokenizer's meta entry, vocab size, <|endoftext|> id); a new BPE is saved next to the tokens."""
     if cfg.tokenizer == "gpt2":
-        encode, library = gpt2_encoder(cfg.gpt2_vocab_dir)
+        encode, library = gpt2_encoder(cfg.gpt2_vocab_dir, ranks)  # gpt2_ranks: vocab.json parsed once, not again
         files = {p.name: sha256_file(p) for p in find_gpt2_files(cfg.gpt2_vocab_dir)}
         return encode, {"kind": "gpt2", "vocab_dir": str(cfg.gpt2_vocab_dir), "files": files, "library": library}, \
             50257, 50256

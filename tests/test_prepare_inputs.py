@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import data
+import tokenizer
 from conftest import GPT2_VOCAB, ROOT
 from data import TokenSplit, prepare
 from errors import UserError
@@ -64,17 +65,44 @@ def test_an_empty_parquet_file_is_skipped_with_a_warning(tmp_path):
         prepare(gpt2_cfg([tmp_path / "src"], tmp_path / "out", split="permutation"))
 
 
-@pytest.mark.parametrize("damage", ["cut short", "not GPT-2's"])
+def damaged_vocab(damage: str) -> tuple[bytes, str]:
+    """GPT-2's vocab.json damaged one way, and what the refusal must say."""
+    vocab = json.loads((GPT2_VOCAB / "vocab.json").read_bytes())
+    if damage == "cut short":
+        return (GPT2_VOCAB / "vocab.json").read_text(encoding="utf-8")[:1000].encode(), "not valid JSON"
+    if damage == "not GPT-2's":
+        return b'{"a": 0, "b": 1}', "2 tokens, not 50257"
+    if damage == "a token outside the byte alphabet":  # "\u4e00" is no char of GPT-2's byte-to-unicode table
+        vocab["\u4e00"] = vocab.pop("the")
+        return json.dumps(vocab).encode(), "entry '\u4e00'"
+    vocab["the"] = "1169"  # damage == "a rank that is no int"
+    return json.dumps(vocab).encode(), "entry 'the'"
+
+
+@pytest.mark.parametrize("damage", ["cut short", "not GPT-2's", "a token outside the byte alphabet",
+                                    "a rank that is no int"])
 def test_a_damaged_vocab_json_is_one_line_before_anything_is_written(tmp_path, damage):
     write_corpus(tmp_path / "src", n_docs=20)
     vocab_dir = tmp_path / "vocab"
     vocab_dir.mkdir()
     (vocab_dir / "merges.txt").write_bytes((GPT2_VOCAB / "merges.txt").read_bytes())
-    vocab = (GPT2_VOCAB / "vocab.json").read_bytes()
-    (vocab_dir / "vocab.json").write_bytes(vocab[:1000] if damage == "cut short" else b'{"a": 0, "b": 1}')
-    with pytest.raises(UserError, match=r"vocab/vocab.json: not"):
+    text, says = damaged_vocab(damage)
+    (vocab_dir / "vocab.json").write_bytes(text)
+    with pytest.raises(UserError, match=r"vocab/vocab.json: not") as refused:
         prepare(gpt2_cfg([tmp_path / "src"], tmp_path / "out", gpt2_vocab_dir=vocab_dir))
+    assert says in str(refused.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_gpt2_ranks_are_each_tokens_bytes(tmp_path):
+    """Against the byte-to-unicode table written out here from GPT-2's encoder.py, not tokenizer's copy of it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+    vocab = json.loads((GPT2_VOCAB / "vocab.json").read_bytes())
+    ranks = tokenizer.gpt2_ranks(GPT2_VOCAB)
+    assert len(ranks) == 50256 and ranks[b" the"] == vocab["\u0120the"] == 262
+    assert ranks == {bytes(byte_of[c] for c in token): rank for token, rank in vocab.items() if token != "<|endoftext|>"}
 
 
 @pytest.mark.parametrize("name", ["meta.json", data.STATE_FILE])
