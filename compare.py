@@ -2,11 +2,11 @@
 
 Per arm: mean ± std over seeds of the final val bits/byte and of any metric named with --metric. Per arm against
 the baseline: the mean difference, a 95% percentile-bootstrap interval (seeded), an exact permutation p-value
-(paired by seed, sign flips, when both arms have the same seeds; otherwise relabelings) and a verdict in words
-that calls no difference while the interval covers 0. Also: the config diff read from the runs' own config.json,
-a picture (val bits/byte and train loss against step: each arm's mean, min–max band, seeds faint) and report.md.
+(paired by seed, sign flips, when both arms have the same seeds; otherwise relabelings) and a verdict in words.
+Also: the config diff read from the runs' own config.json, a picture (val bits/byte and train loss against step:
+each arm's mean, min–max band, seeds faint) and report.md.
 A difference is called only when the interval excludes 0 and p ≤ 0.05; seeds too few to ever reach that are
-said to be too few.
+said to be too few. Runs left out (unfinished, nan, never logged the metric) are listed under the table.
 numpy only. Not in here: running anything (sweep.py, train.py).
 """
 import argparse
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from data import write_atomic
-from errors import UserError, read_json, run_cli
-from plot import read_metrics, series
+from errors import UserError, read_json, read_metrics_rows, run_cli
+from plot import series
 
 CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE  # a difference is called at p ≤ ALPHA (and with the interval excluding 0)
@@ -40,6 +40,7 @@ class RunRecord:
     config: dict
     train_rows: list[dict]
     eval_rows: list[dict]
+    torn: str | None = None  # why metrics.jsonl's last line was left out (a crash or a live run tore it)
 
     @property
     def finished(self) -> bool:
@@ -51,36 +52,62 @@ def load_run(run_dir: Path, arm: str) -> RunRecord:
     if not config_path.is_file():
         raise UserError(f"{run_dir}: no config.json — not a gust run directory")
     config = read_json(config_path)
-    train_rows, eval_rows = read_metrics(run_dir)
-    return RunRecord(arm, config["seed"], run_dir, config, train_rows, eval_rows)
+    for key in ("seed", "max_steps"):  # what compare reads of it; a hand-made or damaged file may lack them
+        if not isinstance(config, dict) or type(config.get(key)) is not int:
+            raise UserError(f"{config_path}: no integer {key!r} — not a gust run's config.json")
+    rows, torn = read_metrics_rows(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else ([], None)
+    train_rows, eval_rows = [row for _, row in rows if "val_bpb" not in row], [row for _, row in rows if "val_bpb" in row]
+    return RunRecord(arm, config["seed"], run_dir, config, train_rows, eval_rows, torn)
 
 
-def load_runs(paths: list[Path]) -> dict[str, list[RunRecord]]:
-    """{arm: runs} in baseline-first order. A sweep directory's sweep.json gives the arms and their order;
-    otherwise an arm is a run directory's name without its -seed<S> tail, in the order first seen."""
+def sweep_runs(sweep_dir: Path) -> tuple[dict[str, list[RunRecord]], list[str]]:
+    """{arm: runs} in sweep.json's order, and a note for each planned run that has no directory (yet)."""
+    sweep = read_json(sweep_dir / "sweep.json")
+    try:
+        plan = [(arm["name"], [int(seed) for seed in sweep["seeds"]]) for arm in sweep["arms"]]
+    except (TypeError, KeyError, ValueError) as err:
+        raise UserError(f"{sweep_dir / 'sweep.json'}: not a sweep's record ({type(err).__name__}: {err}) — "
+                        "sweep.py writes it with arms [{name, ...}] and seeds") from None
+    arms, notes = {}, []
+    for name, seeds in plan:
+        dirs = [sweep_dir / f"{name}-seed{seed}" for seed in seeds]
+        arms[name] = [load_run(d, name) for d in dirs if (d / "config.json").is_file()]
+        missing = [d.name for d in dirs if not (d / "config.json").is_file()]
+        if missing:
+            notes.append(f"not run (no config.json): {', '.join(missing)} — {len(missing)} of arm {name}'s "
+                         f"{len(seeds)} planned seeds")
+    return arms, notes
+
+
+def load_runs(paths: list[Path]) -> tuple[dict[str, list[RunRecord]], list[str]]:
+    """({arm: runs} in baseline-first order, notes). A sweep directory's sweep.json gives the arms and their order;
+    otherwise an arm is a run directory's name without its -seed<S> tail, in the order first seen. Two runs of
+    one arm with the same seed are refused: one would silently replace the other in the statistics."""
     if len(paths) == 1 and (paths[0] / "sweep.json").is_file():
-        sweep = read_json(paths[0] / "sweep.json")
-        arms = {}
-        for arm in sweep["arms"]:
-            dirs = [paths[0] / f"{arm['name']}-seed{seed}" for seed in sweep["seeds"]]
-            arms[arm["name"]] = [load_run(d, arm["name"]) for d in dirs if (d / "config.json").is_file()]
-        return arms
-    run_dirs = []
-    for path in paths:
-        if not path.is_dir():
-            raise UserError(f"{path}: no such directory")
-        run_dirs += [path] if (path / "config.json").is_file() else sorted(p.parent for p in path.glob("*/config.json"))
-    arms: dict[str, list[RunRecord]] = {}
-    for run_dir in run_dirs:
-        arm = re.sub(r"-seed\d+$", "", run_dir.name)
-        arms.setdefault(arm, []).append(load_run(run_dir, arm))
-    return arms
+        arms, notes = sweep_runs(paths[0])
+    else:
+        run_dirs, arms, notes = [], {}, []
+        for path in paths:
+            if not path.is_dir():
+                raise UserError(f"{path}: no such directory")
+            run_dirs += [path] if (path / "config.json").is_file() else sorted(p.parent for p in path.glob("*/config.json"))
+        for run_dir in dict.fromkeys(run_dirs):  # a directory named twice is one run
+            arm = re.sub(r"-seed\d+$", "", run_dir.name)
+            arms.setdefault(arm, []).append(load_run(run_dir, arm))
+    for arm, runs in arms.items():
+        by_seed = {}
+        for run in runs:
+            if run.seed in by_seed:
+                raise UserError(f"{by_seed[run.seed].run_dir} and {run.run_dir}: both are arm {arm!r} with seed "
+                                f"{run.seed} — compare them as two arms (rename one directory), or pass one")
+            by_seed[run.seed] = run
+    return arms, notes
 
 
 def parse_metric(spec: str) -> tuple[str | None, str, str | None]:
     """(how, KEY, step) of a --metric spec; a UserError naming it if malformed."""
     match = re.fullmatch(r"(?:(min|max|last):)?([A-Za-z_][A-Za-z0-9_]*)(?:@(?:step=)?(\d+))?", spec)
-    if not match:
+    if not match or (match[1] and match[3]):  # min:KEY@step=N: one value at a step has nothing to take a min of
         raise UserError(f"--metric {spec!r}: write KEY, min:KEY, max:KEY or KEY@step=N (e.g. val_bpb, min:loss)")
     return match.groups()
 
@@ -94,8 +121,10 @@ def metric_value(run: RunRecord, spec: str) -> float | None:
     """One number of a run. spec: `KEY` (its last value: val_bpb = the final eval), `min:KEY`, `max:KEY`,
     `KEY@N` or `KEY@step=N` (its value at step N). None when the run never logged it."""
     how, key, at_step = parse_metric(spec)
-    rows = logs(run, key)
-    steps, values = series(rows, key)
+    steps, values = series(logs(run, key), key)
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):  # a hand-edited row: say which
+            raise UserError(f"{run.run_dir / 'metrics.jsonl'}: {key} = {value!r}, not a number")
     if at_step is not None:
         return next((v for s, v in zip(steps, values) if s == int(at_step)), None)
     if not values:
@@ -165,34 +194,40 @@ def relabel_p(base: np.ndarray, other: np.ndarray, seed: int) -> tuple[float, st
 def compare_arm(base: dict[int, float], other: dict[int, float], resamples: int, seed: int) -> dict:
     """other − base on one metric; {seed: value} per arm. Paired when both arms have exactly the same seeds."""
     paired = sorted(base) == sorted(other) and len(base) > 1
-    seeds = sorted(base) if paired else None
-    a = np.array([base[s] for s in seeds] if paired else list(base.values()), dtype=np.float64)
-    b = np.array([other[s] for s in seeds] if paired else list(other.values()), dtype=np.float64)
+    # in seed order, whatever order the runs were named in: the bootstrap's resamples index into these arrays
+    a = np.array([base[s] for s in sorted(base)], dtype=np.float64)
+    b = np.array([other[s] for s in sorted(other)], dtype=np.float64)
     if len(a) < 2 or len(b) < 2:
         return {"paired": paired, "n": (len(a), len(b)), "diff": float("nan"), "ci": (float("nan"),) * 2,
-                "p": float("nan"), "how": "too few runs", "verdict": "too few finished runs (need 2 per arm)"}
+                "p": float("nan"), "how": "too few runs", "floor": float("nan"),
+                "verdict": "too few finished runs (need 2 per arm)"}
     low, high = bootstrap_ci(a, b, paired, resamples, seed)
     p, how = sign_flip_p(b - a, seed) if paired else relabel_p(a, b, seed)
     diff = float(b.mean() - a.mean())
     # paired: a seed whose difference is 0 flips to itself, so only the others count towards the smallest p
     floor = smallest_p(int(np.count_nonzero(b - a)), True) if paired else smallest_p(len(a), False, len(b))
     return {"paired": paired, "n": (len(a), len(b)), "diff": diff, "ci": (low, high), "p": p, "how": how,
+            "floor": floor, "nonzero": int(np.count_nonzero(b - a)) if paired else None,
             "verdict": verdict(diff, low, high, p, floor)}
 
 
 def verdict(diff: float, low: float, high: float, p: float, floor: float) -> str:
     """In words. A difference is called only when both say so: the interval excludes 0 and p ≤ ALPHA (with few
-    seeds a percentile bootstrap is narrow, so the interval alone would call seed noise a difference)."""
+    seeds a percentile bootstrap is narrow, so the interval alone would call seed noise a difference). Seeds too
+    few for any p ≤ ALPHA say so first, whatever the interval: such a test could not have detected a difference,
+    so "no difference detected" would suggest one that could."""
     if low == high == 0.0:
         return "no difference: identical in every resample"
-    if low <= 0.0 <= high:
-        return f"no difference detected: the {CONFIDENCE:.0%} interval covers 0"
+    covers = low <= 0.0 <= high
     direction = f"{'higher' if diff > 0 else 'lower'} by {abs(diff):.4g}"
-    if p <= ALPHA:
+    if p <= ALPHA and not covers:
         return f"{direction} (p {p:.3g} ≤ {ALPHA:.2g}, {CONFIDENCE:.0%} interval excludes 0)"
     if floor > ALPHA:
-        return (f"too few seeds to tell: {direction} and the interval excludes 0, but these seeds cannot give "
-                f"p ≤ {ALPHA:.2g} (the smallest possible is {floor:.3g}) — run more seeds")
+        seen = f"the {CONFIDENCE:.0%} interval covers 0" if covers else f"{direction} and the interval excludes 0"
+        return (f"too few seeds to tell: {seen}, but these seeds cannot give p ≤ {ALPHA:.2g} (the smallest "
+                f"possible is {floor:.3g}) — run more seeds")
+    if covers:
+        return f"no difference detected: the {CONFIDENCE:.0%} interval covers 0"
     return f"no difference detected: p {p:.3g} > {ALPHA:.2g} (the interval excludes 0, but with few seeds it is narrow)"
 
 
@@ -251,26 +286,30 @@ def diff_lines(diff: dict[str, dict[str, tuple]], baseline: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- table and report
 
-def values_by_seed(runs: list[RunRecord], spec: str) -> dict[int, float]:
-    """{seed: value} over the finished runs that logged the metric (an unfinished or diverged run has no final)."""
-    out = {}
-    for run in runs:
-        value = metric_value(run, spec) if run.finished else None
+def values_by_seed(runs: list[RunRecord], spec: str) -> tuple[dict[int, float], list[str]]:
+    """({seed: value} over the finished runs with a finite value, a line for each finished run left out and why).
+    Unfinished runs are listed once, by unfinished_lines, not per metric."""
+    out, left_out = {}, []
+    for run in (run for run in runs if run.finished):
+        value = metric_value(run, spec)
         if value is not None and math.isfinite(value):
             out[run.seed] = value
-    return out
+        else:  # a diverged run (nan, inf) is the kind a stability sweep looks for: never dropped unsaid
+            why = f"{spec} is {value}" if value is not None else f"it logged no {spec}"
+            left_out.append(f"left out of {spec} (finished, but {why}): {run.run_dir}")
+    return out, left_out
 
 
 def summarize(arms: dict[str, list[RunRecord]], specs: list[str], resamples: int, seed: int) -> list[dict]:
-    """One row per (metric, arm): mean, std, n, and against the baseline the comparison of compare_arm."""
+    """One row per (metric, arm): mean, std, n, the runs left out, and against the baseline compare_arm's result."""
     rows = []
     baseline = next(iter(arms))
     for spec in specs:
-        base_values = values_by_seed(arms[baseline], spec)
+        base_values, _ = values_by_seed(arms[baseline], spec)
         for arm, runs in arms.items():
-            values = values_by_seed(runs, spec)
-            array = np.array(list(values.values()), dtype=np.float64)
-            row = {"metric": spec, "arm": arm, "n": len(values), "of": len(runs),
+            values, left_out = values_by_seed(runs, spec)
+            array = np.array([values[s] for s in sorted(values)], dtype=np.float64)
+            row = {"metric": spec, "arm": arm, "n": len(values), "of": len(runs), "left_out": left_out,
                    "mean": float(array.mean()) if len(array) else float("nan"),
                    "std": float(array.std(ddof=1)) if len(array) > 1 else float("nan")}
             if arm != baseline:
@@ -284,7 +323,7 @@ def table_lines(rows: list[dict], baseline: str, resamples: int) -> list[str]:
     lines = [f"| metric | arm | seeds | mean ± std | diff vs {baseline} | 95% CI | p | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        seeds = f"{row['n']}" if row["n"] == row["of"] else f"{row['n']} of {row['of']} finished"
+        seeds = f"{row['n']}" if row["n"] == row["of"] else f"{row['n']} of {row['of']} (see below)"
         cells = [row["metric"], row["arm"], seeds, f"{row['mean']:.4f} ± {row['std']:.4f}"]
         vs = row.get("vs")
         if vs is None:
@@ -297,15 +336,17 @@ def table_lines(rows: list[dict], baseline: str, resamples: int) -> list[str]:
                       f"{vs['p']:.4f} ({kind})", vs["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
     tested = [row["vs"] for row in rows if "vs" in row and not math.isnan(row["vs"]["p"])]
-    notes = sorted({(vs["how"], vs["paired"], vs["n"]) for vs in tested})
+    notes = sorted({(vs["how"], vs["paired"], vs["n"], vs["nonzero"], vs["floor"]) for vs in tested},
+                   key=lambda note: (note[0], note[1], note[2], note[3] or 0))
     lines.append("")
     lines.append(f"std: over seeds (ddof 1). CI: percentile bootstrap, {resamples:,} resamples (seeded), of the "
                  "per-seed differences when paired; with few seeds it is narrower than a t interval, so read "
                  "a CI that barely excludes 0 as a hint, not a finding.")
-    for how, paired, (n_base, n_other) in notes:
-        floor = smallest_p(n_base, paired, n_other)
-        lines.append(f"p: two-sided permutation test, {how}; with {n_base}"
-                     f"{'' if paired else ' + ' + str(n_other)} seeds the smallest possible p is {floor:.4g}.")
+    for how, paired, (n_base, n_other), nonzero, floor in notes:
+        seeds = f"{n_base} seeds" if paired else f"{n_base} + {n_other} seeds"
+        if paired and nonzero != n_base:  # a zero difference flips to itself: only the others move p
+            seeds += f" ({nonzero} with a non-zero difference)"
+        lines.append(f"p: two-sided permutation test, {how}; with {seeds} the smallest possible p is {floor:.4g}.")
     return lines
 
 
@@ -375,6 +416,7 @@ def _zoom_to_late_steps(axes):
 def unfinished_lines(arms: dict[str, list[RunRecord]]) -> list[str]:
     return [f"not finished (left out of the statistics): {run.run_dir} — at step "
             f"{max([r['step'] for r in run.train_rows], default=0)} of {run.config['max_steps']}"
+            + (f"; {run.torn}, skipped" if run.torn else "")
             for runs in arms.values() for run in runs if not run.finished]
 
 
@@ -403,22 +445,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args, specs: list[str], arms: dict[str, list[RunRecord]]):
-    """Before anything is printed or written: each --metric well formed and logged by some run (a typo would
-    otherwise read as "0 of n finished"), --resamples at least 1, --out-dir not a file."""
+    """Before anything is printed or written: each --metric well formed and logged by some run, at its step if it
+    names one (a typo would otherwise read as "0 of n"), --resamples at least 1, --seed one numpy takes,
+    --out-dir a directory or one that can be made."""
     runs = [run for arm_runs in arms.values() for run in arm_runs]
     for spec in specs:
-        key = parse_metric(spec)[1]
-        if spec != "val_bpb" and not any(key in row for run in runs for row in run.eval_rows + run.train_rows):
+        _, key, at_step = parse_metric(spec)
+        rows = [row for run in runs for row in run.eval_rows + run.train_rows if key in row]
+        if spec != "val_bpb" and not rows:
             raise UserError(f"--metric {spec}: no run logged {key!r} (in metrics.jsonl)")
+        if at_step is not None and not any(row["step"] == int(at_step) for row in rows):
+            logged = sorted({row["step"] for row in rows})
+            raise UserError(f"--metric {spec}: no run logged {key!r} at step {at_step} (logged at "
+                            f"{', '.join(map(str, logged[:8]))}{', ...' if len(logged) > 8 else ''})")
     if args.resamples < 1:
         raise UserError(f"--resamples {args.resamples}: must be at least 1")
-    if args.out_dir is not None and args.out_dir.exists() and not args.out_dir.is_dir():
-        raise UserError(f"--out-dir {args.out_dir}: exists and is not a directory")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed {args.seed}: must be in [0, 2**63)")
+    if args.out_dir is not None:
+        existing = next(path for path in [args.out_dir, *args.out_dir.parents] if path.exists())  # "." exists
+        if not existing.is_dir():
+            where = "exists and" if existing == args.out_dir else f"{existing}"
+            raise UserError(f"--out-dir {args.out_dir}: {where} is not a directory")
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    arms = {arm: runs for arm, runs in load_runs(args.paths).items() if runs}
+    arms, notes = load_runs(args.paths)
+    if arms and not next(iter(arms.values())) and not args.baseline:  # not silently another arm in its place
+        raise UserError(f"{args.paths[0]}: the baseline arm {next(iter(arms))!r} has no run directories — run it "
+                        "(sweep.py continues a sweep), or pass --baseline ARM")
+    arms = {arm: runs for arm, runs in arms.items() if runs}
     if not arms:
         raise UserError(f"{' '.join(map(str, args.paths))}: no run directories (each holds a config.json)")
     if args.baseline:
@@ -430,11 +487,12 @@ def main(argv: list[str]) -> int:
     check_args(args, specs, arms)
     out_dir = args.out_dir or (args.paths[0] if len(args.paths) == 1 else Path("."))
     base_config = arms[baseline][0].config
-    title = (f"{out_dir.resolve().name}: {len(arms)} arms of {base_config['preset']} ({base_config['precision']}, "
-             f"{base_config['max_steps']} steps), baseline {baseline}")
-    table = table_lines(summarize(arms, specs, args.resamples, args.seed), baseline, args.resamples)
+    title = (f"{out_dir.resolve().name}: {len(arms)} arms of {base_config.get('preset')} "
+             f"({base_config.get('precision')}, {base_config['max_steps']} steps), baseline {baseline}")
+    rows = summarize(arms, specs, args.resamples, args.seed)
+    table = table_lines(rows, baseline, args.resamples)
     diff = diff_lines(config_diff(arms), baseline)
-    notes = unfinished_lines(arms)
+    notes += unfinished_lines(arms) + [line for row in rows for line in row["left_out"]]
     print("\n".join([title, *table, "", *diff, *notes]))
     out_dir.mkdir(parents=True, exist_ok=True)
     picture = None if args.no_plot else draw(arms, out_dir / "curves.png", title)

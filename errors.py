@@ -38,3 +38,26 @@ def read_json(path, fix: str = ""):
         raise UserError(f"{path}: not valid JSON ({err}){tail}") from None
     except (ValueError, RecursionError) as err:
         raise UserError(f"{path}: JSON that Python cannot read ({type(err).__name__}: {str(err)[:100]}){tail}") from None
+
+
+def read_metrics_rows(path) -> tuple[list[tuple[str, dict]], str | None]:
+    """(line, its row) for each row of a metrics.jsonl, and why its last line was left out (None when it is whole).
+    A last line cut short — an append that a crash or a full disk tore, or a live run's write under way — is left
+    out; a bad line before it is one UserError line naming path:N (mend or remove it: it is no one's to guess)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or type(row.get("step")) is not int:
+                raise ValueError("not a row with a step")
+        except ValueError as err:  # json.JSONDecodeError is one
+            if number == len(lines):
+                return rows, f"{path}:{number}: cut short ({err})"
+            raise UserError(f"{path}:{number}: not a metrics row ({err}) — mend or remove the line") from None
+        rows.append((line, row))
+    return rows, None

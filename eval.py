@@ -307,7 +307,8 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> list[float]:
     p, z2 = successes / n, z * z
     center = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return [center - half, center + half]
+    # at k = 0 the lower end is exactly 0 (p = 0 makes center = half), at k = n the upper is 1: not 1e-17 either side
+    return [0.0 if successes == 0 else max(center - half, 0.0), 1.0 if successes == n else min(center + half, 1.0)]
 
 
 # ----------------------------------------------------------------------------- benchmarks: scoring continuations

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from configs import TrainConfig, to_json
 from data import TokenSplit, write_atomic
 from distributed import Dist
-from errors import UserError
+from errors import read_metrics_rows
 from model import GPT
 
 PEAK_FLOPS = {  # device-name fragment: dense FLOP/s for (bf16/fp16 tensor cores, TF32 tensor cores, plain fp32)
@@ -51,21 +51,10 @@ class MetricsLog:
 
 
 def _rows(path: Path) -> list[tuple[str, dict]]:
-    """(line, its row) of metrics.jsonl. A last line cut short (an append that a full disk or a crash tore) is
-    dropped with a note: its step is replayed and logged again. A bad line before it is a one-line error."""
-    lines = path.read_text().splitlines()
-    rows = []
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or type(row.get("step")) is not int:
-                raise ValueError("not a row with a step")
-        except ValueError as err:
-            if number == len(lines):
-                print(f"gust: {path}:{number}: cut short ({err}), dropped; its step is logged again", flush=True)
-                break
-            raise UserError(f"{path}:{number}: not a metrics row ({err}) — mend or remove the line") from None
-        rows.append((line, row))
+    """(line, its row) of metrics.jsonl; a torn last line is dropped with a note: its step is replayed, logged again."""
+    rows, torn = read_metrics_rows(path)
+    if torn:
+        print(f"gust: {torn}, dropped; its step is logged again", flush=True)
     return rows
 
 

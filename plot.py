@@ -6,7 +6,6 @@ the benchmarks of --eval-tasks (HellaSwag acc_norm, LAMBADA accuracy, WikiText-1
 against step or (--x elapsed) seconds of training. Not in here: computing any metric (train.py logs them,
 eval.py scores checkpoints).
 """
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Literal
 
 import tyro
 
-from errors import UserError, run_cli
+from errors import UserError, read_metrics_rows, run_cli
 
 PANELS = (  # (metrics key, title, which rows, log-scale y)
     ("loss", "train loss (nats/token)", "train", False),
@@ -46,16 +45,12 @@ class PlotConfig:
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) of run_dir/metrics.jsonl; a half-written last line (a live run) is skipped."""
+    """(train rows, eval rows) of run_dir/metrics.jsonl; a half-written last line (a live run) is skipped, a bad
+    line before it is one line naming it."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: not found — is {run_dir} a run directory?")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # the trainer may be mid-write on the last line
+    rows = [row for _, row in read_metrics_rows(path)[0]]
     return [r for r in rows if "val_bpb" not in r], [r for r in rows if "val_bpb" in r]
 
 

@@ -73,6 +73,7 @@ def check_flags(args) -> None:
         raise UserError(f"--launcher {args.launcher!r}: names no program (leave it out to use this Python)")
     for spec in args.metric:
         compare.parse_metric(spec)  # compare.py's own parser: a bad spec fails now, not after every run
+    refuse_sweeps_flags(args.common, "after --")
 
 
 def split_words(text: str, culprit: str) -> list[str]:
@@ -81,6 +82,18 @@ def split_words(text: str, culprit: str) -> list[str]:
         return shlex.split(text)
     except ValueError as err:  # shlex: "No closing quotation" / "No escaped character"
         raise UserError(f"{culprit}: {str(err).lower()} — close the quote or escape it") from None
+
+
+SWEEP_SETS = ("--seed", "--out-dir", "--resume")  # each run's, set by plan(): an override would silently lose or win
+
+
+def refuse_sweeps_flags(words: list[str], culprit: str) -> None:
+    """A train.py flag the sweep sets itself, in an arm's overrides or after --, is one line naming it."""
+    for word in words:
+        flag = word.split("=", 1)[0].replace("_", "-")
+        if flag in SWEEP_SETS:
+            raise UserError(f"{culprit}: {flag} is set by sweep.py for each run (--seeds, --name, --runs-dir) — "
+                            "leave it out")
 
 
 def parse_arms(specs: list[str]) -> dict[str, list[str]]:
@@ -93,6 +106,7 @@ def parse_arms(specs: list[str]) -> dict[str, list[str]]:
         if name in arms:
             raise UserError(f"--arm {name}: named twice")
         arms[name] = split_words(flags, f"--arm {spec!r}")
+        refuse_sweeps_flags(arms[name], f"--arm {spec!r}")
     return arms
 
 

@@ -96,9 +96,10 @@ def test_identical_arm_is_no_difference():
     values = {21: 2.51, 49: 2.49, 81: 2.53}
     result = compare.compare_arm(values, dict(values), resamples=1000, seed=0)
     assert result["diff"] == 0 and result["p"] == 1.0 and result["verdict"].startswith("no difference")
-    # an interval that covers 0 is no call either, whatever the point estimate
+    # an interval that covers 0 is no call either, whatever the point estimate; and 3 seeds could not make one
     noisy = compare.compare_arm(values, {21: 2.50, 49: 2.52, 81: 2.50}, resamples=1000, seed=0)
-    assert noisy["ci"][0] < 0 < noisy["ci"][1] and noisy["verdict"].startswith("no difference")
+    assert noisy["ci"][0] < 0 < noisy["ci"][1]
+    assert noisy["verdict"].startswith("too few seeds to tell: the 95% interval covers 0")
 
 
 def test_metric_specs():
@@ -142,7 +143,8 @@ def test_tiny_sweep_end_to_end(tiny_data, tmp_path, capsys):
     configs = {name: json.loads((sweep_dir / name / "config.json").read_text()) for name in names}
     assert all(configs[f"{arm}-seed{s}"]["seed"] == s for arm in ("base", "hot") for s in (1, 2, 3))
     # the config diff is exactly the override, from the runs' own files
-    arms = compare.load_runs([sweep_dir])
+    arms, notes = compare.load_runs([sweep_dir])
+    assert notes == []
     assert compare.config_diff(arms) == {"hot": {"optim.lr": (0.003, 0.01)}}
     assert "hot: optim.lr: 0.003 → 0.01" in out
 
@@ -203,7 +205,11 @@ def no_training(monkeypatch):
                                             (["--seeds", "-1"], "--seeds -1"),
                                             (["--metric", "bad::x"], "--metric 'bad::x'"),
                                             (["--launcher", "torchrun 'x"], "--launcher \"torchrun 'x\""),
-                                            (["--arm", 'a=--optim.lr "0.01'], "--arm 'a=--optim.lr \"0.01'")])
+                                            (["--arm", 'a=--optim.lr "0.01'], "--arm 'a=--optim.lr \"0.01'"),
+                                            # the sweep sets these per run: an override would lose, or win
+                                            (["--arm", "s=--seed 5"], "--arm 's=--seed 5'"),
+                                            (["--arm", "o=--out_dir=x"], "--arm 'o=--out_dir=x'"),
+                                            (["--", "--resume", "auto"], "after --")])
 def test_bad_flags_refused_before_anything_is_written(flags, culprit, tmp_path, monkeypatch):
     no_training(monkeypatch)
     sweep_dir = tmp_path / "runs" / "demo"

@@ -384,3 +384,17 @@ def test_plot_draws_the_benchmark_panels_only_when_they_were_logged():
     assert not {"hellaswag_acc_norm", "lambada_acc", "wikitext_word_ppl"} & set(titles)
     titles = [panel[0] for panel in plot.shown_panels({"a": (train_rows, plain), "b": (train_rows, with_tasks)})]
     assert {"hellaswag_acc_norm", "lambada_acc", "wikitext_word_ppl"} <= set(titles)
+
+
+def test_the_wilson_interval_stays_inside_0_and_1_at_the_ends():
+    """Found in review: at 0 of 21 the lower bound came out -1.4e-17, at 16 of 16 the upper 1 + 2e-16. At k = 0 the
+    score interval's lower end is exactly 0 (and at k = n the upper is 1): p = 0 makes center = half."""
+    for n in range(1, 400):
+        assert gust_eval.wilson_interval(0, n)[0] == 0.0 and gust_eval.wilson_interval(n, n)[1] == 1.0
+        low, high = gust_eval.wilson_interval(n // 3, n)
+        assert 0.0 <= low <= n // 3 / n <= high <= 1.0
+    z = 1.959963984540054  # 1 of 7 against the formula written out here (Wilson 1927, eq. for the score interval)
+    p, n = 1 / 7, 7
+    expected = [(p + z * z / (2 * n) + sign * z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+                for sign in (-1, 1)]
+    assert gust_eval.wilson_interval(1, 7) == pytest.approx(expected, abs=1e-15)
