@@ -87,6 +87,14 @@ class Batch(NamedTuple):
     bytes_read: int      # input bytes read so far over all files (for the progress bar)
 
 
+class InputStopped(UserError):
+    """A reader's UserError (a truncated .gz, a malformed line), with the index of the file it stopped in."""
+
+    def __init__(self, message: str, file_index: int):
+        super().__init__(message)
+        self.file_index = file_index
+
+
 def iter_batches(files: list[Path], text_field: str, resume: dict | None = None):
     """The Batches of all files in order, from document resume["document"] on (resume: where prepare-state.json
     says it was)."""
@@ -94,12 +102,15 @@ def iter_batches(files: list[Path], text_field: str, resume: dict | None = None)
     index, done_bytes = resume["file_first_document"], sum(p.stat().st_size for p in files[:resume["file"]])
     for file_index in range(resume["file"], len(files)):
         file_first = index
-        for texts, places, bytes_read in file_batches(files[file_index], text_field):
-            skip = max(resume["document"] - index, 0)  # earlier ones of this file were written before the interruption
-            if skip < len(texts):
-                yield Batch(index + skip, file_index, file_first, files[file_index], texts[skip:] if skip else texts,
-                            places[skip:], done_bytes + bytes_read)
-            index += len(texts)
+        try:
+            for texts, places, bytes_read in file_batches(files[file_index], text_field):
+                skip = max(resume["document"] - index, 0)  # earlier ones of this file were written before
+                if skip < len(texts):
+                    yield Batch(index + skip, file_index, file_first, files[file_index],
+                                texts[skip:] if skip else texts, places[skip:], done_bytes + bytes_read)
+                index += len(texts)
+        except UserError as err:
+            raise InputStopped(str(err), file_index) from None
         done_bytes += files[file_index].stat().st_size
 
 
@@ -371,11 +382,25 @@ def prepare_args(cfg, files: list[Path]) -> dict:
     return args
 
 
-def check_same_args(recorded: dict, args: dict, where: Path):
-    """Refuse to continue (or overwrite) a preparation made with other arguments, naming the first that differs."""
+def inputs_may_change(before: list, now: list, state: dict | None) -> bool:
+    """Whether an unfinished preparation may go on with other --inputs: when nothing is recorded as done (it starts
+    over), or under the hash split when every file up to the one of the last document done is as it was. A
+    document's split hangs on its index alone there, so what is done is what a run on the new inputs writes: a
+    file mended after keep_until stopped before it, or files added at the end, change nothing done."""
+    if state is None or state.get("finished"):
+        return False
+    if state.get("resume") is None:
+        return True
+    upto = state["resume"]["file"] + 1
+    return state["args"].get("split") == "hash" and [list(f) for f in before[:upto]] == [list(f) for f in now[:upto]]
+
+
+def check_same_args(recorded: dict, args: dict, where: Path, state: dict | None = None):
+    """Refuse to continue (or overwrite) a preparation made with other arguments, naming the first that differs;
+    state: an unfinished preparation's, whose later inputs may have changed (inputs_may_change)."""
     for key in [*args, *(key for key in recorded if key not in args)]:  # in a fixed order: the first difference
         before, now = recorded.get(key), args.get(key)
-        if before == now:
+        if before == now or (key == "inputs" and inputs_may_change(before or [], now, state)):
             continue
         flag = "--" + key.replace("_", "-")
         if key == "inputs":
@@ -401,7 +426,8 @@ def existing_preparation(out: Path, args: dict) -> tuple[dict | None, dict | Non
         state = read_json(state_path, fix)
         if not isinstance(state, dict) or not isinstance(state.get("args"), dict):
             raise UserError(f"{state_path}: not a state file of data.py prepare — {fix}")
-        check_same_args(state["args"], args, state_path)
+        check_same_args(state["args"], args, state_path, state)
+        state["args"] = args  # the inputs as they are now (inputs_may_change): what meta.json will record
         return None, state
     if meta_path.is_file():
         meta = read_json(meta_path, fix)
@@ -513,15 +539,23 @@ def write_shards(cfg, files, encode, in_val, eot_id: int, out: Path, state: dict
     batches = iter_batches(files, cfg.text_field, state["resume"])
     chunks = document_chunks(batches, in_val, cfg.batch_documents, cfg.batch_bytes)
     total, workers = sum(p.stat().st_size for p in files), cfg.workers or usable_cores()
-    started, tokens_before, resume = time.time(), sum(w.stats["tokens"] for w in writers.values()), None
+    started, tokens_before, resume = time.time(), sum(w.stats["tokens"] for w in writers.values()), state["resume"]
+    file_start = (state["resume"]["file"] if state["resume"] else 0, state["resume"], written(writers))
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"prepare {out}", file=sys.stderr,
               disable=not cfg.progress, smoothing=0.1) as bar:
-        for chunk, ids in encoded_chunks(chunks, encode, workers):
-            write_chunk(chunk, ids, eot_id, out, state, writers)
-            resume = resume_after(chunk.batch, chunk.stop - 1)
-            bar.update(chunk.batch.bytes_read - bar.n)
-            tokens_now = sum(w.stats["tokens"] for w in writers.values()) - tokens_before
-            bar.set_postfix_str(f"{tokens_now / max(time.time() - started, 1e-9) / 1e6:.2f}M tokens/s", refresh=False)
+        try:
+            for chunk, ids in encoded_chunks(chunks, encode, workers):
+                if chunk.batch.file_index != file_start[0]:  # where a rollback to this file's start would go
+                    file_start = (chunk.batch.file_index, resume, written(writers))
+                write_chunk(chunk, ids, eot_id, out, state, writers)
+                resume = resume_after(chunk.batch, chunk.stop - 1)
+                bar.update(chunk.batch.bytes_read - bar.n)
+                tokens_now = sum(w.stats["tokens"] for w in writers.values()) - tokens_before
+                bar.set_postfix_str(f"{tokens_now / max(time.time() - started, 1e-9) / 1e6:.2f}M tokens/s",
+                                    refresh=False)
+        except InputStopped as err:
+            at = file_start if file_start[0] == err.file_index else (err.file_index, resume, written(writers))
+            raise UserError(f"{err} — {keep_until(out, state, writers, at, files)}") from None
     if all(writer.stats["documents"] == 0 for writer in writers.values()):
         discard(out, writers, state)
         raise UserError(f"{', '.join(map(str, cfg.inputs))}: no non-empty document (the warnings above say why)")
@@ -535,6 +569,40 @@ def write_shards(cfg, files, encode, in_val, eot_id: int, out: Path, state: dict
             writer.close_shard()
     state["finished"] = True
     commit(out, state, writers, resume)
+
+
+def written(writers: dict) -> dict:
+    """What each split holds so far, as prepare-state.json records it: what a rollback returns to."""
+    return {split: writer.saved() for split, writer in writers.items()}
+
+
+def keep_until(out: Path, state: dict, writers: dict, at: tuple, files: list[Path]) -> str:
+    """After a reader stopped in files[at[0]]: record as done exactly the documents before that file (at: the
+    file's index, the resume point and written() at its start), drop what came after, and say what a re-run does.
+    Then that file may be mended or replaced, its size changing: a re-run goes on from its first document
+    (check_same_args lets files after the resume point change). Shards closed within the file are removed — at
+    most one file's work redone, against all of it lost to a re-run that must start over."""
+    file_index, resume, splits = at
+    for split, writer in writers.items():
+        if writer.file is not None:
+            writer.file.close()
+        kept, open_tokens = len(splits[split]["shards"]), splits[split]["open_tokens"]
+        if open_tokens:  # its first open_tokens are what the state will say: durable first
+            with open(writer.path(kept), "r+b") as file:
+                file.truncate(2 * open_tokens)
+                os.fsync(file.fileno())
+    state["resume"], state["splits"] = resume, splits
+    write_json_atomic(out / STATE_FILE, state)
+    for split, writer in writers.items():  # after the state no longer names them: a crash here loses nothing
+        kept = len(splits[split]["shards"]) + (splits[split]["open_tokens"] > 0)
+        for index in range(kept, len(writer.shards) + 1):
+            writer.path(index).unlink(missing_ok=True)
+    done = sum(len(split["shards"]) for split in splits.values())
+    if resume is not None and resume["file"] == file_index:  # resumed inside this file: its start is written
+        return (f"stopped; {done} completed shards are kept, and they hold documents of {files[file_index]}: with "
+                "it as it was, the same command goes on after them — mended, it needs a new --out-dir")
+    return (f"stopped; what came before {files[file_index]} is kept ({done} completed shards): mend or replace it "
+            "and run the same command, and prepare goes on after what is kept")
 
 
 def write_chunk(chunk: Chunk, ids: dict, eot_id: int, out: Path, state: dict, writers: dict):

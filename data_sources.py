@@ -210,11 +210,11 @@ def _jsonl_batches(path: Path, text_field: str, suffix: str):
                     empty = False
                     yield TextBatch(texts, places, bytes_read)
         except (EOFError, OSError, zlib.error) as err:  # truncated .gz / .zst, or not compressed at all
-            raise UserError(f"{path}: truncated or corrupt ({err}) — stopped; completed shards are kept") from None
+            raise UserError(f"{path}: truncated or corrupt ({err})") from None
         except Exception as err:
             if type(err).__name__ != "ZstdError":  # zstandard's own error type, without importing it here
                 raise
-            raise UserError(f"{path}: truncated or corrupt ({err}) — stopped; completed shards are kept") from None
+            raise UserError(f"{path}: truncated or corrupt ({err})") from None
     if empty:
         warnings.warn(f"{path}: no non-empty documents, skipped")
 
@@ -299,8 +299,7 @@ def _parquet_batches(path: Path, text_field: str):
                 empty = False
                 yield TextBatch(Texts.of(texts), np.array(places, dtype=np.int64), size * row // rows_total)
     except (pyarrow.ArrowException, OSError) as err:
-        raise UserError(f"{path}: truncated or corrupt at row {row + 1} ({err}) — stopped; "
-                        "completed shards are kept") from None
+        raise UserError(f"{path}: truncated or corrupt at row {row + 1} ({err})") from None
     if empty:  # as an empty .txt or .jsonl is
         warnings.warn(f"{path}: no non-empty documents in column \"{text_field}\", skipped")
 
