@@ -40,7 +40,7 @@ class RunRecord:
     config: dict
     train_rows: list[dict]
     eval_rows: list[dict]
-    torn: str | None = None  # why metrics.jsonl's last line was left out (a crash or a live run tore it)
+    metrics_note: str | None = None  # no metrics.jsonl yet, or its last line left out (a crash or live run tore it)
 
     @property
     def finished(self) -> bool:
@@ -55,19 +55,24 @@ def load_run(run_dir: Path, arm: str) -> RunRecord:
     for key in ("seed", "max_steps"):  # what compare reads of it; a hand-made or damaged file may lack them
         if not isinstance(config, dict) or type(config.get(key)) is not int:
             raise UserError(f"{config_path}: no integer {key!r} — not a gust run's config.json")
-    rows, torn = read_metrics_rows(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else ([], None)
+    metrics = run_dir / "metrics.jsonl"
+    rows, torn = read_metrics_rows(metrics) if metrics.is_file() else ([], None)
+    note = f"{torn}, left out" if torn else None if metrics.is_file() else f"no {metrics.name} yet"
     train_rows, eval_rows = [row for _, row in rows if "val_bpb" not in row], [row for _, row in rows if "val_bpb" in row]
-    return RunRecord(arm, config["seed"], run_dir, config, train_rows, eval_rows, torn)
+    return RunRecord(arm, config["seed"], run_dir, config, train_rows, eval_rows, note)
 
 
 def sweep_runs(sweep_dir: Path) -> tuple[dict[str, list[RunRecord]], list[str]]:
     """{arm: runs} in sweep.json's order, and a note for each planned run that has no directory (yet)."""
     sweep = read_json(sweep_dir / "sweep.json")
     try:
-        plan = [(arm["name"], [int(seed) for seed in sweep["seeds"]]) for arm in sweep["arms"]]
-    except (TypeError, KeyError, ValueError) as err:
+        plan = [(arm["name"], list(sweep["seeds"])) for arm in sweep["arms"]]
+    except (TypeError, KeyError) as err:
         raise UserError(f"{sweep_dir / 'sweep.json'}: not a sweep's record ({type(err).__name__}: {err}) — "
                         "sweep.py writes it with arms [{name, ...}] and seeds") from None
+    seeds = plan[0][1] if plan else []
+    if any(type(seed) is not int for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise UserError(f"{sweep_dir / 'sweep.json'}: seeds {seeds} — each an integer, each once")
     arms, notes = {}, []
     for name, seeds in plan:
         dirs = [sweep_dir / f"{name}-seed{seed}" for seed in seeds]
@@ -91,7 +96,10 @@ def load_runs(paths: list[Path]) -> tuple[dict[str, list[RunRecord]], list[str]]
             if not path.is_dir():
                 raise UserError(f"{path}: no such directory")
             run_dirs += [path] if (path / "config.json").is_file() else sorted(p.parent for p in path.glob("*/config.json"))
-        for run_dir in dict.fromkeys(run_dirs):  # a directory named twice is one run
+        first_named = {}
+        for run_dir in run_dirs:  # a directory named twice, however spelled, is one run
+            first_named.setdefault(run_dir.resolve(), run_dir)
+        for run_dir in first_named.values():
             arm = re.sub(r"-seed\d+$", "", run_dir.name)
             arms.setdefault(arm, []).append(load_run(run_dir, arm))
     for arm, runs in arms.items():
@@ -200,7 +208,7 @@ def compare_arm(base: dict[int, float], other: dict[int, float], resamples: int,
     if len(a) < 2 or len(b) < 2:
         return {"paired": paired, "n": (len(a), len(b)), "diff": float("nan"), "ci": (float("nan"),) * 2,
                 "p": float("nan"), "how": "too few runs", "floor": float("nan"),
-                "verdict": "too few finished runs (need 2 per arm)"}
+                "verdict": f"too few usable runs: the baseline has {len(a)}, this arm {len(b)} (need 2 each)"}
     low, high = bootstrap_ci(a, b, paired, resamples, seed)
     p, how = sign_flip_p(b - a, seed) if paired else relabel_p(a, b, seed)
     diff = float(b.mean() - a.mean())
@@ -295,7 +303,9 @@ def values_by_seed(runs: list[RunRecord], spec: str) -> tuple[dict[int, float], 
         if value is not None and math.isfinite(value):
             out[run.seed] = value
         else:  # a diverged run (nan, inf) is the kind a stability sweep looks for: never dropped unsaid
-            why = f"{spec} is {value}" if value is not None else f"it logged no {spec}"
+            _, key, at_step = parse_metric(spec)
+            logged = f"no {key}" + (f" at step {at_step}" if at_step is not None else "")
+            why = f"{spec} is {value}" if value is not None else f"it logged {logged}"
             left_out.append(f"left out of {spec} (finished, but {why}): {run.run_dir}")
     return out, left_out
 
@@ -414,10 +424,17 @@ def _zoom_to_late_steps(axes):
 # ----------------------------------------------------------------------------- entry point
 
 def unfinished_lines(arms: dict[str, list[RunRecord]]) -> list[str]:
-    return [f"not finished (left out of the statistics): {run.run_dir} — at step "
-            f"{max([r['step'] for r in run.train_rows], default=0)} of {run.config['max_steps']}"
-            + (f"; {run.torn}, skipped" if run.torn else "")
-            for runs in arms.values() for run in runs if not run.finished]
+    """A line for each unfinished run (left out of the statistics), and one for a finished run's torn last line."""
+    lines = []
+    for run in (run for runs in arms.values() for run in runs):
+        steps = [row["step"] for row in run.train_rows]
+        at = f"at step {max(steps)}" if steps else "no step logged"
+        if not run.finished:
+            lines.append(f"not finished (left out of the statistics): {run.run_dir} — {at} of "
+                         f"{run.config['max_steps']}" + (f"; {run.metrics_note}" if run.metrics_note else ""))
+        elif run.metrics_note:
+            lines.append(f"finished, but {run.metrics_note}: {run.run_dir}")
+    return lines
 
 
 def write_report(out_dir: Path, title: str, table: list[str], diff: list[str], picture: Path | None,
@@ -475,6 +492,8 @@ def main(argv: list[str]) -> int:
     if arms and not next(iter(arms.values())) and not args.baseline:  # not silently another arm in its place
         raise UserError(f"{args.paths[0]}: the baseline arm {next(iter(arms))!r} has no run directories — run it "
                         "(sweep.py continues a sweep), or pass --baseline ARM")
+    if args.baseline in arms and not arms[args.baseline]:
+        raise UserError(f"--baseline {args.baseline}: that arm has no run directories (yet)")
     arms = {arm: runs for arm, runs in arms.items() if runs}
     if not arms:
         raise UserError(f"{' '.join(map(str, args.paths))}: no run directories (each holds a config.json)")

@@ -43,14 +43,19 @@ def read_json(path, fix: str = ""):
 def read_metrics_rows(path) -> tuple[list[tuple[str, dict]], str | None]:
     """(line, its row) for each row of a metrics.jsonl, and why its last line was left out (None when it is whole).
     A last line cut short — an append that a crash or a full disk tore, or a live run's write under way — is left
-    out; a bad line before it is one UserError line naming path:N (mend or remove it: it is no one's to guess)."""
+    out; a bad line before it is one UserError line naming path:N (mend or remove it: it is no one's to guess).
+    Blank lines (a hand edit's) are skipped."""
     try:
         with open(path, encoding="utf-8") as file:
             lines = file.read().splitlines()
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     rows = []
+    while lines and not lines[-1].strip():  # blank lines carry no row: at the end they are no torn line either
+        lines.pop()
     for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
             if not isinstance(row, dict) or type(row.get("step")) is not int:

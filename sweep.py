@@ -20,7 +20,7 @@ from pathlib import Path
 
 import compare
 from data import write_atomic
-from errors import UserError, run_cli
+from errors import UserError, read_metrics_rows, run_cli
 
 ROOT = Path(__file__).resolve().parent
 IGNORED_KEYS = ("out_dir", "resume")  # differ by design between runs; not part of what a run computes
@@ -175,12 +175,8 @@ def is_finished(run_dir: Path, max_steps: int) -> bool:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         return False
-    for line in metrics.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step") == max_steps and "val_bpb" in row:
+    for _, row in read_metrics_rows(metrics)[0]:  # a torn last line is left out, a bad one before it is one line
+        if row["step"] == max_steps and "val_bpb" in row:
             latest = checkpoint.latest_complete(run_dir)
             return latest is not None and latest.name == checkpoint.step_dir(run_dir, max_steps).name
     return False

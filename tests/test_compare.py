@@ -81,9 +81,11 @@ def write_run(run_dir: Path, seed: int, final: float | str | None, max_steps: in
     (run_dir / "metrics.jsonl").write_text(text.replace('"val_bpb": "NaN"', '"val_bpb": NaN') + extra)
 
 
-def run_compare(args: list, capsys) -> str:
-    assert compare.main([str(a) for a in args] + ["--no-plot"]) == 0
-    return capsys.readouterr().out
+def run_compare(args: list, capsys, out_dir: Path) -> str:
+    """compare.py's printed output; report.md goes to out_dir (with several paths the default is the working
+    directory: a test must not write into the repository)."""
+    assert compare.main([str(a) for a in args] + ["--no-plot", "--out-dir", str(out_dir)]) == 0
+    return capsys.readouterr().out.replace(str(out_dir), "OUT")
 
 
 def test_the_same_arm_and_seed_in_two_directories_is_refused(tmp_path):
@@ -98,7 +100,7 @@ def test_a_finished_run_without_a_finite_value_is_listed_not_dropped_unsaid(tmp_
     for seed in (1, 2, 3):
         write_run(tmp_path / f"base-seed{seed}", seed, 2.0 + seed / 10)
         write_run(tmp_path / f"new-seed{seed}", seed, "NaN" if seed == 3 else 2.2 + seed / 10)
-    out = run_compare([tmp_path], capsys)
+    out = run_compare([tmp_path], capsys, tmp_path / "report")
     assert "| val_bpb | new | 2 of 3 (see below) |" in out
     assert f"left out of val_bpb (finished, but val_bpb is nan): {tmp_path / 'new-seed3'}" in out
     # 2 of 3: the seeds no longer match, so unpaired: 2.3, 2.4 against 2.1, 2.2, 2.3
@@ -119,7 +121,7 @@ def test_the_p_note_counts_only_seeds_with_a_nonzero_difference(tmp_path, capsys
     for seed in range(1, 7):
         write_run(tmp_path / f"base-seed{seed}", seed, 2.0)
         write_run(tmp_path / f"new-seed{seed}", seed, 2.0 if seed == 6 else 2.125)
-    out = run_compare([tmp_path], capsys)
+    out = run_compare([tmp_path], capsys, tmp_path / "report")
     assert "the smallest possible is 0.0625" in out  # the verdict: 2 / 2^5
     assert "with 6 seeds (5 with a non-zero difference) the smallest possible p is 0.0625." in out
 
@@ -132,7 +134,7 @@ def test_a_sweep_whose_baseline_has_no_runs_is_refused_and_missing_runs_are_list
             write_run(tmp_path / f"{arm}-seed{seed}", seed, 2.0 + seed / 10)
     with pytest.raises(UserError, match=r"the baseline arm 'base' has no run directories"):
         compare.main([str(tmp_path), "--no-plot"])
-    out = run_compare([tmp_path, "--baseline", "b"], capsys)
+    out = run_compare([tmp_path, "--baseline", "b"], capsys, tmp_path / "report")
     assert "not run (no config.json): base-seed1, base-seed2, base-seed3 — 3 of arm base's 3 planned seeds" in out
     assert "| val_bpb | c | 3 |" in out
 
@@ -162,7 +164,7 @@ def test_a_torn_last_line_makes_an_unfinished_run_that_says_why(tmp_path, capsys
     for seed in (1, 2, 3):
         write_run(tmp_path / f"base-seed{seed}", seed, 2.0 + seed / 10)
     write_run(tmp_path / "base-seed4", 4, None, extra='{"step": 10, "val_b')
-    out = run_compare([tmp_path], capsys)
+    out = run_compare([tmp_path], capsys, tmp_path / "report")
     assert f"not finished (left out of the statistics): {tmp_path / 'base-seed4'} — at step 10 of 10; " in out
     assert "metrics.jsonl:12: cut short" in out
 
@@ -186,8 +188,45 @@ def test_the_unpaired_interval_does_not_depend_on_the_order_runs_are_named(tmp_p
     for seed, value in values.items():
         write_run(tmp_path / f"{'base' if seed <= 4 else 'new'}-seed{seed}", seed, value)
     names = [tmp_path / f"base-seed{seed}" for seed in (1, 2, 3, 4)] + [tmp_path / f"new-seed{s}" for s in (5, 6, 7)]
-    forward = run_compare(names, capsys)
-    backward = run_compare(names[3::-1] + names[4:], capsys)
+    forward = run_compare(names, capsys, tmp_path / "report")
+    backward = run_compare(names[3::-1] + names[4:], capsys, tmp_path / "report")
     assert forward == backward  # the table, its notes and the config diff
     assert f"| {(2.9 + 2.2 + 3.0) / 3 - (2.013 + 2.31 + 2.1742 + 2.6391) / 4:+.4f} |" in forward
     assert "(unpaired)" in forward
+
+
+def test_second_review_edges(tmp_path, capsys):
+    """Found in the review of the fixes above: a directory spelled two ways is one run, not a duplicate; the
+    too-few verdict says which arm has too few; blank lines in metrics.jsonl are skipped, not refused; a run
+    without metrics.jsonl says so; a left-out note names the key."""
+    for seed in (1, 2, 3):
+        write_run(tmp_path / "runs" / f"base-seed{seed}", seed, 2.0 + seed / 10)
+        write_run(tmp_path / "runs" / f"new-seed{seed}", seed, None if seed > 1 else 2.5)
+    runs = tmp_path / "runs"
+    metrics = runs / "base-seed1" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().replace("\n", "\n\n", 1) + "\n\n")  # blank in the middle and at the end
+    (runs / "new-seed3" / "metrics.jsonl").unlink()
+    out = run_compare([runs, runs / ".." / "runs", "--metric", "min:loss"], capsys, tmp_path / "report")
+    assert "| val_bpb | base | 3 |" in out and "cut short" not in out
+    assert "too few usable runs: the baseline has 3, this arm 1 (need 2 each)" in out
+    assert f"not finished (left out of the statistics): {runs / 'new-seed3'} — no step logged of 10; no " \
+           "metrics.jsonl yet" in out
+    write_run(runs / "other-seed1", 1, 2.0)
+    (runs / "other-seed1" / "metrics.jsonl").write_text('{"step": 10, "val_bpb": 2.0}\n')
+    out = run_compare([runs, "--metric", "min:loss"], capsys, tmp_path / "report")
+    assert f"left out of min:loss (finished, but it logged no loss): {runs / 'other-seed1'}" in out
+
+
+@pytest.mark.parametrize("seeds", [[1, 1, 2], [1.7, True]])
+def test_a_sweep_json_with_bad_seeds_is_one_line(tmp_path, seeds):
+    (tmp_path / "sweep.json").write_text(json.dumps({"arms": [{"name": "base"}], "seeds": seeds}))
+    with pytest.raises(UserError, match=r"sweep.json: seeds .* each an integer, each once"):
+        compare.main([str(tmp_path), "--no-plot"])
+
+
+def test_a_baseline_named_without_runs_says_so(tmp_path):
+    (tmp_path / "sweep.json").write_text(json.dumps({"arms": [{"name": "base"}, {"name": "x"}], "seeds": [1, 2]}))
+    for seed in (1, 2):
+        write_run(tmp_path / f"base-seed{seed}", seed, 2.0)
+    with pytest.raises(UserError, match=r"--baseline x: that arm has no run directories"):
+        compare.main([str(tmp_path), "--baseline", "x", "--no-plot"])
