@@ -214,8 +214,12 @@ def _prune(run_dir: Path, keep_last: int, written: Path):
 def find_checkpoint(checkpoint_dir: Path | None, run_dir: Path | None) -> Path:
     """The checkpoint named, or the newest complete one in run_dir; a one-line error if there is none."""
     if checkpoint_dir is not None:
+        if not checkpoint_dir.is_dir():
+            raise UserError(f"--checkpoint {checkpoint_dir}: no such directory")
         if not (checkpoint_dir / MANIFEST).is_file() and (checkpoint_dir / "checkpoints").is_dir():
-            raise UserError(f"--checkpoint {checkpoint_dir}: a run directory, not a checkpoint — pass --run-dir")
+            latest = latest_complete(checkpoint_dir)
+            raise UserError(f"--checkpoint {checkpoint_dir}: a run directory, not a checkpoint — name one of its "
+                            f"checkpoints{f' (the newest complete: {latest})' if latest else ''}")
         return checkpoint_dir
     ckpt = latest_complete(run_dir)
     if ckpt is None:

@@ -598,7 +598,9 @@ def keep_until(out: Path, state: dict, writers: dict, at: tuple, files: list[Pat
         for index in range(kept, len(writer.shards) + 1):
             writer.path(index).unlink(missing_ok=True)
     done = sum(len(split["shards"]) for split in splits.values())
-    if resume is not None and resume["file"] == file_index:  # resumed inside this file: its start is written
+    if resume is None:
+        return f"stopped before anything was done: mend {files[file_index]} and run the same command"
+    if resume["file"] == file_index:  # resumed inside this file: its start is written
         return (f"stopped; {done} completed shards are kept, and they hold documents of {files[file_index]}: with "
                 "it as it was, the same command goes on after them — mended, it needs a new --out-dir")
     return (f"stopped; what came before {files[file_index]} is kept ({done} completed shards): mend or replace it "

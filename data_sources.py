@@ -263,9 +263,11 @@ def _jsonl_text(path: Path, line_no: int, line: bytes, text_field: str) -> bytes
         return None
     try:
         value = json.loads(line)[text_field]
-    except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{line_no}: not JSON ({err.msg})") from None
+    except (KeyError, TypeError, IndexError):
         raise UserError(f"{path}:{line_no}: not a JSON object with a \"{text_field}\" field"
-                        + (" — pass --text-field" if text_field == "text" else "")) from None
+                        + (" (data.py prepare reads another with --text-field)" if text_field == "text" else "")) from None
     except (ValueError, RecursionError) as err:  # an int of over 4,300 digits; nesting deeper than Python's stack
         raise UserError(f"{path}:{line_no}: JSON that Python cannot read ({type(err).__name__}: "
                         f"{str(err)[:100]})") from None

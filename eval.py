@@ -14,6 +14,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,13 @@ def text_tokens(paths, tokenizer) -> tuple[np.ndarray, int]:
     eot_id = tokenizer.token_to_id(EOT)
     if eot_id is None:
         raise UserError(f"the tokenizer has no {EOT} token to separate documents")
-    texts = [text for _, text in read_documents(paths)]
+    with warnings.catch_warnings(record=True) as skipped:  # prepare skips a bad file; a score cannot
+        warnings.simplefilter("always")
+        texts = [text for _, text in read_documents(paths)]
+    bad = [str(w.message) for w in skipped if issubclass(w.category, UserWarning)]
+    if bad:
+        raise UserError(f"--text: {bad[0]} — every file named is scored, or none"
+                        + (f" ({len(bad) - 1} more)" if len(bad) > 1 else ""))
     ids = []
     for i, encoding in enumerate(tokenizer.encode_batch(texts)):
         ids += ([eot_id] if i > 0 else []) + encoding.ids
@@ -177,15 +184,17 @@ def model_tokenizer(cfg: EvalConfig, data_dir: Path | None):
     return load_tokenizer(data_dir) if data_dir else hf_tokenizer(cfg.hf_dir, cfg.gpt2_vocab_dir)
 
 
-def load_model_and_data(cfg: EvalConfig) -> tuple[GPT, np.ndarray, int, str]:
-    """The model; the token stream to score; the source's UTF-8 bytes; a name for the source."""
+def load_model_and_data(cfg: EvalConfig) -> tuple[GPT, np.ndarray, int, str, dict, object]:
+    """The model; the token stream to score; the source's UTF-8 bytes; a name for the source; where the weights
+    came from (load_model); the tokenizer."""
     from data import TokenSplit
 
-    model, data_dir, _ = load_model(cfg)
+    model, data_dir, made_from = load_model(cfg)
+    tokenizer = model_tokenizer(cfg, data_dir) if cfg.text or data_dir else None
     if cfg.hf_dir is not None and data_dir is None and not cfg.text:
         raise UserError("--hf-dir needs --text or --data-dir (a prepared split) to score")
     if cfg.text:
-        tokens, n_bytes = text_tokens(cfg.text, model_tokenizer(cfg, data_dir))
+        tokens, n_bytes = text_tokens(cfg.text, tokenizer)
         source = ", ".join(map(str, cfg.text))
         if tokens.max() >= model.config.vocab_size:
             raise UserError(f"{source}: token id {tokens.max()} >= the model's vocab_size {model.config.vocab_size} "
@@ -193,7 +202,7 @@ def load_model_and_data(cfg: EvalConfig) -> tuple[GPT, np.ndarray, int, str]:
     else:  # TokenSplit checks the sidecar, sha256 and token ids; block 1 accepts a split of any length
         split = TokenSplit(data_dir, cfg.split, 1, model.config.vocab_size)
         tokens, n_bytes, source = split.tokens, split.bytes, str(split.path)
-    return model, tokens, n_bytes, source
+    return model, tokens, n_bytes, source, made_from, tokenizer
 
 
 def forward_rounds(n_batches: int, rank: int, world_size: int) -> list[int | None]:
@@ -230,10 +239,14 @@ def score(model: GPT, tokens: np.ndarray, batches: list, device: torch.device, a
 
 def score_perplexity(cfg: EvalConfig, rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu")) -> dict:
     """Load, window, score, all-reduce; the result every rank agrees on."""
-    model, tokens, n_bytes, source = load_model_and_data(cfg)
-    total_tokens = len(tokens)
-    if cfg.max_tokens > 0:
+    model, tokens, n_bytes, source, made_from, tokenizer = load_model_and_data(cfg)
+    if 0 < cfg.max_tokens < len(tokens):  # a prefix: its own bytes (the tokens scored, all but the first)
+        from tokenizer import token_byte_lengths
+
         tokens = tokens[:cfg.max_tokens]
+        n_bytes, total_tokens = int(token_byte_lengths(tokenizer)[tokens[1:]].sum()), len(tokens) - 1
+    else:
+        total_tokens = len(tokens)
     context = cfg.context or model.config.block_size
     if context > model.config.block_size:
         raise UserError(f"--context {context} exceeds the model's block_size {model.config.block_size}")
@@ -245,11 +258,14 @@ def score_perplexity(cfg: EvalConfig, rank: int = 0, world_size: int = 1, device
     if world_size > 1:
         dist.all_reduce(totals)  # float64 sums: the order of addition moves the result by ~1e-16
     loss = (totals[0] / totals[1]).item()
-    # the source's bytes per token × tokens scored: on a whole prepared split this is train.py's val_bpb
+    # the source's bytes per token × tokens scored: on a whole prepared split this is train.py's val_bpb (and on a
+    # --max-tokens prefix exactly its scored tokens' bytes: there total_tokens is the tokens scored)
     scored_bytes = n_bytes * totals[1].item() / total_tokens
     return {"source": source, "tokens_scored": int(totals[1]), "windows": len(windows), "context": context,
             "stride": cfg.stride or context, "loss": loss, "perplexity": math.exp(loss),
-            "bits_per_byte": totals[0].item() / math.log(2) / scored_bytes}
+            "bits_per_byte": totals[0].item() / math.log(2) / scored_bytes, "model": made_from,
+            "eval": {"precision": cfg.precision, "device": device.type, "world_size": world_size,
+                     "max_tokens": cfg.max_tokens, "torch": str(torch.__version__)}}
 
 
 def autocast_for(cfg: EvalConfig, device: torch.device):
@@ -592,6 +608,15 @@ def check_flags(cfg: EvalConfig):
         raise UserError("--max-tokens 1: at least 2 tokens are needed (one to predict from, one to predict)")
     if cfg.context and cfg.stride > cfg.context:
         raise UserError(f"--stride {cfg.stride} must be between 1 and --context {cfg.context}")
+    benchmarks = cfg.task != "perplexity" or bool(cfg.all_tasks)
+    names = [spec.partition(":")[0] for spec in cfg.all_tasks] if cfg.all_tasks else [cfg.task]
+    unused = [("--max-examples", cfg.max_examples, not benchmarks, "hellaswag's and lambada's"),
+              ("--max-tokens", cfg.max_tokens, benchmarks, "perplexity's (a split or --text)"),
+              ("--context", cfg.context, benchmarks and "wikitext" not in names, "perplexity's and wikitext's"),
+              ("--stride", cfg.stride, benchmarks and "wikitext" not in names, "perplexity's and wikitext's")]
+    for flag, value, ignored, whose in unused:
+        if value and ignored:  # silently ignored, it would look applied
+            raise UserError(f"{flag} {value}: a flag of {whose} scoring, not of {', '.join(names)}")
     if cfg.file is not None and cfg.task == "perplexity":
         raise UserError("--file is a benchmark's file: pass --task hellaswag|lambada|wikitext with it (or --text FILE)")
     out = cfg.json_out

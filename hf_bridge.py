@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import rundir
-from errors import UserError, run_cli
+from errors import UserError, read_json, run_cli
 from model import GPT, GPTConfig
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -27,10 +27,13 @@ HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 # ----------------------------------------------------------------------------- configs
 
+EXPORT_MARK = "gust_export"  # in the config.json export writes: the one kind of non-empty --out it may overwrite
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+
 def hf_config(cfg: GPTConfig, eot_id: int | None) -> dict:
     """config.json for a GPT2LMHeadModel with gust's shape and attention flags."""
     return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", EXPORT_MARK: True,  # a re-export may replace it
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,  # n_ctx: older readers
         "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
         "activation_function": "gelu_new",  # the tanh approximation gust's MLP uses
@@ -59,8 +62,15 @@ def gpt_config(hf: dict, where: Path) -> GPTConfig:
     for key, (ok, why) in unsupported.items():
         if not ok:
             raise UserError(f"{where}: {key} = {hf.get(key)!r} cannot be imported — {why}")
-    return GPTConfig(block_size=hf.get("n_positions", 1024), vocab_size=hf.get("vocab_size", 50257),
-                     n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd,
+    shape = {key: hf.get(key, default) for key, default in
+             (("n_positions", 1024), ("vocab_size", 50257), ("n_layer", 12), ("n_head", 12), ("n_embd", 768))}
+    bad = next((key for key, value in shape.items() if type(value) is not int or value < 1), None)
+    if bad:  # checked here, so that the line names config.json, not GPTConfig's train.py flags
+        raise UserError(f"{where}: {bad} = {shape[bad]!r} is not a positive integer")
+    if n_embd % shape["n_head"]:
+        raise UserError(f"{where}: n_embd {n_embd} is not divisible by n_head {shape['n_head']}")
+    return GPTConfig(block_size=shape["n_positions"], vocab_size=shape["vocab_size"], n_layer=shape["n_layer"],
+                     n_head=shape["n_head"], n_embd=n_embd,
                      dropout=hf.get("resid_pdrop", 0.1),  # gust has one dropout; GPT-2's three are equal
                      bias=True, upcast_attn=hf.get("reorder_and_upcast_attn", False),
                      scale_attn_by_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False))
@@ -101,6 +111,13 @@ def from_hf_state(hf_state: dict[str, torch.Tensor], cfg: GPTConfig, where: Path
     if not torch.equal(lm_head, wte):
         raise UserError(f"{where}: lm_head.weight differs from transformer.wte.weight — gust ties them")
     model = GPT(cfg)
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    wrong = next(((name, tuple(tensor.shape), shapes[name]) for name, tensor in state.items()  # wte: padded here
+                  if name in shapes and name not in ("transformer.wte.weight", "lm_head.weight")
+                  and tuple(tensor.shape) != shapes[name]), None)
+    if wrong is not None:  # load_state_dict would raise a RuntimeError page about it
+        raise UserError(f"{where}: weights do not fit config.json ({wrong[0]} is {wrong[1]}, config.json's shape "
+                        f"makes it {wrong[2]})")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{where}: weights do not fit config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -134,7 +151,10 @@ def import_hf(hf_dir: Path) -> GPT:
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"{hf_dir}/config.json: missing — is this a Hugging Face model directory?")
-    cfg = gpt_config(json.loads((hf_dir / "config.json").read_text()), hf_dir / "config.json")
+    hf = read_json(hf_dir / "config.json")
+    if not isinstance(hf, dict):
+        raise UserError(f"{hf_dir / 'config.json'}: not a JSON object — is this a Hugging Face model directory?")
+    cfg = gpt_config(hf, hf_dir / "config.json")
     return from_hf_state(read_hf_weights(hf_dir), cfg, hf_dir)
 
 
@@ -162,6 +182,8 @@ def export_hf(source: "GPT | Path", out_dir: Path, data_dir: Path | None = None)
         out_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # a directory above it is a file
         raise UserError(f"--out {out_dir}: a file is in the way — choose another --out") from None
+    for name in TOKENIZER_FILES:  # an earlier export's tokenizer may be another kind: none of it stays
+        (out_dir / name).unlink(missing_ok=True)
     eot_id = write_tokenizer_files(tokenizer_files, out_dir, source.config.block_size) if data_dir else None
     save_file(to_hf_state(source), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(hf_config(source.config, eot_id), indent=2))
@@ -230,11 +252,22 @@ def refuse_a_file(out: Path):
 
 
 def refuse_run_dir(out: Path):
-    """export's check: out must not be a file or a gust run directory (export would replace the run's config.json)."""
+    """export's check: out must be missing, empty, or an earlier export (its config.json says so), which the new one
+    replaces; never a gust run (export would replace its config.json) or another model's directory."""
     refuse_a_file(out)
     held = [name for name in ("metrics.jsonl", "checkpoints") if (out / name).exists()]
-    if held:  # an earlier export's files may be replaced by a new one; a run's may not
+    if held:
         raise UserError(f"--out {out}: holds a gust run ({', '.join(held)}) — export into a directory of its own")
+    if out.is_dir() and any(out.iterdir()) and not earlier_export(out):
+        raise UserError(f"--out {out}: not empty, and no earlier gust export (its config.json has no "
+                        f"{EXPORT_MARK!r}) — export into a new or empty directory")
+
+
+def earlier_export(out: Path) -> bool:
+    try:
+        return json.loads((out / "config.json").read_text()).get(EXPORT_MARK) is True
+    except (OSError, ValueError, AttributeError):  # missing, not JSON, not an object: not ours
+        return False
 
 
 def refuse_occupied(out: Path):
@@ -246,6 +279,17 @@ def refuse_occupied(out: Path):
                         "import writes a new run: choose a new or empty --out")
 
 
+def check_tokenizer_fits(data_dir: Path, model_vocab: int):
+    """--data-dir's tokenizer is what sample.py and eval.py will use with the imported weights: it must be there,
+    and its ids must be the model's (a model may carry a few padding rows more, as nanoGPT's 50304 for 50257)."""
+    from data import read_meta
+
+    vocab = read_meta(data_dir).get("vocab_size")
+    if not isinstance(vocab, int) or not vocab <= model_vocab < vocab + 128:
+        raise UserError(f"--data-dir {data_dir}: its tokenizer has {vocab} tokens, the model {model_vocab} — pass the "
+                        "data dir prepared with this model's tokenizer (GPT-2's: --tokenizer gpt2)")
+
+
 def import_to_run(args: ImportArgs) -> Path:
     """import_hf, then, holding the run directory's lock, config.json and checkpoint.save with a TrainConfig
     describing the imported shape. Refuses a directory that holds anything (it would become a run's)."""
@@ -255,6 +299,7 @@ def import_to_run(args: ImportArgs) -> Path:
 
     refuse_occupied(args.out)
     model = import_hf(args.hf_dir)  # reads and checks every input before the directory is created or locked
+    check_tokenizer_fits(args.data_dir, model.config.vocab_size)
     cfg = TrainConfig(preset="hf-import", model=model.config, data=DataConfig(dir=args.data_dir), out_dir=args.out)
     state = {"model": model.state_dict(), "config": to_json(cfg), "step": 0, "source": str(args.hf_dir)}
     with rundir.holding(args.out):  # one writer, as train.py: a run started meanwhile holds it or sees ours

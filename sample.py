@@ -59,6 +59,10 @@ def sample(cfg: SampleConfig) -> list[str]:
     from tokenizer import EOT
 
     check_flags(cfg)
+    try:
+        cfg.prompt.encode("utf-8")
+    except UnicodeEncodeError as err:  # bytes of no text in argv: Python keeps them as lone surrogates
+        raise UserError(f"--prompt: not UTF-8 text (at character {err.start})") from None
     model, state = load_gust(find_checkpoint(cfg.checkpoint, cfg.run_dir))
     tokenizer = load_tokenizer(cfg.data_dir or Path(state["config"]["data"]["dir"]))
     device = pick_device(cfg.device)

@@ -356,7 +356,7 @@ def test_the_permutation_count_reads_files_at_once_and_names_the_first_bad_one(t
     files = three_files(tmp_path / "src", bad_a=True)
     b_failed = threading.Event()
     given = watch_files(monkeypatch, hold={"a.jsonl": b_failed, "c.jsonl": b_failed}, done={"b.jsonl": b_failed})
-    with pytest.raises(UserError, match=r"a\.jsonl:61: not a JSON object"):
+    with pytest.raises(UserError, match=r"a\.jsonl:61: not JSON \(Expecting value"):
         data.count_documents(files, "text", workers=2)
     c_batches = sum(1 for _ in data_sources.file_batches(files[2], "text"))
     assert given.get("c.jsonl", 0) <= 1 < c_batches
@@ -445,7 +445,7 @@ def test_bad_inputs_name_the_file(tmp_path, case, monkeypatch):
         bad, expected = src / "docs.parquet", r"docs.parquet: no column \"text\" \(columns: body\) — pass --text-field"
         pq.write_table(pa.table({"body": ["a", "b"]}), bad)
     elif case == "bad_json":
-        bad, expected = src / "docs.jsonl", r"docs.jsonl:3: not a JSON object"
+        bad, expected = src / "docs.jsonl", r"docs.jsonl:3: not JSON \(Expecting value\) — stopped before anything was done"
         bad.write_text('{"text": "a"}\n{"text": "b"}\n{"text": \n')
     else:
         import builtins

@@ -24,7 +24,7 @@ def run_script(*args, cwd=ROOT):
     (["train.py", "nowhere/config.json"], "nowhere/config.json: no such config file"),
     (["eval.py", "--run-dir", "nowhere", "--device", "cpu"], "nowhere: no complete checkpoint"),
     (["sample.py", "--run-dir", "nowhere", "--device", "cpu"], "nowhere: no complete checkpoint"),
-    (["hf_bridge.py", "export", "--checkpoint", "nowhere", "--out", "hf-out"], "nowhere: no MANIFEST.json"),
+    (["hf_bridge.py", "export", "--checkpoint", "nowhere", "--out", "hf-out"], "--checkpoint nowhere: no such directory"),
     (["plot.py", "nowhere", "--out", "p.png"], "nowhere/metrics.jsonl: not found"),
 ])
 def test_every_entry_point_reports_bad_input_in_one_line_with_exit_2(tmp_path, argv, names):

@@ -54,6 +54,13 @@ def text_file(tmp_path_factory) -> Path:
     return path
 
 
+def vocab_only_data_dir(root: Path, vocab_size: int = 300) -> str:
+    """A data dir that holds only what import reads of it: meta.json's vocab_size (tiny_model's)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "meta.json").write_text(json.dumps({"vocab_size": vocab_size}))
+    return str(root)
+
+
 def tiny_model(both_fixes: bool, bias: bool = True) -> GPT:
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=bias,
@@ -393,7 +400,8 @@ def test_import_refuses_a_directory_holding_a_run_and_leaves_it_as_it_was(tmp_pa
     (run / "config.json").write_text('{"preset": "mine"}')
     (run / "metrics.jsonl").write_text('{"step": 0, "loss": 5.0}\n')
     with pytest.raises(UserError, match=r"^--out .*not empty"):
-        hf_bridge.main(["import", "--hf-dir", str(tmp_path / "hf"), "--out", str(run)])
+        hf_bridge.main(["import", "--hf-dir", str(tmp_path / "hf"), "--out", str(run),
+                        "--data-dir", vocab_only_data_dir(tmp_path / "data")])
     assert sorted(path.name for path in run.iterdir()) == ["config.json", "metrics.jsonl"]
     assert (run / "config.json").read_text() == '{"preset": "mine"}'
 
@@ -406,11 +414,13 @@ def test_import_takes_the_run_directory_lock(tmp_path):
     held = rundir.lock(run)  # another writer (flock: a second open file conflicts even in this process)
     try:
         with pytest.raises(UserError, match=r"in use by"):
-            hf_bridge.main(["import", "--hf-dir", str(tmp_path / "hf"), "--out", str(run)])
+            hf_bridge.main(["import", "--hf-dir", str(tmp_path / "hf"), "--out", str(run),
+                        "--data-dir", vocab_only_data_dir(tmp_path / "data")])
     finally:
         held.close()
     assert [path.name for path in run.iterdir()] == [rundir.LOCK]
-    hf_bridge.main(["import", "--hf-dir", str(tmp_path / "hf"), "--out", str(run)])  # lock free: it imports
+    hf_bridge.main(["import", "--hf-dir", str(tmp_path / "hf"), "--out", str(run),
+                        "--data-dir", vocab_only_data_dir(tmp_path / "data")])  # lock free: it imports
     assert checkpoint.latest_complete(run) is not None
 
 
@@ -436,3 +446,88 @@ def test_export_checks_the_data_dir_and_out_before_creating_anything(tmp_path, c
 def test_sample_refuses_a_flag_that_cannot_work_before_loading(tmp_path, flag, value):
     with pytest.raises(UserError, match=rf"^{flag} {value}"):
         sample.main(["--run-dir", str(tmp_path / "never-trained"), flag, value])
+
+
+# ----------------------------------------------------------------------------- found in review (2026-12-07)
+
+@pytest.mark.parametrize("edit,says", [
+    ({"n_embd": 64}, r"weights do not fit config.json \(transformer\.\S+ is \(\d+,?\d*\), config.json's shape"),
+    ({"n_positions": 64}, r"weights do not fit config.json \(transformer.wpe.weight is \(32, 32\)"),
+    ({"n_head": 3}, r"config.json: n_embd 32 is not divisible by n_head 3"),
+    ({"n_layer": "2"}, r"config.json: n_layer = '2' is not a positive integer"),
+    ("{not json", r"config.json: not valid JSON"),
+])
+def test_an_hf_config_that_does_not_fit_is_one_line_naming_it(tmp_path, edit, says):
+    hf_bridge.export_hf(tiny_model(both_fixes=False), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(edit if isinstance(edit, str) else json.dumps(config | edit))
+    with pytest.raises(UserError, match=says):
+        hf_bridge.import_hf(tmp_path / "hf")
+
+
+def test_export_leaves_another_models_directory_alone_and_replaces_its_own(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "gpt2"}')
+    (other / "model.safetensors").write_bytes(b"someone else's weights")
+    with pytest.raises(UserError, match=r"--out .*other: not empty, and no earlier gust export"):
+        hf_bridge.export_hf(tiny_model(both_fixes=False), other)
+    assert (other / "model.safetensors").read_bytes() == b"someone else's weights"
+    ours = tmp_path / "ours"
+    hf_bridge.export_hf(tiny_model(both_fixes=False), ours)
+    (ours / "vocab.json").write_text("{}")  # an earlier export's tokenizer of another kind
+    hf_bridge.export_hf(tiny_model(both_fixes=True), ours)  # replaced: its own earlier export
+    assert not (ours / "vocab.json").exists()
+    assert json.loads((ours / "config.json").read_text())["scale_attn_by_inverse_layer_idx"] is True
+
+
+def test_import_checks_that_the_data_dirs_tokenizer_fits_the_model(tmp_path):
+    hf_bridge.export_hf(tiny_model(both_fixes=False), tmp_path / "hf")
+    args = ["import", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]
+    with pytest.raises(UserError, match=r"data directory not found"):
+        hf_bridge.main([*args, "--data-dir", str(tmp_path / "none")])
+    with pytest.raises(UserError, match=r"--data-dir .*: its tokenizer has 4096 tokens, the model 300"):
+        hf_bridge.main([*args, "--data-dir", vocab_only_data_dir(tmp_path / "big", 4096)])
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_refuses_text_it_cannot_read_instead_of_scoring_the_rest(tmp_path, ckpt, text_file):
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait")
+    out = tmp_path / "results.json"
+    with pytest.raises(UserError, match=r"^--text: .*bad.txt: not UTF-8 .* every file named is scored, or none"):
+        gust_eval.main(["--checkpoint", str(ckpt), "--text", str(text_file), str(tmp_path / "bad.txt"),
+                        "--device", "cpu", "--out", str(out)])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--max-examples", "5"], r"--max-examples 5: a flag of hellaswag's and lambada's scoring, not of perplexity"),
+    (["--task", "lambada", "--file", "x.jsonl", "--max-tokens", "5"], r"--max-tokens 5: a flag of perplexity's"),
+    (["--task", "hellaswag", "--file", "x.jsonl", "--context", "16"], r"--context 16: a flag of perplexity's and "
+                                                                        r"wikitext's scoring, not of hellaswag"),
+])
+def test_eval_refuses_a_flag_that_would_be_ignored(tmp_path, flags, says):
+    with pytest.raises(UserError, match=says):
+        gust_eval.main(["--run-dir", str(tmp_path / "never-trained"), *flags])
+
+
+def test_eval_of_a_prefix_divides_by_the_prefix_bytes_and_records_the_model(tmp_path, ckpt, data_dir, text_file):
+    """--max-tokens: the bits of the scored tokens over their own bytes (found in review: the whole source's bytes
+    per token, 3% off there); the bytes counted here as those of the text the scored tokens cover, by the offsets
+    the tokenizer gives into it."""
+    result = gust_eval.main(["--checkpoint", str(ckpt), "--text", str(text_file), "--max-tokens", "40",
+                             "--device", "cpu"])
+    text = text_file.read_text()
+    offsets = load_tokenizer(data_dir).encode(text).offsets  # (start, end) characters of each token
+    scored_bytes = len(text[offsets[1][0]:offsets[39][1]].encode())  # tokens 1..39: all but the first
+    bits = result["loss"] * result["tokens_scored"] / math.log(2)
+    assert result["tokens_scored"] == 39 and result["bits_per_byte"] == pytest.approx(bits / scored_bytes, rel=1e-9)
+    assert result["model"]["checkpoint"] == str(ckpt) and result["model"]["step"] == 7
+
+
+def test_a_missing_checkpoint_or_a_prompt_of_no_text_is_one_line(tmp_path, ckpt):
+    with pytest.raises(UserError, match=r"^--checkpoint .*nowhere: no such directory"):
+        sample.main(["--checkpoint", str(tmp_path / "nowhere")])
+    with pytest.raises(UserError, match=r"^--prompt: not UTF-8 text"):
+        sample.main(["--checkpoint", str(ckpt), "--prompt", b"\xff\xfe bad".decode("utf-8", "surrogateescape"),
+                     "--device", "cpu"])
