@@ -425,14 +425,18 @@ def test_warnings_come_once_and_in_file_order_with_the_permutation_split(tmp_pat
     assert said(replace(cfg, out_dir=tmp_path / "out3"), "needs at least 2") == ["a.jsonl:2: not UTF-8"]
 
 
-@pytest.mark.parametrize("case", ["truncated_gz", "truncated_zst", "parquet_no_column", "bad_json", "no_package"])
-def test_bad_inputs_name_the_file(tmp_path, case, monkeypatch):
+def jsonl_and_empty_src(tmp_path) -> tuple[bytes, Path]:
+    """400 made-up documents as .jsonl bytes, and an empty input directory to put them in (as the test likes)."""
     if not GPT2_VOCAB.is_dir():
         pytest.skip("GPT-2 vocabulary missing: run `make setup`")
     write_corpus(tmp_path / "plain", n_docs=400)
-    raw = (tmp_path / "plain" / "docs.jsonl").read_bytes()
-    src = tmp_path / "src"
-    src.mkdir()
+    (tmp_path / "src").mkdir()
+    return (tmp_path / "plain" / "docs.jsonl").read_bytes(), tmp_path / "src"
+
+
+@pytest.mark.parametrize("case", ["truncated_gz", "truncated_zst", "parquet_no_column", "bad_json", "no_package"])
+def test_bad_inputs_name_the_file(tmp_path, case, monkeypatch):
+    raw, src = jsonl_and_empty_src(tmp_path)
     if case == "truncated_gz":
         bad, expected = src / "docs.jsonl.gz", r"docs.jsonl.gz: truncated or corrupt"
         bad.write_bytes(gzip.compress(raw)[:-200])
@@ -470,12 +474,7 @@ def test_a_file_mended_after_prepare_stopped_in_it_continues_and_gives_a_fresh_r
     (another size) made the re-run refuse, so they were lost anyway. Now what came before the file is kept, shards
     closed within it are dropped, and the re-run with the mended file goes on: its bytes are a fresh run's, and
     the shards before the file are not written again."""
-    if not GPT2_VOCAB.is_dir():
-        pytest.skip("GPT-2 vocabulary missing: run `make setup`")
-    write_corpus(tmp_path / "plain", n_docs=400)
-    raw = (tmp_path / "plain" / "docs.jsonl").read_bytes()
-    src = tmp_path / "src"
-    src.mkdir()
+    raw, src = jsonl_and_empty_src(tmp_path)
     (src / "a.jsonl").write_bytes(raw)
     (src / "b.jsonl.gz").write_bytes(gzip.compress(raw)[:-200])  # cut short: as a download that stopped
     cfg = gpt2_cfg([src], tmp_path / "out", shard_tokens=3000, batch_documents=16)
