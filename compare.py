@@ -56,8 +56,10 @@ def load_run(run_dir: Path, arm: str) -> RunRecord:
         if not isinstance(config, dict) or type(config.get(key)) is not int:
             raise UserError(f"{config_path}: no integer {key!r} — not a gust run's config.json")
     metrics = run_dir / "metrics.jsonl"
-    rows, torn = read_metrics_rows(metrics) if metrics.is_file() else ([], None)
-    note = f"{torn}, left out" if torn else None if metrics.is_file() else f"no {metrics.name} yet"
+    rows, note = [], f"no {metrics.name} yet"
+    if metrics.is_file():
+        rows, torn = read_metrics_rows(metrics)
+        note = f"{torn}, left out" if torn else None
     train_rows, eval_rows = [row for _, row in rows if "val_bpb" not in row], [row for _, row in rows if "val_bpb" in row]
     return RunRecord(arm, config["seed"], run_dir, config, train_rows, eval_rows, note)
 
@@ -213,9 +215,10 @@ def compare_arm(base: dict[int, float], other: dict[int, float], resamples: int,
     p, how = sign_flip_p(b - a, seed) if paired else relabel_p(a, b, seed)
     diff = float(b.mean() - a.mean())
     # paired: a seed whose difference is 0 flips to itself, so only the others count towards the smallest p
-    floor = smallest_p(int(np.count_nonzero(b - a)), True) if paired else smallest_p(len(a), False, len(b))
+    nonzero = int(np.count_nonzero(b - a)) if paired else None
+    floor = smallest_p(nonzero, True) if paired else smallest_p(len(a), False, len(b))
     return {"paired": paired, "n": (len(a), len(b)), "diff": diff, "ci": (low, high), "p": p, "how": how,
-            "floor": floor, "nonzero": int(np.count_nonzero(b - a)) if paired else None,
+            "floor": floor, "nonzero": nonzero,
             "verdict": verdict(diff, low, high, p, floor)}
 
 

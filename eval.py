@@ -190,7 +190,8 @@ def load_model_and_data(cfg: EvalConfig) -> tuple[GPT, np.ndarray, int, str, dic
     from data import TokenSplit
 
     model, data_dir, made_from = load_model(cfg)
-    tokenizer = model_tokenizer(cfg, data_dir) if cfg.text or data_dir else None
+    # a split's tokens need no tokenizer, but for the bytes of a --max-tokens prefix of them (score_perplexity)
+    tokenizer = model_tokenizer(cfg, data_dir) if cfg.text or (data_dir and cfg.max_tokens) else None
     if cfg.hf_dir is not None and data_dir is None and not cfg.text:
         raise UserError("--hf-dir needs --text or --data-dir (a prepared split) to score")
     if cfg.text:
@@ -240,13 +241,12 @@ def score(model: GPT, tokens: np.ndarray, batches: list, device: torch.device, a
 def score_perplexity(cfg: EvalConfig, rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu")) -> dict:
     """Load, window, score, all-reduce; the result every rank agrees on."""
     model, tokens, n_bytes, source, made_from, tokenizer = load_model_and_data(cfg)
-    if 0 < cfg.max_tokens < len(tokens):  # a prefix: its own bytes (the tokens scored, all but the first)
+    total_tokens, prefix_bytes = len(tokens), None
+    if 0 < cfg.max_tokens < len(tokens):  # a prefix: its own bytes, those of the tokens scored (all but the first)
         from tokenizer import token_byte_lengths
 
         tokens = tokens[:cfg.max_tokens]
-        n_bytes, total_tokens = int(token_byte_lengths(tokenizer)[tokens[1:]].sum()), len(tokens) - 1
-    else:
-        total_tokens = len(tokens)
+        prefix_bytes = int(token_byte_lengths(tokenizer)[tokens[1:]].sum())
     context = cfg.context or model.config.block_size
     if context > model.config.block_size:
         raise UserError(f"--context {context} exceeds the model's block_size {model.config.block_size}")
@@ -258,14 +258,18 @@ def score_perplexity(cfg: EvalConfig, rank: int = 0, world_size: int = 1, device
     if world_size > 1:
         dist.all_reduce(totals)  # float64 sums: the order of addition moves the result by ~1e-16
     loss = (totals[0] / totals[1]).item()
-    # the source's bytes per token × tokens scored: on a whole prepared split this is train.py's val_bpb (and on a
-    # --max-tokens prefix exactly its scored tokens' bytes: there total_tokens is the tokens scored)
-    scored_bytes = n_bytes * totals[1].item() / total_tokens
+    # the source's bytes per token × tokens scored: on a whole prepared split this is train.py's val_bpb
+    scored_bytes = prefix_bytes if prefix_bytes is not None else n_bytes * totals[1].item() / total_tokens
     return {"source": source, "tokens_scored": int(totals[1]), "windows": len(windows), "context": context,
             "stride": cfg.stride or context, "loss": loss, "perplexity": math.exp(loss),
             "bits_per_byte": totals[0].item() / math.log(2) / scored_bytes, "model": made_from,
-            "eval": {"precision": cfg.precision, "device": device.type, "world_size": world_size,
-                     "max_tokens": cfg.max_tokens, "torch": str(torch.__version__)}}
+            "eval": {**eval_settings(cfg, device, world_size), "max_tokens": cfg.max_tokens}}
+
+
+def eval_settings(cfg: EvalConfig, device: torch.device, world_size: int) -> dict:
+    """How a results file's numbers were computed (beside the model's provenance)."""
+    return {"precision": cfg.precision, "device": device.type, "world_size": world_size, "batch_size": cfg.batch_size,
+            "torch": str(torch.__version__)}
 
 
 def autocast_for(cfg: EvalConfig, device: torch.device):
@@ -583,8 +587,7 @@ def score_benchmarks(cfg: EvalConfig, rank: int = 0, world_size: int = 1,
                             "tokenizer for this model? (pass --data-dir)")
         results[name] = {"file": str(path), "sha256": sha256_file(path), **task.score(scorer)}
     return {"tasks": results, "model": made_from,
-            "eval": {"precision": cfg.precision, "device": device.type, "world_size": world_size,
-                     "batch_size": cfg.batch_size, "max_examples": cfg.max_examples, "torch": str(torch.__version__)}}
+            "eval": {**eval_settings(cfg, device, world_size), "max_examples": cfg.max_examples}}
 
 
 

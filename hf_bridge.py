@@ -49,7 +49,9 @@ def gpt_config(hf: dict, where: Path) -> GPTConfig:
     """The GPTConfig of an HF GPT-2 config.json, or a one-line error naming what gust cannot represent."""
     if hf.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{where}: model_type {hf['model_type']!r} — only GPT-2 checkpoints can be imported")
-    n_embd = hf.get("n_embd", 768)
+    shape = {key: hf.get(key, default) for key, default in
+             (("n_positions", 1024), ("vocab_size", 50257), ("n_layer", 12), ("n_head", 12), ("n_embd", 768))}
+    n_embd = shape["n_embd"]
     unsupported = {
         "activation_function": (hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
                                 "gust's MLP is GELU with the tanh approximation"),
@@ -62,8 +64,6 @@ def gpt_config(hf: dict, where: Path) -> GPTConfig:
     for key, (ok, why) in unsupported.items():
         if not ok:
             raise UserError(f"{where}: {key} = {hf.get(key)!r} cannot be imported — {why}")
-    shape = {key: hf.get(key, default) for key, default in
-             (("n_positions", 1024), ("vocab_size", 50257), ("n_layer", 12), ("n_head", 12), ("n_embd", 768))}
     bad = next((key for key, value in shape.items() if type(value) is not int or value < 1), None)
     if bad:  # checked here, so that the line names config.json, not GPTConfig's train.py flags
         raise UserError(f"{where}: {bad} = {shape[bad]!r} is not a positive integer")
