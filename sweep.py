@@ -6,6 +6,8 @@ every run (e.g. `-- --precision fp16`). The first arm is the baseline. Before an
 config is derived from its command line; afterwards each run's own config.json must equal it, so within an arm
 only the seed differs and across arms only the stated overrides do. Then compare.py writes the table, the
 picture and report.md. `--emit` prints the commands instead (one line per run: Slurm arrays, torchrun jobs).
+Run it again under the same --name with more --seeds or another --arm to extend it: sweep.json keeps what an
+earlier call recorded and adds to it.
 Not in here: the statistics and the picture (compare.py), the training itself (train.py).
 """
 import argparse
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import compare
 from data import write_atomic
-from errors import UserError, read_metrics_rows, run_cli
+from errors import UserError, read_json, read_metrics_rows, run_cli
 
 ROOT = Path(__file__).resolve().parent
 IGNORED_KEYS = ("out_dir", "resume")  # differ by design between runs; not part of what a run computes
@@ -238,16 +240,18 @@ def main(argv: list[str]) -> int:
     name = args.name or f"{base.parent.name if args.base.endswith('.json') else args.base}-sweep"
     sweep_dir = args.runs_dir / name
     runs = plan(args, arms, sweep_dir)
+    record = sweep_record(sweep_dir, args, arms)  # before anything is written: a clash with an earlier sweep refuses
     if args.emit:  # no torch, no checks: the cluster's job script runs these as they are
         for run in runs:
             words = command(run, args.launcher)
             print(shlex.join([os.path.relpath(word) if word.startswith(str(ROOT)) else word for word in words]))
-        write_sweep_json(sweep_dir, args, arms)
+        write_sweep_json(sweep_dir, record)
         return 0
     expected = {run.name: expected_config(run) for run in runs}
+    say_what_is_kept(record, args, arms)
     for run in runs:
         check_config(run, expected[run.name])  # before anything runs: refuse to mix in a stale run
-    write_sweep_json(sweep_dir, args, arms)
+    write_sweep_json(sweep_dir, record)
     parallel = args.parallel or max(1, (os.cpu_count() or 1) // args.threads)  # check_flags refused values < 1
     print(f"sweep: {len(runs)} runs ({len(arms)} arm(s) × {len(args.seeds)} seed(s)) into {sweep_dir}, "
           f"{parallel} at a time, {args.threads} thread(s) each", flush=True)
@@ -262,11 +266,55 @@ def main(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def write_sweep_json(sweep_dir: Path, args, arms: dict[str, list[str]]) -> None:
-    """What compare.py needs to know beyond the run directories: arm order (baseline first) and each arm's flags."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    record = {"base": str(args.base), "seeds": args.seeds, "common": args.common,
+def sweep_record(sweep_dir: Path, args, arms: dict[str, list[str]]) -> dict:
+    """What compare.py needs to know beyond the run directories: arm order (baseline first), each arm's flags and
+    the seeds. A sweep extended by a later call (more seeds, another arm) keeps what the earlier call recorded and
+    adds to it — replacing it would hide the earlier seeds from compare.py. The later call must have the same base,
+    the same flags after -- and the same flags for an arm it names again, or two experiments would mix."""
+    record = {"base": str(args.base), "seeds": list(args.seeds), "common": args.common,
               "arms": [{"name": name, "overrides": overrides} for name, overrides in arms.items()]}
+    path = sweep_dir / "sweep.json"
+    if not path.is_file():
+        return record
+    fix = "delete it or choose another --name"
+    earlier = read_json(path, fix)
+    try:
+        earlier_arms = {arm["name"]: arm["overrides"] for arm in earlier["arms"]}
+        earlier_seeds = list(earlier["seeds"])
+        differing = [key for key in ("base", "common") if earlier[key] != record[key]]
+    except (TypeError, KeyError) as err:
+        raise UserError(f"{path}: not a sweep's record ({type(err).__name__}: {err}) — {fix}") from None
+    if differing:
+        key = differing[0]
+        flag = "base" if key == "base" else "flags after --"
+        raise UserError(f"{path}: this sweep was made with {flag} {earlier[key]!r}, this call gives "
+                        f"{record[key]!r} — {fix}")
+    for name, overrides in arms.items():
+        if earlier_arms.get(name, overrides) != overrides:
+            raise UserError(f"{path}: arm {name} was made with {shlex.join(earlier_arms[name]) or 'no flags'!r}, "
+                            f"this call gives {shlex.join(overrides) or 'no flags'!r} — {fix}")
+    added = [seed for seed in args.seeds if seed not in earlier_seeds]
+    record["seeds"] = earlier_seeds + added
+    record["arms"] = [*earlier["arms"], *(arm for arm in record["arms"] if arm["name"] not in earlier_arms)]
+    return record
+
+
+def say_what_is_kept(record: dict, args, arms: dict[str, list[str]]) -> None:
+    """One line when sweep.json holds more than this call runs: compare.py will report those too."""
+    seeds = [seed for seed in record["seeds"] if seed not in args.seeds]
+    others = [arm["name"] for arm in record["arms"] if arm["name"] not in arms]
+    if seeds or others:
+        kept = []
+        if seeds:
+            kept.append(f"seeds {' '.join(map(str, seeds))}")
+        if others:
+            kept.append(f"arms {', '.join(others)}")
+        print(f"sweep: sweep.json keeps the earlier call's {' and '.join(kept)} (compare.py reports them too)",
+              flush=True)
+
+
+def write_sweep_json(sweep_dir: Path, record: dict) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(sweep_dir / "sweep.json", json.dumps(record, indent=2) + "\n")  # the sweep's record: never half
 
 

@@ -189,6 +189,16 @@ def test_tiny_sweep_end_to_end(tiny_data, tmp_path, capsys):
     emitted = [line for line in (sweep.main([*argv, "--emit"]), capsys.readouterr().out)[1].splitlines() if line]
     assert len(emitted) == 6 and all("--resume auto" in line and "--out-dir" in line for line in emitted)
 
+    # extended by one more baseline seed: the earlier seeds and the hot arm stay in sweep.json, so compare.py
+    # reports all four baseline runs and names hot's missing fourth (a rewritten record hid seeds 1-3)
+    assert sweep.main([*argv[:5], "--seeds", "4", "--arm", "base", "--parallel", "2"]) == 0
+    extended = capsys.readouterr().out
+    assert "sweep: sweep.json keeps the earlier call's seeds 1 2 3 and arms hot" in extended
+    assert "| val_bpb | base | 4 |" in extended and "| val_bpb | hot | 3 |" in extended
+    arms, notes = compare.load_runs([sweep_dir])
+    assert sorted(run.seed for run in arms["base"]) == [1, 2, 3, 4] and len(arms["hot"]) == 3
+    assert notes == ["not run (no config.json): hot-seed4 — 1 of arm hot's 4 planned seeds"]
+
 
 # ----------------------------------------------------------------------------- bad input: one line, nothing written
 
@@ -242,3 +252,31 @@ def test_all_runs_failed_still_says_so(tmp_path, monkeypatch, capsys):
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "sweep: 2 run(s) failed: base-seed1, base-seed2" in err and "no run directories" in err
+
+
+def test_an_extended_sweep_keeps_the_earlier_record(tmp_path, capsys):
+    sweep_dir, record_path = tmp_path / "runs" / "demo", tmp_path / "runs" / "demo" / "sweep.json"
+    common = ["shakespeare-quick", "--runs-dir", str(tmp_path / "runs"), "--name", "demo", "--emit"]
+    assert sweep.main([*common, "--seeds", "1", "2", "--arm", "base", "--arm", "hot=--optim.lr 0.01"]) == 0
+    assert sweep.main([*common, "--seeds", "2", "3", "--arm", "base"]) == 0  # seed 2 again: listed once
+    assert sweep.main([*common, "--seeds", "4", "--arm", "cold=--optim.lr 0.001"]) == 0
+    capsys.readouterr()
+    record = json.loads(record_path.read_text())
+    assert record["seeds"] == [1, 2, 3, 4]
+    assert record["arms"] == [{"name": "base", "overrides": []}, {"name": "hot", "overrides": ["--optim.lr", "0.01"]},
+                              {"name": "cold", "overrides": ["--optim.lr", "0.001"]}]
+    # what would mix two experiments under one name is refused, and the record is left as it was
+    before = record_path.read_text()
+    for flags, culprit in [(["--arm", "hot=--optim.lr 0.02"], "arm hot was made with '--optim.lr 0.01'"),
+                           (["--", "--precision", "fp16"], "made with flags after -- []"),
+                           (["--arm", "base"], "made with base 'shakespeare-quick'")]:
+        argv = [*common, "--seeds", "5", *flags]
+        if culprit.endswith("'shakespeare-quick'"):
+            argv[0] = "shakespeare-cpu"
+        with pytest.raises(UserError) as refused:
+            sweep.main(argv)
+        assert str(refused.value).startswith(f"{record_path}: ") and culprit in str(refused.value)
+        assert record_path.read_text() == before and sorted(p.name for p in sweep_dir.iterdir()) == ["sweep.json"]
+    record_path.write_text('{"an earlier": "record of something else"}\n')
+    with pytest.raises(UserError, match=r"sweep\.json: not a sweep's record \(KeyError"):
+        sweep.main([*common, "--seeds", "5"])
