@@ -875,18 +875,6 @@ def peak_memory_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _one_line_warnings(python_format):
-    """A file prepare skips is news for the user, not for a developer: our warnings in one line each, not Python's
-    two with our source line; a library's keep Python's format."""
-    ours = {str(Path(__file__).with_name(name)) for name in ("data.py", "data_sources.py", "tokenizer.py")}
-
-    def format_warning(message, category, filename, lineno, line=None):
-        if filename in ours:
-            return f"gust: warning: {message}\n"
-        return python_format(message, category, filename, lineno, line)
-    return format_warning
-
-
 def main(argv: list[str] | None = None):
     import tyro
 
@@ -897,7 +885,6 @@ def main(argv: list[str] | None = None):
         raise UserError("usage: python data.py prepare [--inputs PATH ...] [--out-dir DIR] [--tokenizer gpt2|bpe] "
                         "(see python data.py prepare --help)")
     cfg = tyro.cli(PrepareConfig, args=argv[1:], prog="data.py prepare")
-    warnings.formatwarning = _one_line_warnings(warnings.formatwarning)
     started = time.time()
     meta = prepare(cfg)
     for split, info in meta["splits"].items():

@@ -6,6 +6,10 @@ out-of-memory, an NCCL failure) is left to Python, so its full stack is printed.
 """
 import json
 import sys
+import warnings
+from pathlib import Path
+
+OUR_DIR = Path(__file__).resolve().parent  # gust's own modules live here (a library's do not: .venv is deeper)
 
 
 class UserError(ValueError):
@@ -14,12 +18,22 @@ class UserError(ValueError):
 
 
 def run_cli(main, *args, **kwargs):
-    """Call main; a UserError becomes `gust: error: <message>` on stderr and exit status 2."""
+    """Call main; a UserError becomes `gust: error: <message>` on stderr and exit status 2, and our own warnings
+    (a skipped file, a broken checkpoint passed over) print as one `gust: warning: <message>` line."""
+    warnings.formatwarning = format_warning
     try:
         return main(*args, **kwargs)
     except UserError as err:
         print(f"gust: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def format_warning(message, category, filename, lineno, line=None, python_format=warnings.formatwarning) -> str:
+    """A warning of ours is news for the user, not for a developer: one line, not Python's two with our source line
+    (`checkpoint.py:176: UserWarning: ...` then the `warnings.warn(...)` call). A library's keep Python's format."""
+    if Path(filename).resolve().parent == OUR_DIR:
+        return f"gust: warning: {message}\n"
+    return python_format(message, category, filename, lineno, line)
 
 
 def read_json(path, fix: str = ""):

@@ -3,13 +3,15 @@ changed config unless told (then record it), clean up killed writers' leftovers;
 rules (pruning counts only good checkpoints, a good checkpoint is never renamed broken, fsync order, bad manifests)."""
 import json
 import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 import torch
 
 import checkpoint
-from conftest import tiny_run
+from conftest import ROOT, tiny_run
 from errors import UserError
 from test_faults import snapshot
 from train import train
@@ -156,6 +158,21 @@ def test_the_rename_is_made_durable_by_fsyncing_the_directories(tmp_path, monkey
     save_steps(tmp_path, [7], keep_last=0)
     tmp_name = next(name for kind, name in events if kind == "fsync" and name.startswith(".tmp-step-0000007"))
     assert events[-3:] == [("fsync", tmp_name), ("rename", "step-0000007"), ("fsync", "checkpoints")]
+
+
+def test_a_skipped_checkpoint_is_one_warning_line_on_the_command_line(tmp_path):
+    # run_cli prints our warnings as one line (Python's format adds our source line); a library's keep theirs
+    save_steps(tmp_path, [1, 2], keep_last=0)
+    (checkpoint.step_dir(tmp_path, 2) / checkpoint.MANIFEST).write_text("{}")
+    program = ("import sys, warnings, checkpoint, errors; "
+               "errors.run_cli(lambda: (checkpoint.latest_complete(sys.argv[1]), "
+               "warnings.warn_explicit('a library speaks', UserWarning, '/lib/x.py', 7)))")
+    done = subprocess.run([sys.executable, "-c", program, str(tmp_path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"gust: warning: {checkpoint.step_dir(tmp_path, 2)}: skipped, ")
+    assert lines[1] == "/lib/x.py:7: UserWarning: a library speaks"
 
 
 @pytest.mark.parametrize("manifest", ["{}", "[]", '{"files": {}}', '{"files": {"state.pt": {"bytes": 3}}}'])
