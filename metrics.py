@@ -99,6 +99,13 @@ def flops_per_token(model: GPT) -> float:
     return 6 * weights + 12 * c.n_layer * c.n_embd * c.block_size
 
 
+def model_flops_utilization(tokens_per_sec: float, flops_token: float, world_size: int,
+                            device_flops: float) -> float | None:
+    """MFU: the model's FLOP/s over the peak of every device. tokens_per_sec counts the whole run's tokens (the
+    global batch), so it is divided among world_size devices; None when the device's peak is unknown."""
+    return tokens_per_sec * flops_token / (world_size * device_flops) if device_flops else None
+
+
 def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
     if cfg.peak_flops > 0 or device.type != "cuda":
         return cfg.peak_flops

@@ -29,7 +29,7 @@ from distributed import (Dist, agree_on_resume, autocast, distribute, full, grad
                          resolve_precision, setup_processes)
 from errors import UserError, read_json, run_cli
 from loss_scaler import DynamicLossScaler, unscale_and_clip
-from metrics import MetricsLog, evaluate, flops_per_token, peak_flops
+from metrics import MetricsLog, evaluate, flops_per_token, model_flops_utilization, peak_flops
 from model import GPT
 from resume import checkpoint_state, init_weights, provenance, record_start, restore, resume_point, seed_everything
 
@@ -365,7 +365,7 @@ def train_row(step, out: StepResult, opt_step, cfg, scaler, tokens_per_sec, flop
     row = {"step": step, "loss": out.loss, "lr": lr_at(max(opt_step - 1, 0), cfg.optim), "grad_norm": norm,
            "grad_norm_clipped": clipped, "loss_scale": scaler.scale, "skipped_steps": scaler.skipped_steps,
            "tokens_per_sec": tokens_per_sec, "param_norm": param_norm,
-           "mfu": tokens_per_sec * rt.world_size * flops_token / device_flops if device_flops else None,
+           "mfu": model_flops_utilization(tokens_per_sec, flops_token, rt.world_size, device_flops),
            "time_data": data_time, "time_fwd_bwd": compute_time, "time_optimizer": optimizer_time, "time_step": step_time,
            "peak_memory_gb": torch.cuda.max_memory_allocated(rt.device) / 1e9 if rt.device.type == "cuda" else None}
     if out.stats is not None:

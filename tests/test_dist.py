@@ -1,15 +1,20 @@
 """--dist ddp / zero1 / fsdp (with and without resharding after forward) under torchrun on CPU (gloo): same training
 as ddp, one checkpoint layout any world size resumes."""
+import json
 import shutil
 from dataclasses import replace
 
 import pytest
 import torch
 
-from configs import CheckpointConfig
+from configs import CheckpointConfig, GPTConfig
 from conftest import tiny_run
+from model import GPT
 from test_train import assert_states_equal, cli_args, final_state, torchrun, train_losses
 from train import train
+
+
+PEAK_FLOPS = 1e12
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +23,8 @@ def straight(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     for mode in ("ddp", "zero1", "fsdp"):
         cfg = tiny_run(tiny_data, root / mode, dist=mode,  # checkpoints at 0 (no optimizer state yet), 5, 10
-                       checkpoint=CheckpointConfig(schedule="mistral", intervals=((5, 10),), keep_last=0))
+                       checkpoint=CheckpointConfig(schedule="mistral", intervals=((5, 10),), keep_last=0),
+                       peak_flops=PEAK_FLOPS)  # a made-up peak per device, for the MFU rows
         proc = torchrun("train.py", *cli_args(cfg), timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return root
@@ -39,6 +45,20 @@ def test_zero1_and_fsdp_train_as_ddp(straight):
                 C = weight.numel() // 3       # shift), so its rounding noise, normalised by AdamW, is all it learns
                 weight, other = torch.cat([weight[:C], weight[2 * C:]]), torch.cat([other[:C], other[2 * C:]])
             assert torch.allclose(weight, other, rtol=0, atol=1e-6), (mode, name)
+
+
+def test_mfu_on_two_ranks_is_over_both_devices_peaks(straight):
+    # MFU = the run's model FLOP/s over the peak of its 2 devices; the FLOPs per token written out here: 6 per weight
+    # that multiplies (tied weights once; the position table is a lookup), 12·L·C·T for the attention (PaLM, app. B)
+    cfg = json.loads((straight / "ddp" / "config.json").read_text())["model"]
+    config = GPTConfig(**cfg)
+    padding = (config.padded_vocab_size - config.vocab_size) * config.n_embd  # rows no token uses: not the model's
+    weights = sum(p.numel() for name, p in GPT(config).named_parameters() if "wpe" not in name) - padding
+    flops_token = 6 * weights + 12 * cfg["n_layer"] * cfg["n_embd"] * cfg["block_size"]
+    rows = [json.loads(line) for line in (straight / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if "tokens_per_sec" in row]
+    assert rows and all(row["mfu"] == pytest.approx(row["tokens_per_sec"] * flops_token / (2 * PEAK_FLOPS))
+                        for row in rows)
 
 
 def assert_trains_as_ddp(run_dir, ddp_dir, label):
