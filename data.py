@@ -781,13 +781,15 @@ class TokenSplit:
         self.data_dir, meta_path = Path(data_dir), Path(data_dir) / "meta.json"
         meta = read_meta(data_dir)
         info = split_info(meta, split, meta_path)
-        self.block_size, self.bytes, self.meta = block_size, info["bytes"], meta
+        self.block_size, self.bytes, self.meta, self.model_vocab = block_size, info["bytes"], meta, model_vocab
         if meta["dtype"] != "uint16":
             raise UserError(f"{meta_path}: dtype {meta['dtype']} unsupported (uint16 only)")
         if meta["vocab_size"] > model_vocab:
             raise UserError(f"{meta_path}: vocab_size {meta['vocab_size']} > --model.vocab-size {model_vocab}")
         parts = [self._open_checked(shard, verify) for shard in info["shards"]]
         self.path = self.data_dir / (info["shards"][0]["file"] if len(parts) == 1 else f"{split}-*.bin")
+        self.files = [self.data_dir / shard["file"] for shard in info["shards"]]
+        self.file_starts = np.cumsum([0] + [shard["tokens"] for shard in info["shards"]])  # (n_shards + 1,)
         self.tokens = parts[0] if len(parts) == 1 else TokenShards(parts)
         if len(self.tokens) < self.block_size + 1:
             raise UserError(f"{self.path}: {len(self.tokens):,} tokens, but block_size + 1 = {self.block_size + 1:,} "
@@ -825,8 +827,21 @@ class TokenSplit:
         import torch
 
         rows = starts[:, None] + np.arange(self.block_size + 1)[None, :]  # (n, T+1)
-        block = torch.from_numpy(self.tokens[rows].astype(np.int64))
+        tokens = self.tokens[rows]  # (n, T+1) uint16
+        if int(tokens.max()) >= self.model_vocab:  # a change the start-up check missed: one line, not an IndexError
+            self._refuse_token(rows, tokens)
+        block = torch.from_numpy(tokens.astype(np.int64))
         return block[:, :-1].contiguous(), block[:, 1:].contiguous()
+
+    def _refuse_token(self, rows: np.ndarray, tokens: np.ndarray) -> None:
+        """Name the file and place of the first token id the model has no row for."""
+        first = int(np.flatnonzero(tokens.reshape(-1) >= self.model_vocab)[0])
+        offset, value = int(rows.reshape(-1)[first]), int(tokens.reshape(-1)[first])
+        shard = int(np.searchsorted(self.file_starts, offset, side="right")) - 1
+        raise UserError(f"{self.files[shard]}: token id {value} at token {offset - self.file_starts[shard]:,} >= "
+                        f"--model.vocab-size {self.model_vocab} — the file changed since `data.py prepare`; the start-up "
+                        "check reads ~1 MB of each file (--data.verify fingerprint) or none (size), --data.verify "
+                        "full all of it")
 
     def sample_starts(self, seed: int, first: int, count: int) -> np.ndarray:
         """Token offsets of global samples [first, first + count) — the rule in this file's docstring."""

@@ -507,6 +507,26 @@ def test_a_file_mended_after_prepare_stopped_in_it_continues_and_gives_a_fresh_r
         prepare(cfg)
 
 
+def test_a_token_id_changed_where_the_fingerprint_did_not_look_is_one_line(tmp_path):
+    # under --data.verify size (or fingerprint, which samples ~1 MB of a file) a changed token reaches the batch;
+    # the batch names its shard and place instead of an IndexError in the embedding
+    if not GPT2_VOCAB.is_dir():
+        pytest.skip("GPT-2 vocabulary missing: run `make setup`")
+    write_corpus(tmp_path / "src", n_docs=300)
+    prepare(gpt2_cfg([tmp_path / "src"], tmp_path / "many", shard_tokens=700))
+    shards = json.loads((tmp_path / "many" / "meta.json").read_text())["splits"]["train"]["shards"]
+    third = tmp_path / "many" / shards[2]["file"]
+    tokens = np.fromfile(third, dtype=np.uint16)
+    tokens[123] = 60000  # past GPT-2's 50257 ids
+    tokens.tofile(third)
+    split = TokenSplit(tmp_path / "many", "train", 16, 50257, verify="size")
+    before = shards[0]["tokens"] + shards[1]["tokens"]
+    split.windows(np.array([0, before + 124]))  # windows that miss it read as before
+    with pytest.raises(UserError) as refused:
+        split.windows(np.array([0, before + 110]))
+    assert str(refused.value).startswith(f"{third}: token id 60000 at token 123 >= --model.vocab-size 50257 — ")
+
+
 def test_shards_read_as_one_stream_with_todays_batch_order(tmp_path):
     """Many small shards give the same token stream, windows and batch order as one file — today's order,
     written out here independently of data.py, sample by sample."""
