@@ -788,6 +788,7 @@ class TokenSplit:
             raise UserError(f"{meta_path}: vocab_size {meta['vocab_size']} > --model.vocab-size {model_vocab}")
         parts = [self._open_checked(shard, verify) for shard in info["shards"]]
         self.path = self.data_dir / (info["shards"][0]["file"] if len(parts) == 1 else f"{split}-*.bin")
+        self.shards = info["shards"]  # [{file, tokens, sha256, fingerprint}]: what these tokens are
         self.files = [self.data_dir / shard["file"] for shard in info["shards"]]
         self.file_starts = np.cumsum([0] + [shard["tokens"] for shard in info["shards"]])  # (n_shards + 1,)
         self.tokens = parts[0] if len(parts) == 1 else TokenShards(parts)

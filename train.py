@@ -88,26 +88,45 @@ class StopRequest:
 
 
 def open_data(cfg: TrainConfig, rt: Dist) -> tuple[TokenSplit, TokenSplit]:
-    """Rank 0 checks the token files against meta.json (--data.verify); the others wait for its verdict."""
+    """Local rank 0 of each node checks that node's token files against its meta.json (--data.verify); the other
+    ranks wait for every node's verdict, then only map the files. Nodes whose copies were prepared differently
+    (other shards, sha256s or tokenizer in meta.json) are refused: every rank must read the same tokens."""
     def open_splits(verify):
         return [TokenSplit(cfg.data.dir, split, cfg.model.block_size, cfg.model.vocab_size, verify)
                 for split in ("train", "val")]
 
-    verdict, error = "", None
-    if rt.is_main:
+    verdict, error, identity, splits = "", None, None, None
+    if rt.local_rank == 0:
         try:
             splits = open_splits(cfg.data.verify)
-        except Exception as err:  # any failure: the other ranks must not wait forever at the broadcast
+            meta = splits[0].meta
+            identity = (meta["vocab_size"], meta.get("tokenizer"), [split.shards for split in splits])
+        except Exception as err:  # any failure: the other ranks must not wait forever at the gather
             verdict, error = str(err) or type(err).__name__, err
+    heard = [(verdict, identity)]
     if rt.world_size > 1:
-        box = [verdict]
-        dist.broadcast_object_list(box, src=0)
-        verdict = box[0]
+        heard = [None] * rt.world_size
+        dist.all_gather_object(heard, (verdict, identity))
     if error is not None:
         raise error
-    if verdict:
-        raise UserError(f"rank 0 rejected the data: {verdict}")
-    return tuple(splits) if rt.is_main else tuple(open_splits("size"))  # verified: the others only map the files
+    refuse_data(cfg, rt, heard)
+    return tuple(splits) if rt.local_rank == 0 else tuple(open_splits("size"))  # verified: the others map
+
+
+def refuse_data(cfg: TrainConfig, rt: Dist, heard: list[tuple[str, object]]) -> None:
+    """Stop on another node's rejection (one line per node: a rank on the rejecting node exits quietly, its local
+    rank 0 has said why) or on nodes that hold differently prepared data."""
+    rejected = next(((rank, verdict) for rank, (verdict, _) in enumerate(heard) if verdict), None)
+    if rejected is not None:
+        rank, verdict = rejected
+        if rank == rt.rank - rt.local_rank:  # torchrun numbers a node's ranks consecutively from its local rank 0
+            raise SystemExit(2)
+        raise UserError(f"rank {rank} rejected the data: {verdict}")
+    checked = [(rank, identity) for rank, (_, identity) in enumerate(heard) if identity is not None]
+    other = next((rank for rank, identity in checked if identity != checked[0][1]), None)
+    if other is not None:
+        raise UserError(f"{cfg.data.dir}: rank {other}'s node holds other prepared data than rank {checked[0][0]}'s "
+                        "(meta.json's shards, sha256s or tokenizer differ) — give every node the same preparation")
 
 
 class Batches:

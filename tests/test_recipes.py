@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,10 +17,12 @@ import sys
 import time
 from dataclasses import fields
 
+import numpy as np
 import pytest
 import torch
 
 import checkpoint
+import data
 from conftest import ROOT, tiny_run
 from configs import PRESETS, TrainConfig, to_json
 from model import GPT, GPTConfig
@@ -199,17 +202,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_nodes_by_c10d_rendezvous_train_and_checkpoint(tiny_data, tmp_path):
-    """The multi-node torchrun command, as two single-process "nodes" meeting at one rendezvous endpoint."""
-    out_dir, config = tmp_path / "run", tmp_path / "tiny.json"
-    config.write_text(json.dumps(to_json(tiny_run(tiny_data, out_dir, max_steps=6))))
+def two_nodes(tmp_path, configs) -> tuple[list[int] | None, str]:
+    """Two single-process torchrun "nodes" meeting at one rendezvous endpoint, node i with configs[i]: their exit
+    codes (None if they ran past 3 minutes) and their logs."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     nodes, logs = [], []
     for node_rank in (0, 1):  # c10d ignores --node_rank's order: whichever joins first may get global rank 0
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                    f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-                   f"--rdzv_id=test-{port}", "train.py", str(config)]
+                   f"--rdzv_id=test-{port}", "train.py", str(configs[node_rank])]
         logs.append(open(tmp_path / f"node{node_rank}.log", "w"))
         nodes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT,
                                       start_new_session=True))  # its own process group: killable with its ranks
@@ -224,8 +226,43 @@ def test_two_nodes_by_c10d_rendezvous_train_and_checkpoint(tiny_data, tmp_path):
                 os.killpg(node.pid, signal.SIGKILL)
                 node.wait()
             log.close()
-    output = "\n".join((tmp_path / f"node{r}.log").read_text()[-2000:] for r in (0, 1))
+    return codes, "\n".join((tmp_path / f"node{r}.log").read_text() for r in (0, 1))
+
+
+def test_two_nodes_by_c10d_rendezvous_train_and_checkpoint(tiny_data, tmp_path):
+    """The multi-node torchrun command, as two single-process "nodes" meeting at one rendezvous endpoint."""
+    out_dir, config = tmp_path / "run", tmp_path / "tiny.json"
+    config.write_text(json.dumps(to_json(tiny_run(tiny_data, out_dir, max_steps=6))))
+    codes, output = two_nodes(tmp_path, [config, config])
     assert codes == [0, 0], output
     ckpt = checkpoint.latest_complete(out_dir)  # written by global rank 0, on either "node"
     assert ckpt is not None and checkpoint.load(ckpt)["step"] == 6, output
     assert len(checkpoint.load(ckpt)["per_rank"]) == 2  # both ranks took part
+
+
+def test_two_nodes_with_differently_prepared_data_are_refused(tiny_data, tmp_path):
+    """Each node's local rank 0 checks its own copy; copies that each pass but hold other tokens (here one val
+    token changed and meta.json made to match) would train the ranks on different data: refused on both nodes."""
+    other = tmp_path / "other-data"
+    shutil.copytree(tiny_data, other)
+    tokens = np.fromfile(other / "val.bin", dtype=np.uint16)
+    tokens[-1] = (tokens[-1] + 1) % 512
+    tokens.tofile(other / "val.bin")
+    meta = json.loads((other / "meta.json").read_text())
+    shard = meta["splits"]["val"]["shards"][0]
+    shard.update(sha256=data.sha256_file(other / "val.bin"), fingerprint=data.fingerprint(other / "val.bin"))
+    (other / "meta.json").write_text(json.dumps(meta))
+    configs = []
+    for node, data_dir in enumerate((tiny_data, other)):
+        configs.append(tmp_path / f"node{node}.json")
+        configs[-1].write_text(json.dumps(to_json(tiny_run(data_dir, tmp_path / "run", max_steps=6))))
+    codes, output = two_nodes(tmp_path, configs)
+    assert codes is not None and 0 not in codes, output
+    assert output.count("node holds other prepared data than rank") == 2, output
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # a copy that fails its own check: its node says why, the other node that that rank rejected the data
+    (other / "meta.json").write_text((tiny_data / "meta.json").read_text())
+    codes, output = two_nodes(tmp_path, configs)
+    assert codes is not None and 0 not in codes, output
+    assert output.count("val.bin: fingerprint differs from meta.json") == 2, output
+    assert output.count("rejected the data: ") == 1, output
