@@ -214,3 +214,16 @@ def agree_on_resume(ckpt: Path | None, rt: Dist):
     if low.item() != high.item():
         raise UserError(f"ranks disagree on the checkpoint to resume (steps {low.item()} to {high.item()}; -1 = none): "
                            "--out-dir must be on a filesystem every node sees")
+
+
+def agree_on_precision(precision: str, rt: Dist):
+    """Every rank must train in the same precision. --precision auto is decided by each process for its own device,
+    so nodes with different GPUs (or CPUs) could choose differently, while config.json records rank 0's choice."""
+    if rt.world_size == 1:
+        return
+    chosen = [None] * rt.world_size
+    dist.all_gather_object(chosen, precision)
+    other = next((rank for rank, value in enumerate(chosen) if value != chosen[0]), None)
+    if other is not None:
+        raise UserError(f"--precision: rank 0 trains in {chosen[0]}, rank {other} in {chosen[other]} (auto decides "
+                        "by each node's device) — give every node the same --precision")

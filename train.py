@@ -25,8 +25,8 @@ import rundir
 from configs import PRESETS, TrainConfig, check_ranges, from_json
 from cpu_fp16 import emulated_bf16_warning, fp16_matmuls
 from data import TokenSplit, rank_rows
-from distributed import (Dist, agree_on_resume, autocast, distribute, full, gradient_sync, pick_device,
-                         resolve_precision, setup_processes)
+from distributed import (Dist, agree_on_precision, agree_on_resume, autocast, distribute, full, gradient_sync,
+                         pick_device, resolve_precision, setup_processes)
 from errors import UserError, read_json, run_cli
 from loss_scaler import DynamicLossScaler, unscale_and_clip
 from metrics import MetricsLog, evaluate, flops_per_token, model_flops_utilization, peak_flops
@@ -194,6 +194,7 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None, dict]:
     Returns the run, the step and optimizer step to start from, the checkpoint resumed (or None) and the config
     fields that differ from that checkpoint's ({dotted key: (old, new)})."""
     rt = setup_processes(cfg)
+    agree_on_precision(cfg.precision, rt)
     run_dir = cfg.run_dir()
     accum_steps = check_batch_sizes(cfg, rt.world_size)
     train_split, val_split = open_data(cfg, rt)

@@ -266,3 +266,16 @@ def test_two_nodes_with_differently_prepared_data_are_refused(tiny_data, tmp_pat
     assert codes is not None and 0 not in codes, output
     assert output.count("val.bin: fingerprint differs from meta.json") == 2, output
     assert output.count("rejected the data: ") == 1, output
+
+
+def test_two_nodes_in_different_precisions_are_refused(tiny_data, tmp_path):
+    """--precision auto decides by each node's own device: nodes that chose differently are refused before any
+    training (here the choices are given outright: fp32 on one node, bf16 on the other)."""
+    configs = []
+    for node, precision in enumerate(("fp32", "bf16")):
+        configs.append(tmp_path / f"node{node}.json")
+        configs[-1].write_text(json.dumps(to_json(tiny_run(tiny_data, tmp_path / "run", precision=precision))))
+    codes, output = two_nodes(tmp_path, configs)
+    assert codes is not None and 0 not in codes, output
+    assert output.count("gust: error: --precision: rank 0 trains in ") == 2, output
+    assert not (tmp_path / "run" / "checkpoints").exists()
