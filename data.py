@@ -840,9 +840,9 @@ class TokenSplit:
         offset, value = int(rows.reshape(-1)[first]), int(tokens.reshape(-1)[first])
         shard = int(np.searchsorted(self.file_starts, offset, side="right")) - 1
         raise UserError(f"{self.files[shard]}: token id {value} at token {offset - self.file_starts[shard]:,} >= "
-                        f"--model.vocab-size {self.model_vocab} — the file changed since `data.py prepare`; the start-up "
-                        "check reads ~1 MB of each file (--data.verify fingerprint) or none (size), --data.verify "
-                        "full all of it")
+                        f"--model.vocab-size {self.model_vocab} — the file changed since `data.py prepare`; the "
+                        "start-up check reads ~1 MB of each file (--data.verify fingerprint) or none (size), "
+                        "--data.verify full all of it")
 
     def sample_starts(self, seed: int, first: int, count: int) -> np.ndarray:
         """Token offsets of global samples [first, first + count) — the rule in this file's docstring."""
