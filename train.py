@@ -243,7 +243,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def _train(cfg: TrainConfig) -> dict:
     run, step, opt_step, ckpt, changes = build_run(cfg)
-    rt = run.rt
+    built, rt = time.perf_counter(), run.rt
     tasks = None
     if cfg.eval_tasks:  # benchmark files read and tokenised once, before anything is written
         from eval import load_tasks
@@ -260,13 +260,14 @@ def _train(cfg: TrainConfig) -> dict:
     tokens_per_step = cfg.global_batch_size * cfg.model.block_size
     flops_token, device_flops = flops_per_token(run.raw_model), peak_flops(cfg, rt.device)
     stop = StopRequest()
+    run.clock_start += time.perf_counter() - built  # the tasks, config.json and wandb's start are start-up too
     if step == 0 and 0 in run.keep_steps and ckpt is None:
         save(run, 0, 0)
     last_log_time, last_log_step, result = time.perf_counter(), step, None
     run.model.train()
     while step < cfg.max_steps:
-        timed = (step + 1) % cfg.log_interval == 0  # logged steps also synchronise the device for their timings
-        diagnose = cfg.diag_interval > 0 and (step + 1) % cfg.diag_interval == 0
+        diagnose = cfg.diag_interval > 0 and (step + 1) % cfg.diag_interval == 0  # a diagnosed step is logged too
+        timed = diagnose or (step + 1) % cfg.log_interval == 0  # logged steps synchronise the device for timings
         t0 = time.perf_counter()
         out = optimization_step(run, step, opt_step, stop.signal, diagnose, timed)
         if out.non_finite:
@@ -276,7 +277,7 @@ def _train(cfg: TrainConfig) -> dict:
                                      f"Last diagnostics: {out.stats}")
         step, opt_step = step + 1, out.opt_step
 
-        if step % cfg.log_interval == 0:
+        if step % cfg.log_interval == 0 or out.stats is not None:
             now = time.perf_counter()
             tokens_per_sec = tokens_per_step * (step - last_log_step) / (now - last_log_time)
             last_log_time, last_log_step = now, step
@@ -284,12 +285,13 @@ def _train(cfg: TrainConfig) -> dict:
                             now - t0, run.raw_model, rt)
             row["elapsed"] = run.elapsed()
             log.log(row, console_line(row, cfg.max_steps))
-        result = None
+        result, paused = None, time.perf_counter()
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             result = evaluate_and_log(run, log, tasks, step)
         rolling = cfg.checkpoint.schedule == "every" and step % cfg.checkpoint.every == 0
         if step in run.keep_steps or rolling or out.stop_requested:
             save(run, step, opt_step)
+        last_log_time += time.perf_counter() - paused  # tokens/s counts training steps, not evals and checkpoints
         if out.stop_requested:
             exit_for_signal(log, rt, stop.signal, step)
     if result is None:  # resumed at the end: report the final numbers again, without a duplicate row
