@@ -6,7 +6,7 @@ a finished checkpoint or the benchmarks (eval.py).
 """
 import json
 import math
-import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from configs import TrainConfig, to_json
 from data import TokenSplit, write_atomic
 from distributed import Dist
-from errors import read_metrics_rows
+from errors import UserError, read_metrics_rows
 from model import GPT
 
 PEAK_FLOPS = {  # device-name fragment: dense FLOP/s for (bf16/fp16 tensor cores, TF32 tensor cores, plain fp32)
@@ -27,8 +27,8 @@ PEAK_FLOPS = {  # device-name fragment: dense FLOP/s for (bf16/fp16 tensor cores
 class MetricsLog:
     """metrics.jsonl (one object per logged step), a console line, and wandb when enabled — rank 0 only."""
 
-    def __init__(self, run_dir: Path, cfg: TrainConfig, is_main: bool, resume_step: int | None, run_id: str):
-        self.is_main, self.path, self.wandb = is_main, run_dir / "metrics.jsonl", None
+    def __init__(self, run_dir: Path, is_main: bool, resume_step: int | None, wandb_run=None):
+        self.is_main, self.path, self.wandb = is_main, run_dir / "metrics.jsonl", wandb_run
         if not is_main:
             return
         if resume_step is not None and self.path.exists():  # drop rows of the interval about to be replayed
@@ -36,8 +36,6 @@ class MetricsLog:
             write_atomic(self.path, "".join(row + "\n" for row in rows))
         elif resume_step is None:
             self.path.write_text("")
-        if cfg.wandb_mode != "disabled":
-            self.wandb = _start_wandb(cfg, run_dir, run_id)
 
     def log(self, row: dict, console: str | None = None):
         if not self.is_main:
@@ -47,7 +45,18 @@ class MetricsLog:
         if console:
             print(console, flush=True)
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if not isinstance(v, list)}, step=row["step"])
+            self.wandb.log(wandb_row(row), step=row["step"])
+
+
+def wandb_row(row: dict) -> dict:
+    """A row as wandb charts it: a list (one value per layer, a benchmark's 95% interval) as KEY/0, KEY/1, ..."""
+    flat = {}
+    for key, value in row.items():
+        if isinstance(value, list):
+            flat.update({f"{key}/{i}": item for i, item in enumerate(value)})
+        else:
+            flat[key] = value
+    return flat
 
 
 def _rows(path: Path) -> list[tuple[str, dict]]:
@@ -58,14 +67,22 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
     return rows
 
 
-def _start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str):
+def start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str):
+    """wandb's run for --wandb-mode offline|online, else None (disabled; or wandb missing: a warning). Started before
+    the run writes anything, so a start wandb refuses (online without a login) is one line and no config.json."""
+    if cfg.wandb_mode == "disabled":
+        return None
     try:
         import wandb  # imported lazily: optional, and slow to import
     except ImportError:
-        print("wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
+        warnings.warn("wandb is not installed; logging to metrics.jsonl only")
         return None
-    return wandb.init(project=cfg.wandb_project, name=cfg.preset, id=run_id, resume="allow", mode=cfg.wandb_mode,
-                      dir=str(run_dir), config=to_json(cfg))
+    try:
+        return wandb.init(project=cfg.wandb_project, name=cfg.preset, id=run_id, resume="allow", mode=cfg.wandb_mode,
+                          dir=str(run_dir), config=to_json(cfg))
+    except (wandb.errors.UsageError, wandb.errors.AuthenticationError) as err:  # no or a bad API key
+        raise UserError(f"--wandb-mode {cfg.wandb_mode}: wandb cannot start ({str(err).strip()}) — run `wandb login` "
+                        "or set WANDB_API_KEY, or use --wandb-mode offline") from None
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from distributed import (Dist, agree_on_precision, agree_on_resume, autocast, di
                          pick_device, resolve_precision, setup_processes)
 from errors import UserError, read_json, run_cli
 from loss_scaler import DynamicLossScaler, unscale_and_clip
-from metrics import MetricsLog, evaluate, flops_per_token, model_flops_utilization, peak_flops
+from metrics import MetricsLog, evaluate, flops_per_token, model_flops_utilization, peak_flops, start_wandb
 from model import GPT
 from resume import checkpoint_state, init_weights, provenance, record_start, restore, resume_point, seed_everything
 
@@ -248,9 +248,10 @@ def _train(cfg: TrainConfig) -> dict:
     if cfg.eval_tasks:  # benchmark files read and tokenised once, before anything is written
         from eval import load_tasks
         tasks = load_tasks(cfg.eval_tasks, cfg.data.dir, cfg.model.block_size)
+    wandb_run = start_wandb(cfg, run.run_dir, run.run_id) if rt.is_main else None  # may refuse: before any write
     if rt.is_main:
         record_start(run, ckpt, step, changes)
-    log = MetricsLog(run.run_dir, cfg, rt.is_main, step if ckpt is not None else None, run.run_id)
+    log = MetricsLog(run.run_dir, rt.is_main, step if ckpt is not None else None, wandb_run)
     if rt.is_main:
         print(f"gust: {cfg.preset} | {run.raw_model.num_params() / 1e6:.2f}M params | attention {run.attn_impl} | "
               f"{cfg.precision} | {rt.world_size} × {rt.device.type} ({rt.mode}) | "
