@@ -95,6 +95,8 @@ def plot(run_dirs, out: Path, x: str = "step", only: tuple[str, ...] = ()) -> Pa
     if out.is_dir() or not out.parent.is_dir():
         raise UserError(f"--out {out}: " + ("is a directory" if out.is_dir() else f"{out.parent} does not exist"))
     metrics = {str(run): read_metrics(run) for run in run_dirs}
+    if not any(train or evals for train, evals in metrics.values()):  # else blank panels and "wrote ..."
+        raise UserError(f"{', '.join(metrics)}: no rows in metrics.jsonl yet — nothing to draw")
     unknown = set(only) - {p[0] for p in PANELS}
     if unknown:
         raise UserError(f"--panels {' '.join(sorted(unknown))}: no such panel; choose from "

@@ -380,7 +380,7 @@ def train_row(step, out: StepResult, opt_step, cfg, scaler, tokens_per_sec, flop
               raw_model, rt) -> dict:
     """One metrics.jsonl row: the numbers that tell a healthy run from one about to blow up."""
     norm = float(out.grad_norm)
-    clipped = min(norm, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else norm
+    clipped = min(norm, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 and math.isfinite(norm) else norm  # a skip
     with torch.no_grad():
         param_norm = float(torch.linalg.vector_norm(torch.stack([full(p.detach().float().norm())
                                                                  for p in raw_model.parameters()])))

@@ -77,7 +77,8 @@ def main():
     parser = build_parser()
     args, train_args = parser.parse_known_args()
     if args.iters < FIRST_TIMED + 1:
-        parser.error(f"--iters {args.iters}: at least {FIRST_TIMED + 1} are needed (iterations 1..4 are start-up)")
+        parser.error(f"--iters {args.iters}: at least {FIRST_TIMED + 1} are needed (iterations 1..{FIRST_TIMED - 1} "
+                     f"are start-up, and the median wants at least two of {FIRST_TIMED}..N)")
     cfg = parse_config(train_args)
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, pick_device(cfg.device)))  # auto: as train() decides
     times = step_times(cfg, args.iters)

@@ -3,8 +3,9 @@
     python scripts/diag_overhead.py [--steps 200] [--repeats 2]
 
 Runs train.py's loop in this process, alternating the two settings (ABAB...) so drift hits both alike, and
-prints each run's tokens/s (steps / wall time of the loop, from metrics.jsonl) and the median slowdown.
-Measured numbers only; nothing is asserted.
+prints each run's tokens/s (its tokens over the loop's time to its last step: `elapsed` of the last train row in
+metrics.jsonl) and the median slowdown. --steps must reach at least one diagnosed step. Measured numbers only;
+nothing is asserted.
 """
 import argparse
 import json
@@ -24,9 +25,9 @@ def tokens_per_sec(cfg) -> float:
     shutil.rmtree(cfg.out_dir, ignore_errors=True)
     train(cfg)
     rows = [json.loads(line) for line in (cfg.out_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [row["tokens_per_sec"] for row in rows if "tokens_per_sec" in row][1:]  # the first holds start-up
+    last = [row for row in rows if "tokens_per_sec" in row][-1]  # the loop's clock at its last step (no final eval)
     shutil.rmtree(cfg.out_dir, ignore_errors=True)
-    return statistics.mean(rates)
+    return last["step"] * cfg.global_batch_size * cfg.model.block_size / last["elapsed"]
 
 
 def main():
@@ -35,6 +36,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     base = PRESETS["shakespeare-cpu"][1]
+    if args.steps < base.diag_interval or args.repeats < 1:
+        parser.error(f"--steps {args.steps} --repeats {args.repeats}: the diagnostics run every {base.diag_interval} "
+                     f"steps, so --steps must be at least that, and --repeats at least 1")
     base = replace(base, max_steps=args.steps, eval_interval=10**9, eval_batches=1, final_eval_batches=1, log_interval=25,
                    checkpoint=CheckpointConfig(schedule="none", keep_last=1), out_dir=Path("runs/diag-overhead"),
                    data=replace(base.data, verify="size"))

@@ -136,7 +136,7 @@ def formulas(mode: str, reshard: bool, world_size: int, precision: str) -> dict[
     grads = "4P/N + 4Pr + 4Pb" if fsdp else ("4P + 4P DDP buckets" if world_size > 1 else "4P")
     optimizer = {"ddp": "8P", "zero1": "8 × fullest rank's params", "fsdp": "8P/N"}[mode]
     return {"parameters": params, "gradients": grads, "optimizer": optimizer, "16-bit copies": "0 (no autocast)" if precision == "fp32" else "2W",
-            "activations": "L·s·b·h·(8 + 14e + 2d) [+ naive scores] + s·b·h·(d + 4 + e) + s·b·V·(e + 12)",
+            "activations": "L·s·b·h·(8 + 14e + 2d) [+ naive scores] + s·b·h·(d + 4 + e) + s·b·V·2e + 8·r·V",
             "total": ""}
 
 

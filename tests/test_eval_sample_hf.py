@@ -356,6 +356,18 @@ def test_plot_refuses_an_out_it_cannot_write_as_named(tmp_path, out, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_plot_of_runs_without_rows_says_so(tmp_path):
+    """Found in review: an empty metrics.jsonl drew five blank panels and exited 0."""
+    pytest.importorskip("matplotlib")
+    from plot import plot
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    with pytest.raises(UserError, match=r"run: no rows in metrics.jsonl yet — nothing to draw"):
+        plot([tmp_path / "run"], tmp_path / "curves.png")
+    assert not (tmp_path / "curves.png").exists()
+
+
 def test_plot_leaves_out_the_attention_panel_when_no_run_logged_it(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     write_metrics(tmp_path / "b", False, 0.0)
