@@ -74,7 +74,7 @@ class EvalConfig:
     batch_size: int = 8
     """Windows (perplexity) or sequences (one per ending, HellaSwag; one per passage, LAMBADA) per forward pass."""
     max_tokens: int = 0
-    """Score only the first N tokens of the source; 0 = all of it."""
+    """Use only the first N tokens of the source (N − 1 are scored: nothing predicts the first); 0 = all of it."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype of the forward pass (the loss is always summed in float64)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
