@@ -796,7 +796,7 @@ class TokenSplit:
             raise UserError(f"{self.path}: {len(self.tokens):,} tokens, but block_size + 1 = {self.block_size + 1:,} "
                             "are needed — use more data or a smaller --model.block-size")
         recorded_top = info.get("max_token_id")  # format 2 records it: no need to read the tokens
-        top = max(_max_token(part) for part in parts) if recorded_top is None or verify == "full" else recorded_top
+        top = max(max_token_id(part) for part in parts) if recorded_top is None or verify == "full" else recorded_top
         if top >= model_vocab:
             raise UserError(f"{self.path}: token id {top} >= --model.vocab-size {model_vocab}")
         # windows of block_size + 1 tokens: x is the first T, y the last T
@@ -865,7 +865,7 @@ class TokenSplit:
         return np.arange(n, dtype=np.int64) * self.block_size
 
 
-def _max_token(tokens: np.ndarray) -> int:
+def max_token_id(tokens: np.ndarray) -> int:
     return max(int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24))  # chunked: bounded memory
 
 

@@ -31,7 +31,8 @@ def run_cli(main, *args, **kwargs):
 def format_warning(message, category, filename, lineno, line=None, python_format=warnings.formatwarning) -> str:
     """A warning of ours is news for the user, not for a developer: one line, not Python's two with our source line
     (`checkpoint.py:176: UserWarning: ...` then the `warnings.warn(...)` call). A library's keep Python's format."""
-    if Path(filename).resolve().parent == OUR_DIR:
+    ours = filename.endswith(".py") and Path(filename).resolve().parent == OUR_DIR  # not "sys", "<string>"
+    if ours and issubclass(category, UserWarning):  # numpy's RuntimeWarning raised from our line stays numpy's
         return f"gust: warning: {message}\n"
     return python_format(message, category, filename, lineno, line)
 

@@ -247,6 +247,12 @@ def score_perplexity(cfg: EvalConfig, rank: int = 0, world_size: int = 1, device
 
         tokens = tokens[:cfg.max_tokens]
         prefix_bytes = int(token_byte_lengths(tokenizer)[tokens[1:]].sum())
+    from data import max_token_id
+
+    top = max_token_id(tokens)  # the split's start-up check read ~1 MB of it: a changed id must not be an IndexError
+    if top >= model.config.vocab_size:
+        raise UserError(f"{source}: token id {top} >= the model's vocab_size {model.config.vocab_size} — the file "
+                        "changed since `data.py prepare`")
     context = cfg.context or model.config.block_size
     if context > model.config.block_size:
         raise UserError(f"--context {context} exceeds the model's block_size {model.config.block_size}")

@@ -282,6 +282,8 @@ def sweep_record(sweep_dir: Path, args, arms: dict[str, list[str]]) -> dict:
         earlier_arms = {arm["name"]: arm["overrides"] for arm in earlier["arms"]}
         earlier_seeds = list(earlier["seeds"])
         differing = [key for key in ("base", "common") if earlier[key] != record[key]]
+        if differing[:1] == ["base"] and same_file(earlier["base"], record["base"]):  # one config, spelled two ways
+            differing.pop(0)
     except (TypeError, KeyError) as err:
         raise UserError(f"{path}: not a sweep's record ({type(err).__name__}: {err}) — {fix}") from None
     if differing:
@@ -290,13 +292,18 @@ def sweep_record(sweep_dir: Path, args, arms: dict[str, list[str]]) -> dict:
         raise UserError(f"{path}: this sweep was made with {flag} {earlier[key]!r}, this call gives "
                         f"{record[key]!r} — {fix}")
     for name, overrides in arms.items():
-        if earlier_arms.get(name, overrides) != overrides:
+        if earlier_arms.get(name, overrides) != overrides:  # an arm named again: the same flags (a new one: any)
             raise UserError(f"{path}: arm {name} was made with {shlex.join(earlier_arms[name]) or 'no flags'!r}, "
                             f"this call gives {shlex.join(overrides) or 'no flags'!r} — {fix}")
     added = [seed for seed in args.seeds if seed not in earlier_seeds]
     record["seeds"] = earlier_seeds + added
     record["arms"] = [*earlier["arms"], *(arm for arm in record["arms"] if arm["name"] not in earlier_arms)]
     return record
+
+
+def same_file(a: str, b: str) -> bool:
+    """Two config.json bases naming one file (`base.json`, `./base.json`, its absolute path); presets never are."""
+    return a.endswith(".json") and b.endswith(".json") and Path(a).resolve() == Path(b).resolve()
 
 
 def say_what_is_kept(record: dict, args, arms: dict[str, list[str]]) -> None:

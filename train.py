@@ -90,7 +90,7 @@ class StopRequest:
 def open_data(cfg: TrainConfig, rt: Dist) -> tuple[TokenSplit, TokenSplit]:
     """Local rank 0 of each node checks that node's token files against its meta.json (--data.verify); the other
     ranks wait for every node's verdict, then only map the files. Nodes whose copies were prepared differently
-    (other shards, sha256s or tokenizer in meta.json) are refused: every rank must read the same tokens."""
+    (other shards or sha256s in meta.json) are refused: every rank must read the same tokens."""
     def open_splits(verify):
         return [TokenSplit(cfg.data.dir, split, cfg.model.block_size, cfg.model.vocab_size, verify)
                 for split in ("train", "val")]
@@ -99,8 +99,8 @@ def open_data(cfg: TrainConfig, rt: Dist) -> tuple[TokenSplit, TokenSplit]:
     if rt.local_rank == 0:
         try:
             splits = open_splits(cfg.data.verify)
-            meta = splits[0].meta
-            identity = (meta["vocab_size"], meta.get("tokenizer"), [split.shards for split in splits])
+            # the tokens themselves (sizes, sha256s, fingerprints): not the tokenizer entry, which holds paths
+            identity = (splits[0].meta["vocab_size"], [split.shards for split in splits])
         except Exception as err:  # any failure: the other ranks must not wait forever at the gather
             verdict, error = str(err) or type(err).__name__, err
     heard = [(verdict, identity)]
@@ -114,19 +114,18 @@ def open_data(cfg: TrainConfig, rt: Dist) -> tuple[TokenSplit, TokenSplit]:
 
 
 def refuse_data(cfg: TrainConfig, rt: Dist, heard: list[tuple[str, object]]) -> None:
-    """Stop on another node's rejection (one line per node: a rank on the rejecting node exits quietly, its local
-    rank 0 has said why) or on nodes that hold differently prepared data."""
+    """Stop on a rejection or on nodes that hold differently prepared data — one line per node: its local rank 0
+    says why (its own error was raised before this), the node's other ranks exit quietly with the same status."""
     rejected = next(((rank, verdict) for rank, (verdict, _) in enumerate(heard) if verdict), None)
-    if rejected is not None:
-        rank, verdict = rejected
-        if rank == rt.rank - rt.local_rank:  # torchrun numbers a node's ranks consecutively from its local rank 0
-            raise SystemExit(2)
-        raise UserError(f"rank {rank} rejected the data: {verdict}")
     checked = [(rank, identity) for rank, (_, identity) in enumerate(heard) if identity is not None]
     other = next((rank for rank, identity in checked if identity != checked[0][1]), None)
+    if (rejected is not None or other is not None) and rt.local_rank != 0:
+        raise SystemExit(2)
+    if rejected is not None:
+        raise UserError(f"rank {rejected[0]} rejected the data: {rejected[1]}")
     if other is not None:
         raise UserError(f"{cfg.data.dir}: rank {other}'s node holds other prepared data than rank {checked[0][0]}'s "
-                        "(meta.json's shards, sha256s or tokenizer differ) — give every node the same preparation")
+                        "(meta.json's shards or their sha256s differ) — give every node the same preparation")
 
 
 class Batches:
@@ -147,7 +146,8 @@ class Batches:
         key = (step, micro_step)
         batch = self.ahead[1] if self.ahead is not None and self.ahead[0] == key else self._fetch(key)
         following = (step, micro_step + 1) if micro_step + 1 < self.accum_steps else (step + 1, 0)
-        self.ahead = (following, self._fetch(following))
+        # not past the last step: that batch is never trained on (and a bad token in it must not stop the run)
+        self.ahead = (following, self._fetch(following)) if following[0] < self.cfg.max_steps else None
         return batch
 
     def _fetch(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -527,6 +527,30 @@ def test_a_token_id_changed_where_the_fingerprint_did_not_look_is_one_line(tmp_p
     assert str(refused.value).startswith(f"{third}: token id 60000 at token 123 >= --model.vocab-size 50257 — ")
 
 
+def test_a_bad_token_only_the_never_trained_batch_reads_does_not_stop_the_run(tiny_data, tmp_path):
+    # the loop fetches each micro-batch one call early, but not past its last step: no step trains on that batch
+    import shutil
+
+    from configs import DataConfig
+    from conftest import tiny_run
+    from train import train
+
+    shutil.copytree(tiny_data, tmp_path / "data")
+    cfg = tiny_run(tmp_path / "data", tmp_path / "run", max_steps=4,
+                   data=DataConfig(dir=tmp_path / "data", verify="size"))
+    split = TokenSplit(tmp_path / "data", "train", 32, 512, verify="size")
+
+    def read_by(step):  # token positions of the step's global batch: data.py's order, 8 windows of 33 tokens
+        starts = split.sample_starts(cfg.seed, step * cfg.global_batch_size, cfg.global_batch_size)
+        return set((starts[:, None] + np.arange(33)).ravel().tolist())
+
+    only_after = sorted(read_by(4) - set().union(*(read_by(step) for step in range(4))))
+    tokens = np.fromfile(tmp_path / "data" / "train.bin", dtype=np.uint16)
+    tokens[only_after[0]] = 600  # past the 512-token vocabulary
+    tokens.tofile(tmp_path / "data" / "train.bin")
+    assert train(cfg)["step"] == 4
+
+
 def test_shards_read_as_one_stream_with_todays_batch_order(tmp_path):
     """Many small shards give the same token stream, windows and batch order as one file — today's order,
     written out here independently of data.py, sample by sample."""
@@ -591,7 +615,7 @@ def test_start_up_reads_about_a_megabyte_per_file_not_the_file(tiny_data, monkey
     """The default check neither hashes whole files nor scans their token ids; --data.verify full does both."""
     calls = []
     monkeypatch.setattr(data, "sha256_file", lambda path: calls.append(("sha256", path)) or "x")
-    monkeypatch.setattr(data, "_max_token", lambda tokens: calls.append(("max", len(tokens))) or 0)
+    monkeypatch.setattr(data, "max_token_id", lambda tokens: calls.append(("max", len(tokens))) or 0)
     TokenSplit(tiny_data, "train", 32, 512)
     assert calls == []
     with pytest.raises(UserError, match="sha256 differs"):

@@ -356,6 +356,25 @@ def test_plot_refuses_an_out_it_cannot_write_as_named(tmp_path, out, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_eval_of_a_split_changed_where_the_fingerprint_did_not_look_is_one_line(tmp_path, data_dir, monkeypatch):
+    """The split's start-up check reads ~1 MB of each file; a changed id elsewhere was an IndexError in the model."""
+    import shutil
+
+    import data
+
+    changed = tmp_path / "data"
+    shutil.copytree(data_dir, changed)
+    tokens = np.fromfile(changed / "val.bin", dtype=np.uint16)
+    tokens[len(tokens) // 2] = 400  # past the 300-token vocabulary
+    tokens.tofile(changed / "val.bin")
+    recorded = {shard["file"]: shard["fingerprint"] for split in json.loads((changed / "meta.json").read_text())[
+        "splits"].values() for shard in split["shards"]}
+    monkeypatch.setattr(data, "fingerprint", lambda path: recorded[Path(path).name])  # as if it looked elsewhere
+    ckpt = save_checkpoint(tiny_model(both_fixes=True), tmp_path / "run", changed)
+    with pytest.raises(UserError, match=r"val\.bin: token id 400 >= the model's vocab_size 300 — the file changed"):
+        gust_eval.main(["--checkpoint", str(ckpt), "--device", "cpu"])
+
+
 def test_plot_of_runs_without_rows_says_so(tmp_path):
     """Found in review: an empty metrics.jsonl drew five blank panels and exited 0."""
     pytest.importorskip("matplotlib")

@@ -111,8 +111,7 @@ def test_a_skipped_step_leaves_weights_and_adamw_untouched(tiny_data, tmp_path):
     assert not math.isfinite(row["grad_norm"]) and not math.isfinite(row["grad_norm_clipped"])
 
 
-@pytest.mark.parametrize("norm", [float("inf"), float("nan")])
-def test_an_overflowed_norm_is_logged_as_it_is_not_as_the_clip(tiny_data, tmp_path, norm):
+def test_an_overflowed_norm_is_logged_as_it_is_not_as_the_clip(tiny_data, tmp_path):
     # a skipped step's norm is nothing clipping tamed: min(inf, clip) would log the clip value, 1.0
     from types import SimpleNamespace
 
@@ -120,10 +119,10 @@ def test_an_overflowed_norm_is_logged_as_it_is_not_as_the_clip(tiny_data, tmp_pa
     from train import train_row
 
     cfg = tiny_run(tiny_data, tmp_path)
-    out = SimpleNamespace(grad_norm=torch.tensor(norm), loss=1.0, times=(0.0, 0.0, 0.0), stats=None)
+    out = SimpleNamespace(grad_norm=torch.tensor(float("inf")), loss=1.0, times=(0.0, 0.0, 0.0), stats=None)
     row = train_row(1, out, 0, cfg, SimpleNamespace(scale=1.0, skipped_steps=1), 1.0, 1.0, 0.0, 0.1, GPT(cfg.model),
                     SimpleNamespace(device=torch.device("cpu"), world_size=1))
-    assert math.isinf(row["grad_norm_clipped"]) if math.isinf(norm) else math.isnan(row["grad_norm_clipped"])
+    assert math.isinf(row["grad_norm_clipped"])  # (a nan norm needs no care: min(nan, clip) is nan)
 
 
 # ----------------------------------------------------------------------------- the stability fixes

@@ -202,14 +202,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def two_nodes(tmp_path, configs) -> tuple[list[int] | None, str]:
-    """Two single-process torchrun "nodes" meeting at one rendezvous endpoint, node i with configs[i]: their exit
-    codes (None if they ran past 3 minutes) and their logs."""
+def two_nodes(tmp_path, configs, nproc: int = 1) -> tuple[list[int] | None, str]:
+    """Two torchrun "nodes" of nproc processes each meeting at one rendezvous endpoint, node i with configs[i]:
+    their exit codes (None if they ran past 3 minutes) and their logs."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     nodes, logs = [], []
     for node_rank in (0, 1):  # c10d ignores --node_rank's order: whichever joins first may get global rank 0
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc_per_node={nproc}",
                    f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
                    f"--rdzv_id=test-{port}", "train.py", str(configs[node_rank])]
         logs.append(open(tmp_path / f"node{node_rank}.log", "w"))
@@ -242,7 +242,8 @@ def test_two_nodes_by_c10d_rendezvous_train_and_checkpoint(tiny_data, tmp_path):
 
 def test_two_nodes_with_differently_prepared_data_are_refused(tiny_data, tmp_path):
     """Each node's local rank 0 checks its own copy; copies that each pass but hold other tokens (here one val
-    token changed and meta.json made to match) would train the ranks on different data: refused on both nodes."""
+    token changed and meta.json made to match) would train the ranks on different data: refused on both nodes,
+    one line per node (2 ranks each)."""
     other = tmp_path / "other-data"
     shutil.copytree(tiny_data, other)
     tokens = np.fromfile(other / "val.bin", dtype=np.uint16)
@@ -255,14 +256,15 @@ def test_two_nodes_with_differently_prepared_data_are_refused(tiny_data, tmp_pat
     configs = []
     for node, data_dir in enumerate((tiny_data, other)):
         configs.append(tmp_path / f"node{node}.json")
-        configs[-1].write_text(json.dumps(to_json(tiny_run(data_dir, tmp_path / "run", max_steps=6))))
-    codes, output = two_nodes(tmp_path, configs)
+        run = tiny_run(data_dir, tmp_path / "run", max_steps=6, micro_batch_size=2)  # 4 ranks × 2 = 8
+        configs[-1].write_text(json.dumps(to_json(run)))
+    codes, output = two_nodes(tmp_path, configs, nproc=2)
     assert codes is not None and 0 not in codes, output
     assert output.count("node holds other prepared data than rank") == 2, output
     assert not (tmp_path / "run" / "checkpoints").exists()
     # a copy that fails its own check: its node says why, the other node that that rank rejected the data
     (other / "meta.json").write_text((tiny_data / "meta.json").read_text())
-    codes, output = two_nodes(tmp_path, configs)
+    codes, output = two_nodes(tmp_path, configs, nproc=2)
     assert codes is not None and 0 not in codes, output
     assert output.count("val.bin: fingerprint differs from meta.json") == 2, output
     assert output.count("rejected the data: ") == 1, output
@@ -270,12 +272,13 @@ def test_two_nodes_with_differently_prepared_data_are_refused(tiny_data, tmp_pat
 
 def test_two_nodes_in_different_precisions_are_refused(tiny_data, tmp_path):
     """--precision auto decides by each node's own device: nodes that chose differently are refused before any
-    training (here the choices are given outright: fp32 on one node, bf16 on the other)."""
+    training, one line per node (here the choices are given outright: fp32 on one node, bf16 on the other)."""
     configs = []
     for node, precision in enumerate(("fp32", "bf16")):
         configs.append(tmp_path / f"node{node}.json")
-        configs[-1].write_text(json.dumps(to_json(tiny_run(tiny_data, tmp_path / "run", precision=precision))))
-    codes, output = two_nodes(tmp_path, configs)
+        run = tiny_run(tiny_data, tmp_path / "run", precision=precision, micro_batch_size=2)  # 4 ranks × 2 = 8
+        configs[-1].write_text(json.dumps(to_json(run)))
+    codes, output = two_nodes(tmp_path, configs, nproc=2)
     assert codes is not None and 0 not in codes, output
     assert output.count("gust: error: --precision: rank 0 trains in ") == 2, output
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -164,15 +164,19 @@ def test_a_skipped_checkpoint_is_one_warning_line_on_the_command_line(tmp_path):
     # run_cli prints our warnings as one line (Python's format adds our source line); a library's keep theirs
     save_steps(tmp_path, [1, 2], keep_last=0)
     (checkpoint.step_dir(tmp_path, 2) / checkpoint.MANIFEST).write_text("{}")
+    # also not ours: numpy's RuntimeWarning from a line of ours, and a pseudo-file named like no module of ours
     program = ("import sys, warnings, checkpoint, errors; "
                "errors.run_cli(lambda: (checkpoint.latest_complete(sys.argv[1]), "
-               "warnings.warn_explicit('a library speaks', UserWarning, '/lib/x.py', 7)))")
-    done = subprocess.run([sys.executable, "-c", program, str(tmp_path)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+               "warnings.warn_explicit('a library speaks', UserWarning, '/lib/x.py', 7), "
+               "warnings.warn_explicit('overflow', RuntimeWarning, sys.argv[2], 9), "
+               "warnings.warn_explicit('from sys', UserWarning, 'sys', 1)))")
+    done = subprocess.run([sys.executable, "-c", program, str(tmp_path), str(ROOT / "metrics.py")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
-    lines = done.stderr.splitlines()
-    assert len(lines) == 2 and lines[0].startswith(f"gust: warning: {checkpoint.step_dir(tmp_path, 2)}: skipped, ")
-    assert lines[1] == "/lib/x.py:7: UserWarning: a library speaks"
+    lines = [line for line in done.stderr.splitlines() if not line.startswith(" ")]  # Python's source lines
+    assert len(lines) == 4 and lines[0].startswith(f"gust: warning: {checkpoint.step_dir(tmp_path, 2)}: skipped, ")
+    assert lines[1:] == ["/lib/x.py:7: UserWarning: a library speaks",
+                         f"{ROOT / 'metrics.py'}:9: RuntimeWarning: overflow", "sys:1: UserWarning: from sys"]
 
 
 @pytest.mark.parametrize("manifest", ["{}", "[]", '{"files": {}}', '{"files": {"state.pt": {"bytes": 3}}}'])

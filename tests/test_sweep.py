@@ -277,6 +277,12 @@ def test_an_extended_sweep_keeps_the_earlier_record(tmp_path, capsys):
             sweep.main(argv)
         assert str(refused.value).startswith(f"{record_path}: ") and culprit in str(refused.value)
         assert record_path.read_text() == before and sorted(p.name for p in sweep_dir.iterdir()) == ["sweep.json"]
+    # a config file named another way is the same base (a preset and a file never are)
+    (tmp_path / "base.json").write_text("{}")
+    spelled = [*common, "--seeds", "5"]
+    spelled[0] = str(tmp_path / "base.json")
+    record_path.write_text(before.replace('"base": "shakespeare-quick"', f'"base": "{tmp_path}/./base.json"'))
+    assert sweep.main(spelled) == 0 and json.loads(record_path.read_text())["seeds"] == [1, 2, 3, 4, 5]
     record_path.write_text('{"an earlier": "record of something else"}\n')
     with pytest.raises(UserError, match=r"sweep\.json: not a sweep's record \(KeyError"):
         sweep.main([*common, "--seeds", "5"])
