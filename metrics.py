@@ -87,9 +87,11 @@ def start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str):
 
 @torch.no_grad()
 def evaluate(model, split: TokenSplit, cfg: TrainConfig, ctx, rt: Dist, max_batches: int) -> dict:
-    """Mean loss (nats/token) over consecutive val windows, split across ranks and summed exactly; and bits/byte."""
+    """Mean loss (nats/token) over consecutive val windows, split across ranks and summed exactly; and bits/byte.
+    max_batches counts global batches of windows (0: all): the val set must not move with --micro-batch-size, a
+    memory setting, nor with the number of ranks; micro-batches only group the forwards."""
     model.eval()
-    starts = split.eval_starts(max_batches * cfg.micro_batch_size)
+    starts = split.eval_starts(max_batches * cfg.global_batch_size)
     loss_sum, token_count = torch.zeros((), dtype=torch.float64, device=rt.device), 0
     per_round = rt.world_size * cfg.micro_batch_size
     for first in range(rt.rank * cfg.micro_batch_size, math.ceil(len(starts) / per_round) * per_round, per_round):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from configs import KERNEL_AT_LEAST_AS_FAST_AS_SDPA, GPTConfig
+from errors import UserError
 
 __all__ = ["GPT", "GPTConfig", "CausalSelfAttention", "naive_attention", "sdpa_attention", "cross_entropy"]
 
@@ -99,13 +100,13 @@ def pick_attn_impl(requested: str, device: torch.device, dropout: float, upcast:
         return "cuda" if use_cuda else "sdpa"
     if requested == "cuda":
         if not (device.type == "cuda" and attention_cuda.available()):
-            raise RuntimeError("--model.attn-impl cuda needs an NVIDIA GPU and a working nvcc build of "
+            raise UserError("--model.attn-impl cuda needs an NVIDIA GPU and a working nvcc build of "
                                "attention_cuda/attention.cu; use --model.attn-impl sdpa (or auto)")
         if dropout > 0.0:
-            raise ValueError(f"--model.attn-impl cuda has no attention dropout, but --model.dropout is {dropout}; "
+            raise UserError(f"--model.attn-impl cuda has no attention dropout, but --model.dropout is {dropout}; "
                              "use --model.dropout 0 or --model.attn-impl sdpa")
         if not upcast:
-            raise ValueError("--model.attn-impl cuda always computes scores in fp32; "
+            raise UserError("--model.attn-impl cuda always computes scores in fp32; "
                              "--model.no-upcast-attn needs --model.attn-impl naive or sdpa")
     return requested
 

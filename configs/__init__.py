@@ -209,9 +209,10 @@ class TrainConfig:
     eval_interval: int = 1000
     """Evaluate on the val split every this many steps (and at the end)."""
     eval_batches: int = 50
-    """Micro-batches per periodic eval (0 = the whole val split)."""
+    """Global batches of val windows per periodic eval, the first ones of the split (0 = the whole val split); the
+    micro-batch size only groups their forwards."""
     final_eval_batches: int = 0
-    """Micro-batches for the eval at the last step (0 = the whole val split, the number to report)."""
+    """Global batches of val windows for the eval at the last step (0 = the whole val split, the number to report)."""
     eval_tasks: tuple[str, ...] = ()
     """Benchmarks scored at every eval, as name:path pairs (hellaswag:hellaswag_val.jsonl lambada:lambada_test.jsonl
     wikitext:wiki.test.raw); their numbers (hellaswag_acc_norm, lambada_acc, …) join the val row of metrics.jsonl."""
@@ -258,7 +259,7 @@ def _mistral_gpt2(preset: str, lr: float, model: GPTConfig) -> TrainConfig:
                           beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, grad_clip=1.0),
         checkpoint=CheckpointConfig(schedule="mistral", keep_last=3),
         max_steps=400_000, global_batch_size=512, micro_batch_size=8, precision="fp16", seed=21,
-        eval_interval=1000, eval_batches=50, log_interval=10, diag_interval=100,
+        eval_interval=1000, eval_batches=1, log_interval=10, diag_interval=100,  # 1 global batch: 512 windows
     )
 
 

@@ -89,6 +89,26 @@ def test_auto_follows_the_measured_table(monkeypatch):
     assert pick_attn_impl("auto", cuda, 0.0, False) == "sdpa"
 
 
+def test_a_cuda_request_that_cannot_work_is_a_user_error(monkeypatch):
+    from errors import UserError
+    with pytest.raises(UserError, match="needs an NVIDIA GPU"):
+        pick_attn_impl("cuda", torch.device("cpu"), 0.0, True)
+    monkeypatch.setattr(attention_cuda, "available", lambda: True)  # as if the kernel built
+    with pytest.raises(UserError, match="--model.dropout is 0.1"):
+        pick_attn_impl("cuda", torch.device("cuda"), 0.1, True)
+    with pytest.raises(UserError, match="--model.no-upcast-attn"):
+        pick_attn_impl("cuda", torch.device("cuda"), 0.0, False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel path is allowed")
+def test_train_with_the_cuda_kernel_on_a_cpu_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "shakespeare-quick", "--model.attn-impl", "cuda",
+                           "--out-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--model.attn-impl sdpa" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_help_shows_auto_as_the_attention_default():
     out = subprocess.run([sys.executable, "train.py", "gpt2-small", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120, env={"COLUMNS": "200", "PATH": ""}).stdout

@@ -183,3 +183,14 @@ def test_bad_flags_give_one_clear_line(tmp_path, flags, expected):
     proc = run_cli("train.py", "shakespeare-cpu", "--out-dir", str(tmp_path / "run"), *flags, timeout=120)
     message = " ".join(proc.stderr.replace("│", " ").split())  # tyro draws its errors in a box
     assert proc.returncode != 0 and expected in message, proc.stderr[-2000:]
+
+
+def test_the_eval_set_is_counted_in_global_batches_whatever_the_micro_batch(tiny_data, tmp_path):
+    from configs import CheckpointConfig
+    one_step = dict(max_steps=1, eval_interval=10**6, final_eval_batches=1, diag_interval=0,
+                    checkpoint=CheckpointConfig(schedule="none", keep_last=1))
+    whole = train(tiny_run(tiny_data, tmp_path / "m4", micro_batch_size=4, **one_step))
+    halves = train(tiny_run(tiny_data, tmp_path / "m2", micro_batch_size=2, **one_step))
+    # one global batch of 8 windows of 32 tokens: the same val set; a memory setting must not move the number
+    assert whole["val_tokens"] == halves["val_tokens"] == 8 * 32
+    assert halves["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
