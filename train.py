@@ -9,10 +9,12 @@ import os
 
 PARENT_AT_START = os.getppid()  # read before the slow imports: under torchrun, the agent (rundir.die_with_parent)
 
-import math  # noqa: E402 (the line above must come first)
+import json  # noqa: E402 (the line above must come first)
+import math
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch.distributed as dist
 
 import checkpoint
 import rundir
-from configs import PRESETS, TrainConfig, check_ranges, from_json
+from configs import PRESETS, TrainConfig, absent_keys, check_ranges, from_json, to_json
 from cpu_fp16 import emulated_bf16_warning, fp16_matmuls
 from data import TokenSplit, rank_rows
 from distributed import (Dist, agree_on_precision, agree_on_resume, autocast, distribute, full, gradient_sync,
@@ -437,6 +439,15 @@ def exit_for_signal(log: MetricsLog, rt: Dist, signum: int, step: int):
     sys.exit(128 + signum)  # the shell's convention for "ended by this signal"
 
 
+def warn_of_absent_keys(path: Path, values) -> None:
+    """A config.json written before some field existed runs with today's default there: maybe not the run it was."""
+    absent = absent_keys(values, to_json(TrainConfig())) if isinstance(values, dict) else {}
+    if absent and os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per rank
+        fields = ", ".join(f"{key} (today's default {json.dumps(value)} applies)" for key, value in absent.items())
+        warnings.warn(f"{path} has no {fields}: written by an older gust, so this may not be the run it describes; "
+                      "pass the value it ran with if it differs")
+
+
 def parse_config(argv: list[str]) -> TrainConfig:
     """`train.py <preset> [--overrides]`, or `train.py path/to/config.json [--overrides]` to re-run a run.
     A config file is checked as strictly as the command line (unknown keys, types, ranges), before anything runs."""
@@ -449,6 +460,7 @@ def parse_config(argv: list[str]) -> TrainConfig:
         if path.is_dir():
             raise UserError(f"{path}: a directory, not a config file (a run's is <run dir>/config.json)")
         values = read_json(path)
+        warn_of_absent_keys(path, values)
         cfg = tyro.cli(TrainConfig, default=from_json(TrainConfig, values, where=str(path)), args=argv[1:],
                        prog="train.py CONFIG.json")
     else:

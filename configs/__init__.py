@@ -380,6 +380,22 @@ def check_ranges(cfg) -> None:
         if interval < 1 or until < 0:
             raise UserError(f"checkpoint.intervals (--checkpoint.intervals) has ({interval}, {until}): each pair is "
                             "(every N ≥ 1 steps, until step M ≥ 0)")
+    check_combinations(cfg)
+
+
+def check_combinations(cfg) -> None:
+    """A one-line UserError for values each in range that contradict each other (the schedule, the loss scale)."""
+    optim, scale = cfg.optim, cfg.loss_scale
+    if optim.decay != "constant" and optim.min_lr > optim.lr:  # the "decay" would raise the lr
+        raise UserError(f"optim.min_lr (--optim.min-lr) = {optim.min_lr} is above optim.lr (--optim.lr) = "
+                        f"{optim.lr}: the {optim.decay} decay goes from lr down to min_lr; lower --optim.min-lr too")
+    if optim.decay != "constant" and optim.warmup_steps > optim.decay_steps:  # lr would drop to min_lr at once
+        raise UserError(f"optim.warmup_steps (--optim.warmup-steps) = {optim.warmup_steps} is past "
+                        f"optim.decay_steps (--optim.decay-steps) = {optim.decay_steps}, where the {optim.decay} "
+                        "decay ends: the lr would fall from lr to min_lr at the end of warmup")
+    if scale.min_scale > scale.init_scale:  # the first backoff would raise the scale
+        raise UserError(f"loss_scale.min_scale (--loss-scale.min-scale) = {scale.min_scale} is above "
+                        f"loss_scale.init_scale (--loss-scale.init-scale) = {scale.init_scale}")
 
 
 # ----------------------------------------------------------------------------- as JSON (config.json, checkpoints)
@@ -395,6 +411,19 @@ def to_json(obj):
 
 RENAMED = {"data.verify_sha256": ("data.verify", lambda check: "full" if check else "size")}
 """Keys older config.json files hold → (today's key, how the value translates)."""
+
+
+def absent_keys(values: dict, defaults: dict, prefix: str = "") -> dict:
+    """{dotted key: default} for every field of defaults (a to_json dict) that the saved values lack: fields added
+    since the file was written, which from_json fills with today's defaults. A renamed key counts as present."""
+    renamed = {new for old, (new, _) in RENAMED.items() if old.startswith(prefix) and old[len(prefix):] in values}
+    absent = {}
+    for key, default in defaults.items():
+        if key not in values and prefix + key not in renamed:
+            absent[prefix + key] = default
+        elif isinstance(default, dict) and isinstance(values.get(key), dict):
+            absent |= absent_keys(values[key], default, f"{prefix}{key}.")
+    return absent
 
 
 def from_json(cls, values, where: str = "config.json", prefix: str = ""):

@@ -151,6 +151,10 @@ def test_a_bad_config_file_is_one_line_exit_2_and_the_run_untouched(tmp_path, ca
     (["--optim.beta2", "1.0"], r"optim.beta2 \(--optim.beta2\) = 1.0: must be in \[0, 1\)"),
     (["--optim.lr", "inf"], r"optim.lr \(--optim.lr\) = inf: must be finite"),  # passed "≥ 0", failed at step 2
     (["--global-batch-size", "12", "--micro-batch-size", "16"], r"--global-batch-size 12 is not divisible by --micro-batch-size 16"),
+    # each in range, together contradictory: shakespeare-cpu's min_lr is 1e-4, warmup 50, decay to step 720
+    (["--optim.lr", "1e-5"], r"optim.min_lr \(--optim.min-lr\) = 0.0001 is above optim.lr \(--optim.lr\) = 1e-05"),
+    (["--optim.decay-steps", "40"], r"optim.warmup_steps \(--optim.warmup-steps\) = 50 is past optim.decay_steps"),
+    (["--loss-scale.min-scale", "1e6", "--loss-scale.init-scale", "1024"], r"loss_scale.min_scale .* is above"),
 ])
 def test_counts_that_make_no_sense_name_the_flag(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -193,3 +197,16 @@ def test_a_model_shape_tyro_refuses_names_the_flag(tmp_path, capsys):
         run_cli(train.main, ["shakespeare-cpu", "--out-dir", str(tmp_path / "run"), "--model.n-head", "0"])
     assert exit_info.value.code == 2 and "--model.n-head 0: must be ≥ 1" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_from_before_a_field_existed_names_it_and_todays_default(tmp_path):
+    old = copy.deepcopy(BASE)
+    del old["model"]["vocab_multiple"], old["optim"]["decay"]
+    old["data"]["verify_sha256"] = old["data"].pop("verify") == "full"  # a renamed key is not missing
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    with pytest.warns(UserWarning) as caught:
+        cfg = train.parse_config([str(path)])
+    (message,) = [str(w.message) for w in caught]
+    assert "model.vocab_multiple (today's default 64 applies)" in message and "optim.decay (" in message
+    assert "data.verify" not in message and cfg.model.vocab_multiple == 64
