@@ -1,7 +1,7 @@
 # gust's commands. `make train` and `make test` set everything up first (make setup is idempotent).
 PY := .venv/bin/python
 PRESET ?= shakespeare-cpu
-SEEDS ?= 21 49 81 343 777
+SEEDS ?= 21 49 81 343 777  # configs.MISTRAL_SEEDS, Mistral's five
 ARGS ?=
 
 .PHONY: setup train test test-torch sample cuda-compile gpu-check stability-demo seeds sweep-demo clean

@@ -17,7 +17,7 @@ import torch
 
 import rundir
 from errors import UserError, read_json, run_cli
-from model import GPT, GPTConfig
+from model import GPT, INIT_STD, LAYER_NORM_EPS, GPTConfig
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 """HF's Conv1D stores these (in, out); our nn.Linear stores (out, in): they are transposed both ways."""
@@ -38,7 +38,7 @@ def hf_config(cfg: GPTConfig, eot_id: int | None) -> dict:
         "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
         "activation_function": "gelu_new",  # the tanh approximation gust's MLP uses
         "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "scale_attn_weights": True,
+        "layer_norm_epsilon": LAYER_NORM_EPS, "initializer_range": INIT_STD, "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": cfg.scale_attn_by_layer_idx,
         "reorder_and_upcast_attn": cfg.upcast_attn,  # HF honours it only on its eager attention path
         "tie_word_embeddings": True, "use_cache": True, "bos_token_id": eot_id, "eos_token_id": eot_id,
@@ -56,7 +56,8 @@ def gpt_config(hf: dict, where: Path) -> GPTConfig:
         "activation_function": (hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
                                 "gust's MLP is GELU with the tanh approximation"),
         "n_inner": (hf.get("n_inner") in (None, 4 * n_embd), "gust's MLP is 4 × n_embd wide"),
-        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5) == 1e-5, "gust's LayerNorm uses eps 1e-5"),
+        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5) == LAYER_NORM_EPS,  # 1e-5: HF's default
+                               f"gust's LayerNorm uses eps {LAYER_NORM_EPS}"),
         "scale_attn_weights": (hf.get("scale_attn_weights", True), "gust always divides scores by √head_size"),
         "tie_word_embeddings": (hf.get("tie_word_embeddings", True), "gust ties lm_head to wte"),
         "add_cross_attention": (not hf.get("add_cross_attention", False), "gust is decoder-only"),

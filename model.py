@@ -18,6 +18,10 @@ __all__ = ["GPT", "GPTConfig", "CausalSelfAttention", "naive_attention", "sdpa_a
 
 FUSED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 """torch's fused SDPA kernels: from fp16/bf16 inputs they accumulate QKᵀ and run the softmax in fp32."""
+LAYER_NORM_EPS = 1e-5
+"""GPT-2's LayerNorm ε (Hugging Face's layer_norm_epsilon)."""
+INIT_STD = 0.02
+"""GPT-2's initial weight std (Hugging Face's initializer_range); residual projections get INIT_STD / √(2·n_layer)."""
 LOSS_CHUNK_ROWS = 2048
 """Rows of logits turned into fp32 at a time by cross_entropy: 2048 × 50304 × 4 B = 0.4 GB, not 3.3 GB."""
 
@@ -176,9 +180,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, diagnose: bool = False):
@@ -236,21 +240,21 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, rows, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings, as GPT-2
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # residual projections: keep the stream's variance flat with depth
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                torch.nn.init.normal_(p, mean=0.0, std=INIT_STD / math.sqrt(2 * config.n_layer))
         with torch.no_grad():
             self.transformer.wte.weight[config.vocab_size:].zero_()  # padding rows: no token reads or predicts them
 
     @staticmethod
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            torch.nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
         if isinstance(module, nn.Linear) and module.bias is not None:
             torch.nn.init.zeros_(module.bias)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import compare
+from configs import MISTRAL_SEEDS
 from data import write_atomic
 from errors import UserError, read_json, read_metrics_rows, run_cli
 
@@ -46,7 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="sweep.py", description=__doc__.splitlines()[0],
                                      epilog="Arguments after a lone -- are passed to every run.")
     parser.add_argument("base", help="a preset name (see train.py --help) or a config.json to start every run from")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[21, 49, 81, 343, 777], help="seeds of every arm")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(MISTRAL_SEEDS),
+                        help="seeds of every arm (default: Mistral's five)")
     parser.add_argument("--arm", action="append", default=[], metavar='NAME[="--flag value ..."]',
                         help="an arm and its train.py overrides; repeat for each arm; the first is the baseline")
     parser.add_argument("--name", help="sweep directory name under --runs-dir (default: <base>-sweep)")

@@ -11,7 +11,7 @@ import pytest
 
 import compare
 import sweep
-from conftest import tiny_run
+from conftest import ROOT, tiny_run
 from configs import CheckpointConfig, to_json
 from errors import UserError
 
@@ -286,3 +286,11 @@ def test_an_extended_sweep_keeps_the_earlier_record(tmp_path, capsys):
     record_path.write_text('{"an earlier": "record of something else"}\n')
     with pytest.raises(UserError, match=r"sweep\.json: not a sweep's record \(KeyError"):
         sweep.main([*common, "--seeds", "5"])
+
+
+def test_the_makefile_and_sweep_py_default_to_mistrals_five_seeds():
+    import re
+    from configs import MISTRAL_SEEDS
+    makefile = re.search(r"^SEEDS \?= ([\d ]+)", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert tuple(int(s) for s in makefile.split()) == MISTRAL_SEEDS == (21, 49, 81, 343, 777)
+    assert sweep.parse_args(["shakespeare-quick", "--arm", "base"]).seeds == list(MISTRAL_SEEDS)
