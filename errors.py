@@ -7,6 +7,7 @@ out-of-memory, an NCCL failure) is left to Python, so its full stack is printed.
 import json
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 OUR_DIR = Path(__file__).resolve().parent  # gust's own modules live here (a library's do not: .venv is deeper)
@@ -26,6 +27,18 @@ def run_cli(main, *args, **kwargs):
     except UserError as err:
         print(f"gust: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+@contextmanager
+def said_once_per_node(local_rank: int):
+    """Around a check every rank makes alike (the same config, world size and kind of device): a UserError is
+    printed by each node's local rank 0; its other ranks exit with the same status quietly, not N copies."""
+    try:
+        yield
+    except UserError:
+        if local_rank != 0:
+            raise SystemExit(2) from None
+        raise
 
 
 def format_warning(message, category, filename, lineno, line=None, python_format=warnings.formatwarning) -> str:

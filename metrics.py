@@ -89,9 +89,11 @@ def start_wandb(cfg: TrainConfig, run_dir: Path, run_id: str):
 def evaluate(model, split: TokenSplit, cfg: TrainConfig, ctx, rt: Dist, max_batches: int) -> dict:
     """Mean loss (nats/token) over consecutive val windows, split across ranks and summed exactly; and bits/byte.
     max_batches counts global batches of windows (0: all): the val set must not move with --micro-batch-size, a
-    memory setting, nor with the number of ranks; micro-batches only group the forwards."""
+    memory setting, nor with the number of ranks; micro-batches only group the forwards. (--eval-unit micro: the
+    old count, micro-batches, for runs configured before 2026-12-07.)"""
     model.eval()
-    starts = split.eval_starts(max_batches * cfg.global_batch_size)
+    per_batch = cfg.global_batch_size if cfg.eval_unit == "global" else cfg.micro_batch_size
+    starts = split.eval_starts(max_batches * per_batch)
     loss_sum, token_count = torch.zeros((), dtype=torch.float64, device=rt.device), 0
     per_round = rt.world_size * cfg.micro_batch_size
     for first in range(rt.rank * cfg.micro_batch_size, math.ceil(len(starts) / per_round) * per_round, per_round):

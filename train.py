@@ -9,13 +9,14 @@ import os
 
 PARENT_AT_START = os.getppid()  # read before the slow imports: under torchrun, the agent (rundir.die_with_parent)
 
-import json  # noqa: E402 (the line above must come first)
+import io  # noqa: E402 (the line above must come first)
+import json
 import math
 import signal
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stderr
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from cpu_fp16 import emulated_bf16_warning, fp16_matmuls
 from data import TokenSplit, rank_rows
 from distributed import (Dist, agree_on_precision, agree_on_resume, autocast, distribute, full, gradient_sync,
                          pick_device, resolve_precision, setup_processes)
-from errors import UserError, read_json, run_cli
+from errors import UserError, read_json, run_cli, said_once_per_node
 from loss_scaler import DynamicLossScaler, unscale_and_clip
 from metrics import MetricsLog, evaluate, flops_per_token, model_flops_utilization, peak_flops, start_wandb
 from model import GPT
@@ -207,7 +208,8 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None, dict]:
     agree_on_resume(ckpt, rt)
     if ckpt is None and cfg.init_from is not None:
         init_weights(cfg.init_from, cfg, raw_model, rt)  # before distribute: every rank loads the same full weights
-    attn_impl = raw_model.set_attn_impl(rt.device)
+    with said_once_per_node(rt.local_rank):  # a node's ranks have the same kind of device
+        attn_impl = raw_model.set_attn_impl(rt.device)
     model = distribute(raw_model, cfg, rt)
     optimizer = build_optimizer(raw_model, cfg.optim, rt.device, sharded=rt.mode == "zero1")
     scaler = DynamicLossScaler(cfg.loss_scale, enabled=cfg.precision == "fp16")
@@ -229,9 +231,11 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None, dict]:
 def train(cfg: TrainConfig) -> dict:
     """Check the config, take the run directory's lock (rank 0: the one writer), then build the run and loop."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))  # precision auto: decided once, recorded in config.json as such
-    cfg = replace(cfg, precision=resolve_precision(cfg.precision, pick_device(cfg.device, local_rank)))
-    check_ranges(cfg)  # parse_config checked already; this covers a TrainConfig built in code (tests, scripts)
-    check_batch_sizes(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # here too: bad input is refused before the lock
+    device = pick_device(cfg.device, local_rank)  # outside: a local rank past the node's GPU count fails alone
+    with said_once_per_node(local_rank):  # every rank checks the same config alike
+        cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))
+        check_ranges(cfg)  # parse_config checked already; this covers a TrainConfig built in code (tests, scripts)
+        check_batch_sizes(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # here too: bad input is refused before the lock
     writer = int(os.environ.get("RANK", 0)) == 0  # rank 0 writes the run directory: it holds the lock
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}  # StopRequest's: for this run only
     with (rundir.holding(cfg.run_dir()) if writer else nullcontext(),  # before anything there is written or cleaned
@@ -439,11 +443,13 @@ def exit_for_signal(log: MetricsLog, rt: Dist, signum: int, step: int):
     sys.exit(128 + signum)  # the shell's convention for "ended by this signal"
 
 
-def warn_of_absent_keys(path: Path, values) -> None:
-    """A config.json written before some field existed runs with today's default there: maybe not the run it was."""
-    absent = absent_keys(values, to_json(TrainConfig())) if isinstance(values, dict) else {}
-    if absent and os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per rank
-        fields = ", ".join(f"{key} (today's default {json.dumps(value)} applies)" for key, value in absent.items())
+def warn_of_absent_keys(path: Path, values: dict, cfg: TrainConfig) -> None:
+    """A config.json written before some field existed runs with today's default there: maybe not the run it was.
+    A field the command line sets is not news."""
+    defaults, final = absent_keys(values, to_json(TrainConfig())), absent_keys(values, to_json(cfg))
+    kept = {key: value for key, value in defaults.items() if final[key] == value}
+    if kept:
+        fields = ", ".join(f"{key} (today's default {json.dumps(value)} applies)" for key, value in kept.items())
         warnings.warn(f"{path} has no {fields}: written by an older gust, so this may not be the run it describes; "
                       "pass the value it ran with if it differs")
 
@@ -453,26 +459,35 @@ def parse_config(argv: list[str]) -> TrainConfig:
     A config file is checked as strictly as the command line (unknown keys, types, ranges), before anything runs."""
     import tyro
 
-    if argv and argv[0].endswith(".json"):
-        path = Path(argv[0])
-        if not path.exists():
-            raise UserError(f"{path}: no such config file")
-        if path.is_dir():
-            raise UserError(f"{path}: a directory, not a config file (a run's is <run dir>/config.json)")
-        values = read_json(path)
-        warn_of_absent_keys(path, values)
-        cfg = tyro.cli(TrainConfig, default=from_json(TrainConfig, values, where=str(path)), args=argv[1:],
-                       prog="train.py CONFIG.json")
-    else:
+    if not (argv and argv[0].endswith(".json")):
         cfg = tyro.extras.overridable_config_cli(PRESETS, args=argv, prog="train.py")
+        check_ranges(cfg)
+        return cfg
+    path = Path(argv[0])
+    if not path.exists():
+        raise UserError(f"{path}: no such config file")
+    if path.is_dir():
+        raise UserError(f"{path}: a directory, not a config file (a run's is <run dir>/config.json)")
+    values = read_json(path)
+    cfg = tyro.cli(TrainConfig, default=from_json(TrainConfig, values, where=str(path)), args=argv[1:],
+                   prog="train.py CONFIG.json")
     check_ranges(cfg)
+    warn_of_absent_keys(path, values, cfg)  # last: a file refused is one line, not a warning and the refusal
     return cfg
+
+
+def parse_once_per_node(argv: list[str]) -> TrainConfig:
+    """parse_config; under torchrun every rank parses the same command line, so only each node's local rank 0
+    speaks (its warnings, its refusal, tyro's); the others exit with the same status, quietly."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    with said_once_per_node(local_rank), redirect_stderr(io.StringIO()) if local_rank else nullcontext():
+        return parse_config(argv)
 
 
 def main(argv: list[str]):
     rundir.die_with_parent(PARENT_AT_START)  # first: a worker whose torchrun agent is gone must not train on
     try:
-        train(parse_config(argv))
+        train(parse_once_per_node(argv))
     except FloatingPointError as err:  # the run diverged: the message says where and what was saved
         print(f"gust: error: {err}", file=sys.stderr)
         sys.exit(1)

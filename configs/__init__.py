@@ -213,6 +213,9 @@ class TrainConfig:
     micro-batch size only groups their forwards."""
     final_eval_batches: int = 0
     """Global batches of val windows for the eval at the last step (0 = the whole val split, the number to report)."""
+    eval_unit: Literal["global", "micro"] = "global"
+    """What --eval-batches and --final-eval-batches count. micro: micro-batches, as gust did until 2026-12-07
+    (a config.json written before then loads so, the run it describes); its val set moves with --micro-batch-size."""
     eval_tasks: tuple[str, ...] = ()
     """Benchmarks scored at every eval, as name:path pairs (hellaswag:hellaswag_val.jsonl lambada:lambada_test.jsonl
     wikitext:wiki.test.raw); their numbers (hellaswag_acc_norm, lambada_acc, …) join the val row of metrics.jsonl."""
@@ -312,7 +315,7 @@ PRESETS: dict[str, tuple[str, TrainConfig]] = {
 
 FREE_ON_RESUME = ("resume", "out_dir", "init_from", "max_steps", "micro_batch_size", "device", "dist",
                   "fsdp_reshard_after_forward", "compile", "tf32", "deterministic", "peak_flops", "log_interval",
-                  "diag_interval", "eval_interval", "eval_batches", "final_eval_batches", "wandb_mode",
+                  "diag_interval", "eval_interval", "eval_batches", "final_eval_batches", "eval_unit", "wandb_mode",
                   "wandb_project", "allow_config_change", "preset", "checkpoint", "data.verify",
                   "model.attn_impl")
 """Fields (or whole sections) a resume may change freely: they say where, how fast and how loudly the run goes,
@@ -388,7 +391,8 @@ def check_combinations(cfg) -> None:
     optim, scale = cfg.optim, cfg.loss_scale
     if optim.decay != "constant" and optim.min_lr > optim.lr:  # the "decay" would raise the lr
         raise UserError(f"optim.min_lr (--optim.min-lr) = {optim.min_lr} is above optim.lr (--optim.lr) = "
-                        f"{optim.lr}: the {optim.decay} decay goes from lr down to min_lr; lower --optim.min-lr too")
+                        f"{optim.lr}: the {optim.decay} decay goes from lr down to min_lr; lower --optim.min-lr "
+                        "or raise --optim.lr")
     if optim.decay != "constant" and optim.warmup_steps > optim.decay_steps:  # lr would drop to min_lr at once
         raise UserError(f"optim.warmup_steps (--optim.warmup-steps) = {optim.warmup_steps} is past "
                         f"optim.decay_steps (--optim.decay-steps) = {optim.decay_steps}, where the {optim.decay} "
@@ -411,6 +415,8 @@ def to_json(obj):
 
 RENAMED = {"data.verify_sha256": ("data.verify", lambda check: "full" if check else "size")}
 """Keys older config.json files hold → (today's key, how the value translates)."""
+MEANT_BEFORE = {"eval_unit": "micro"}
+"""Fields added since: what a config.json without them meant (its today's default would change the run)."""
 
 
 def absent_keys(values: dict, defaults: dict, prefix: str = "") -> dict:
@@ -419,7 +425,7 @@ def absent_keys(values: dict, defaults: dict, prefix: str = "") -> dict:
     renamed = {new for old, (new, _) in RENAMED.items() if old.startswith(prefix) and old[len(prefix):] in values}
     absent = {}
     for key, default in defaults.items():
-        if key not in values and prefix + key not in renamed:
+        if key not in values and prefix + key not in renamed and prefix + key not in MEANT_BEFORE:
             absent[prefix + key] = default
         elif isinstance(default, dict) and isinstance(values.get(key), dict):
             absent |= absent_keys(values[key], default, f"{prefix}{key}.")
@@ -438,6 +444,9 @@ def from_json(cls, values, where: str = "config.json", prefix: str = ""):
             values = dict(values)
             old_value = values.pop(old_key[len(prefix):])
             values.setdefault(new_key[len(prefix):], convert(old_value))
+    for key, meant in MEANT_BEFORE.items():
+        if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in values:
+            values = {**values, key[len(prefix):]: meant}
     for key in values:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)

@@ -15,6 +15,7 @@ from errors import UserError, run_cli
 
 BASE = to_json(PRESETS["shakespeare-cpu"][1])
 ODD_VALUES = [2.5, "x", True, None, [1, 2], {"a": 1}, 7, -1, 0, 1e9]
+OLD_MEANING = {"eval_unit": "micro"}  # a file without eval_unit predates it, when eval counted micro-batches
 
 
 def to_flags(values: dict, prefix: str = "--") -> list[str]:
@@ -99,7 +100,7 @@ def test_mutated_config_files_parse_like_the_command_line_or_fail_in_one_line(tm
     for trial in range(150):
         values, key, kind = mutate(BASE, rng)
         from_file, file_error = attempt(lambda v: parse_file(v, tmp_path)[0], values)
-        from_flags, flags_error = attempt(from_command_line, to_flags(values))
+        from_flags, flags_error = attempt(from_command_line, to_flags({**OLD_MEANING, **values}))
         capsys.readouterr()
         where = f"trial {trial}: {kind} {key} -> {json.dumps(values)[:300]}"
         if flags_error is not None:  # what the command line refuses, the file refuses too
@@ -199,9 +200,9 @@ def test_a_model_shape_tyro_refuses_names_the_flag(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_config_file_from_before_a_field_existed_names_it_and_todays_default(tmp_path):
+def test_a_config_file_from_before_a_field_existed_names_it_and_todays_default(tmp_path, capsys):
     old = copy.deepcopy(BASE)
-    del old["model"]["vocab_multiple"], old["optim"]["decay"]
+    del old["model"]["vocab_multiple"], old["optim"]["decay"], old["eval_unit"]
     old["data"]["verify_sha256"] = old["data"].pop("verify") == "full"  # a renamed key is not missing
     path = tmp_path / "config.json"
     path.write_text(json.dumps(old))
@@ -209,4 +210,30 @@ def test_a_config_file_from_before_a_field_existed_names_it_and_todays_default(t
         cfg = train.parse_config([str(path)])
     (message,) = [str(w.message) for w in caught]
     assert "model.vocab_multiple (today's default 64 applies)" in message and "optim.decay (" in message
-    assert "data.verify" not in message and cfg.model.vocab_multiple == 64
+    assert "data.verify" not in message and "eval_unit" not in message and cfg.model.vocab_multiple == 64
+    assert cfg.eval_unit == "micro"  # what eval_batches meant when the file was written
+    with pytest.warns(UserWarning) as caught:  # a field the command line sets is not news
+        train.parse_config([str(path), "--model.vocab-multiple", "1"])
+    assert [str(w.message) for w in caught if "vocab_multiple" in str(w.message)] == []
+    path.write_text(json.dumps({**old, "max_steps": 2.5}))  # a bad old file: one line, the refusal
+    with pytest.raises(SystemExit):
+        run_cli(train.main, [str(path)])
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_ranks_past_the_first_of_a_node_parse_quietly(tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank parses the same command line: one line per node, not per rank."""
+    old = copy.deepcopy(BASE)
+    del old["model"]["vocab_multiple"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert train.parse_once_per_node([str(path)]).model.vocab_multiple == 64  # its warning unsaid
+    for argv in ([str(path), "--optim.lr", "1e-5"], ["shakespeare-cpu", "--no-such-flag"]):
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_once_per_node(argv)
+        assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(UserError, match="optim.min_lr"):
+        train.parse_once_per_node([str(path), "--optim.lr", "1e-5"])

@@ -282,3 +282,20 @@ def test_two_nodes_in_different_precisions_are_refused(tiny_data, tmp_path):
     assert codes is not None and 0 not in codes, output
     assert output.count("gust: error: --precision: rank 0 trains in ") == 2, output
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_under_torchrun_a_refused_config_is_said_once_per_node_not_per_rank(tiny_data, tmp_path):
+    """Every rank parses the same command line and checks the same config: one warning, one refusal (2 ranks)."""
+    old = to_json(tiny_run(tiny_data, tmp_path / "run"))  # global batch 8 = micro 4 × 2 ranks
+    del old["model"]["vocab_multiple"]  # written before the field existed: a warning
+    config = tmp_path / "old.json"
+    config.write_text(json.dumps(old))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    for flags, refusal in ((["--micro-batch-size", "8"], "is not divisible by --micro-batch-size 8 × world size 2"),
+                           (["--optim.min-lr", "0.01"], "optim.min_lr (--optim.min-lr) = 0.01 is above")):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "train.py", str(config), *flags], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode != 0 and proc.stderr.count(refusal) == 1, proc.stderr[-3000:]
+        assert proc.stderr.count("has no model.vocab_multiple") == (1 if "--micro-batch-size" in flags else 0)
+    assert not (tmp_path / "run").exists()

@@ -194,3 +194,6 @@ def test_the_eval_set_is_counted_in_global_batches_whatever_the_micro_batch(tiny
     # one global batch of 8 windows of 32 tokens: the same val set; a memory setting must not move the number
     assert whole["val_tokens"] == halves["val_tokens"] == 8 * 32
     assert halves["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
+    # --eval-unit micro (config files from before the change load so): one micro-batch, the old count
+    old = train(tiny_run(tiny_data, tmp_path / "old", micro_batch_size=2, eval_unit="micro", **one_step))
+    assert old["val_tokens"] == 2 * 32
