@@ -789,8 +789,6 @@ class TokenSplit:
         parts = [self._open_checked(shard, verify) for shard in info["shards"]]
         self.path = self.data_dir / (info["shards"][0]["file"] if len(parts) == 1 else f"{split}-*.bin")
         self.shards = info["shards"]  # [{file, tokens, sha256, fingerprint}]: what these tokens are
-        self.files = [self.data_dir / shard["file"] for shard in info["shards"]]
-        self.file_starts = np.cumsum([0] + [shard["tokens"] for shard in info["shards"]])  # (n_shards + 1,)
         self.tokens = parts[0] if len(parts) == 1 else TokenShards(parts)
         if len(self.tokens) < self.block_size + 1:
             raise UserError(f"{self.path}: {len(self.tokens):,} tokens, but block_size + 1 = {self.block_size + 1:,} "
@@ -838,8 +836,10 @@ class TokenSplit:
         """Name the file and place of the first token id the model has no row for."""
         first = int(np.flatnonzero(tokens.reshape(-1) >= self.model_vocab)[0])
         offset, value = int(rows.reshape(-1)[first]), int(tokens.reshape(-1)[first])
-        shard = int(np.searchsorted(self.file_starts, offset, side="right")) - 1
-        raise UserError(f"{self.files[shard]}: token id {value} at token {offset - self.file_starts[shard]:,} >= "
+        starts = np.cumsum([0] + [shard["tokens"] for shard in self.shards])  # (n_shards + 1,) as TokenShards's
+        shard = int(np.searchsorted(starts, offset, side="right")) - 1
+        raise UserError(f"{self.data_dir / self.shards[shard]['file']}: token id {value} at token "
+                        f"{offset - starts[shard]:,} >= "
                         f"--model.vocab-size {self.model_vocab} — the file changed since `data.py prepare`; the "
                         "start-up check reads ~1 MB of each file (--data.verify fingerprint) or none (size), "
                         "--data.verify full all of it")

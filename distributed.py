@@ -224,8 +224,6 @@ def agree_on_precision(precision: str, rt: Dist):
     chosen = [None] * rt.world_size
     dist.all_gather_object(chosen, precision)
     other = next((rank for rank, value in enumerate(chosen) if value != chosen[0]), None)
-    if other is not None and rt.local_rank != 0:
-        raise SystemExit(2)  # one line per node: its local rank 0 says it
     if other is not None:
         raise UserError(f"--precision: rank 0 trains in {chosen[0]}, rank {other} in {chosen[other]} (auto decides "
                         "by each node's device) — give every node the same --precision")

@@ -249,8 +249,8 @@ def score_perplexity(cfg: EvalConfig, rank: int = 0, world_size: int = 1, device
         prefix_bytes = int(token_byte_lengths(tokenizer)[tokens[1:]].sum())
     from data import max_token_id
 
-    top = max_token_id(tokens)  # the split's start-up check read ~1 MB of it: a changed id must not be an IndexError
-    if top >= model.config.vocab_size:
+    top = None if cfg.text else max_token_id(tokens)  # text was checked whole when it was tokenised
+    if top is not None and top >= model.config.vocab_size:  # a split's start-up check read ~1 MB: not an IndexError
         raise UserError(f"{source}: token id {top} >= the model's vocab_size {model.config.vocab_size} — the file "
                         "changed since `data.py prepare`")
     context = cfg.context or model.config.block_size

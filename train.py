@@ -112,18 +112,17 @@ def open_data(cfg: TrainConfig, rt: Dist) -> tuple[TokenSplit, TokenSplit]:
         dist.all_gather_object(heard, (verdict, identity))
     if error is not None:
         raise error
-    refuse_data(cfg, rt, heard)
+    with said_once_per_node(rt.local_rank):  # every rank heard the same verdicts (local rank 0 raised its own above)
+        refuse_data(cfg, heard)
     return tuple(splits) if rt.local_rank == 0 else tuple(open_splits("size"))  # verified: the others map
 
 
-def refuse_data(cfg: TrainConfig, rt: Dist, heard: list[tuple[str, object]]) -> None:
-    """Stop on a rejection or on nodes that hold differently prepared data — one line per node: its local rank 0
-    says why (its own error was raised before this), the node's other ranks exit quietly with the same status."""
+def refuse_data(cfg: TrainConfig, heard: list[tuple[str, object]]) -> None:
+    """Stop on a rank's rejection or on nodes that hold differently prepared data (heard: every rank's verdict and
+    the identity of the tokens it checked, None where it checked none)."""
     rejected = next(((rank, verdict) for rank, (verdict, _) in enumerate(heard) if verdict), None)
     checked = [(rank, identity) for rank, (_, identity) in enumerate(heard) if identity is not None]
     other = next((rank for rank, identity in checked if identity != checked[0][1]), None)
-    if (rejected is not None or other is not None) and rt.local_rank != 0:
-        raise SystemExit(2)
     if rejected is not None:
         raise UserError(f"rank {rejected[0]} rejected the data: {rejected[1]}")
     if other is not None:
@@ -197,7 +196,8 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None, dict]:
     Returns the run, the step and optimizer step to start from, the checkpoint resumed (or None) and the config
     fields that differ from that checkpoint's ({dotted key: (old, new)})."""
     rt = setup_processes(cfg)
-    agree_on_precision(cfg.precision, rt)
+    with said_once_per_node(rt.local_rank):  # every rank sees every rank's choice
+        agree_on_precision(cfg.precision, rt)
     run_dir = cfg.run_dir()
     accum_steps = check_batch_sizes(cfg, rt.world_size)
     train_split, val_split = open_data(cfg, rt)
@@ -459,20 +459,21 @@ def parse_config(argv: list[str]) -> TrainConfig:
     A config file is checked as strictly as the command line (unknown keys, types, ranges), before anything runs."""
     import tyro
 
-    if not (argv and argv[0].endswith(".json")):
+    values = None  # the config file's, if one is given
+    if argv and argv[0].endswith(".json"):
+        path = Path(argv[0])
+        if not path.exists():
+            raise UserError(f"{path}: no such config file")
+        if path.is_dir():
+            raise UserError(f"{path}: a directory, not a config file (a run's is <run dir>/config.json)")
+        values = read_json(path)
+        cfg = tyro.cli(TrainConfig, default=from_json(TrainConfig, values, where=str(path)), args=argv[1:],
+                       prog="train.py CONFIG.json")
+    else:
         cfg = tyro.extras.overridable_config_cli(PRESETS, args=argv, prog="train.py")
-        check_ranges(cfg)
-        return cfg
-    path = Path(argv[0])
-    if not path.exists():
-        raise UserError(f"{path}: no such config file")
-    if path.is_dir():
-        raise UserError(f"{path}: a directory, not a config file (a run's is <run dir>/config.json)")
-    values = read_json(path)
-    cfg = tyro.cli(TrainConfig, default=from_json(TrainConfig, values, where=str(path)), args=argv[1:],
-                   prog="train.py CONFIG.json")
     check_ranges(cfg)
-    warn_of_absent_keys(path, values, cfg)  # last: a file refused is one line, not a warning and the refusal
+    if values is not None:  # last: a file refused is one line, not a warning and the refusal
+        warn_of_absent_keys(path, values, cfg)
     return cfg
 
 
