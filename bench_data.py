@@ -9,7 +9,10 @@
                                                           # alternated, on the same text: the median ratio
   python bench_data.py --parts bound --size-mb 512 --encode-sample-mb 512 --pairs 4   # the same for an ideal
                                                           # pipeline (no per-document Python): the most here
+  python bench_data.py --parts pairs --size-mb 512 --encode-sample-mb 512 --pairs 3 --gpt2-library tiktoken
+                                                          # prepare and the ceiling, both encoding with tiktoken
   python bench_data.py --parts count --size-mb 2048 --pairs 4   # the permutation split's count, 1 thread / all cores
+  python bench_data.py --parts costs --size-mb 512   # each step's CPU-ms per MB of text, apart, in one thread
 
 Each part prints its numbers and appends them, with the machine, to .cache/bench_data/results.jsonl. Parts are
 separate so that each measurement fits a short exclusive hold of the machine (`/work/wt/cpu bench ...`).
@@ -228,7 +231,7 @@ def bench_encode(size_mb: int, sample_mb: int) -> dict:
 
 
 def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str], ceiling_kind: str,
-                against: str = "prepare") -> dict:
+                against: str = "prepare", library: str = "fastest") -> dict:
     """prepare (against "prepare") or the ideal pipeline (against "bound") and the ceiling's encode (prepare's
     tokenizer, a chunk per call, all cores) alternated `pairs` times, in turn first: on a machine whose speed
     drifts within minutes (this KVM guest: the same raw encode measured 11–23 MB/s in one afternoon), one sequential
@@ -237,7 +240,7 @@ def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str], ceil
     ceiling_kind "fresh": each ceiling call starts as prepare does, with new encoders (vocab.json read, empty piece
     caches) — with --encode-sample-mb at least the corpus size, both then encode the same text from the same start.
     "warm": the encoders of the first call are kept, so later calls re-encode a text their piece caches have seen
-    (the method of the README's tables before 2026-12-04)."""
+    (the method of the README's tables before 2026-12-04). library: prepare's --gpt2-library, for both."""
     import statistics
 
     sys.path.insert(0, str(ROOT))
@@ -245,8 +248,8 @@ def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str], ceil
 
     chunks = prepare_chunks(sample_texts(size_mb, sample_mb))
     sample_bytes, chunks = utf8_bytes(chunks), as_texts(chunks)  # as prepare holds them, whatever its tokenizer
-    warm_encode, library = tokenizer.gpt2_encoder(GPT2_VOCAB)  # prepare's encode, made once: its caches stay warm
-    if against == "bound" and library != "gpt2_bpe":
+    warm_encode, used = tokenizer.gpt2_encoder(GPT2_VOCAB, library=library)  # made once: its caches stay warm
+    if against == "bound" and used != "gpt2_bpe":
         sys.exit("--parts bound: needs gpt2_bpe (the C library: `python -m gpt2_bpe` says why it does not build)")
 
     from concurrent.futures import ThreadPoolExecutor
@@ -261,7 +264,7 @@ def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str], ceil
         started, cpu_before = time.time(), cpu_seconds_so_far()
         if ceiling_kind == "fresh":  # new encoders and threads, as prepare starts
             with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-                encode_all(tokenizer.gpt2_encoder(GPT2_VOCAB)[0], pool)
+                encode_all(tokenizer.gpt2_encoder(GPT2_VOCAB, library=library)[0], pool)
         else:  # the first call's encoders again, their piece caches filled
             encode_all(warm_encode, warm_pool)
         return sample_bytes / (time.time() - started) / 1e6, sample_bytes / (cpu_seconds_so_far() - cpu_before) / 1e6
@@ -269,7 +272,7 @@ def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str], ceil
     def candidate() -> tuple[float, float]:
         if against == "bound":
             return ideal_pipeline(size_mb)
-        result = bench_prepare(size_mb, ROOT / "data.py", "prepare", extra)
+        result = bench_prepare(size_mb, ROOT / "data.py", "prepare", [*extra, "--gpt2-library", library])
         return result["text_MB_per_s"], result["text_MB_per_cpu_s"]
 
     candidate_rates, ceiling_rates = [], []  # (MB/s, MB per CPU-s) each
@@ -282,7 +285,7 @@ def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str], ceil
               f"per CPU-s): {mine / encode:.0%} ({mine_cpu / encode_cpu:.0%} per CPU-s)", flush=True)
     ratios = [p[0] / c[0] for p, c in zip(candidate_rates, ceiling_rates)]
     cpu_ratios = [p[1] / c[1] for p, c in zip(candidate_rates, ceiling_rates)]
-    return {"part": "pairs" if against == "prepare" else "bound", "size_mb": size_mb,
+    return {"part": "pairs" if against == "prepare" else "bound", "size_mb": size_mb, "library": used,
             "sample_MB": round(sample_bytes / 1e6, 1), "pairs": pairs, "ceiling": ceiling_kind,
             f"{against}_MB_per_s": [p[0] for p in candidate_rates], "encode_MB_per_s": [c[0] for c in ceiling_rates],
             f"{against}_MB_per_cpu_s": [p[1] for p in candidate_rates],
@@ -335,6 +338,52 @@ def ideal_pipeline(size_mb: int) -> tuple[float, float]:
         os.fsync(out.fileno())
     (BENCH_DIR / "ideal.bin").unlink()
     return text_bytes / (time.time() - started) / 1e6, text_bytes / (cpu_seconds_so_far() - cpu_before) / 1e6
+
+
+def bench_costs(size_mb: int) -> dict:
+    """CPU-ms per MB of text of each step prepare takes, measured apart in this one thread, block by block as
+    prepare goes: read a ~4 MB block of JSONL, decode its texts (the C scan), encode them, sha256 and write the ids.
+    Beside the encoding, the rest is what a 2-core pipeline whose cores both tokenize has no spare core to hide."""
+    import hashlib
+
+    import gpt2_bpe
+    import tokenizer
+    from data_sources import _line_blocks
+
+    if not gpt2_bpe.available():
+        sys.exit("--parts costs: needs gpt2_bpe (the C library: `python -m gpt2_bpe` says why it does not build)")
+    encoder, hasher = gpt2_bpe.Encoder(tokenizer.gpt2_ranks(GPT2_VOCAB), 50256), hashlib.sha256()
+    cpu = dict.fromkeys(("read", "json", "encode", "sha256", "write"), 0.0)  # step -> CPU seconds
+    clock, text_bytes = [time.thread_time()], 0
+
+    def lap(step: str):  # this thread's CPU since the last lap goes to step
+        now = time.thread_time()
+        cpu[step] += now - clock[0]
+        clock[0] = now
+
+    with open(BENCH_DIR / "costs.bin", "wb") as out:
+        for path in sorted(corpus_dir(size_mb).glob("*.jsonl")):
+            with open(path, "rb") as f:
+                lap("read")  # opening the file
+                for block, n, _ in _line_blocks(f, ".jsonl"):  # prepare's reader: whole lines, one reused buffer
+                    lap("read")
+                    texts = gpt2_bpe.jsonl_texts(block, n, b"text")[3]
+                    lap("json")
+                    ids = encoder.encode_utf8(texts)
+                    lap("encode")
+                    hasher.update(ids)
+                    lap("sha256")
+                    out.write(ids)
+                    lap("write")
+                    text_bytes += len(texts)
+        out.flush()
+        os.fsync(out.fileno())
+        lap("write")
+    (BENCH_DIR / "costs.bin").unlink()
+    per_mb = {f"{step}_cpu_ms_per_MB": round(seconds * 1e3 / (text_bytes / 1e6), 3) for step, seconds in cpu.items()}
+    rest = sum(value for key, value in per_mb.items() if not key.startswith("encode"))
+    return {"part": "costs", "size_mb": size_mb, "text_MB": round(text_bytes / 1e6, 1), **per_mb,
+            "rest_over_encode": round(rest / per_mb["encode_cpu_ms_per_MB"], 3)}
 
 
 def bench_versus(size_mb: int, pairs: int, extra: list[str], old_data_py: Path | None) -> dict:
@@ -463,7 +512,7 @@ def bench_startup(gigabytes: float) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench_data.py", description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="corpus,prepare,encode",
-                        help="comma-separated: corpus,prepare,encode,old,startup,pairs,bound,versus,count")
+                        help="comma-separated: corpus,prepare,encode,old,startup,pairs,bound,versus,count,costs")
     parser.add_argument("--size-mb", type=int, default=2048, help="synthetic corpus size (MiB of jsonl)")
     parser.add_argument("--encode-sample-mb", type=int, default=128, help="text the raw encode rate is measured on")
     parser.add_argument("--old-data-py", type=Path, default=None,
@@ -475,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(1 thread, all cores) in part count")
     parser.add_argument("--ceiling", choices=["fresh", "warm"], default="fresh",
                         help="part pairs: each ceiling call from new encoders (as prepare starts) or the first's")
+    parser.add_argument("--gpt2-library", default="fastest", choices=["fastest", "gpt2_bpe", "tiktoken"],
+                        help="part pairs: the library both prepare and the ceiling encode with")
     parser.add_argument("--prepare-args", default="--split hash --no-progress", help="extra args for data.py prepare")
     return parser
 
@@ -501,13 +552,15 @@ def main():
             result = bench_startup(args.startup_gb)
         elif part == "pairs":
             result = bench_pairs(args.size_mb, args.encode_sample_mb, args.pairs, args.prepare_args.split(),
-                                 args.ceiling)
+                                 args.ceiling, library=args.gpt2_library)
         elif part == "bound":
             result = bench_pairs(args.size_mb, args.encode_sample_mb, args.pairs, [], args.ceiling, "bound")
         elif part == "versus":
             result = bench_versus(args.size_mb, args.pairs, args.prepare_args.split(), args.old_data_py)
         elif part == "count":
             result = bench_count(args.size_mb, args.pairs)
+        elif part == "costs":
+            result = bench_costs(args.size_mb)
         else:
             sys.exit(f"--parts: unknown part {part!r}")
         print(json.dumps(result))

@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # imported where batches are made: prepare never needs torch 
 from data_sources import corpus_files, document_name, file_batches, read_documents  # noqa: F401  (eval.py's)
 from errors import UserError, read_json
 from tokenizer import (EOT, Texts, document_ids, find_gpt2_files, gpt2_encoder, gpt2_ranks, gpt2_tokenizer,
-                       tokenizers_encoder, train_bpe)
+                       tokenizers_encoder, train_bpe, usable_gpt2_library)
 
 META_FORMAT = 2  # 2: shards, max_token_id, fingerprints, args; format 1 (one .bin per split) still loads
 SPLITS = ("train", "val")
@@ -499,6 +499,8 @@ def check_flags(cfg):
             raise UserError(f"{flag} {value}: must be {rule}")
     if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
         raise UserError(f"--out-dir {cfg.out_dir}: exists and is not a directory")
+    if cfg.tokenizer == "gpt2":
+        usable_gpt2_library(cfg.gpt2_library)  # a library named that cannot run: one line, before anything is written
 
 
 def usable_cores() -> int:
@@ -515,7 +517,8 @@ def _saved_bpe_is_intact(out: Path, state: dict) -> bool:
 def open_encoder(cfg, out: Path, state: dict, trained_bpe, ranks: dict | None):
     """(encode, tokenizer's meta entry, vocab size, <|endoftext|> id); a new BPE is saved next to the tokens."""
     if cfg.tokenizer == "gpt2":
-        encode, library = gpt2_encoder(cfg.gpt2_vocab_dir, ranks)  # gpt2_ranks: vocab.json parsed once, not again
+        # ranks: vocab.json parsed once (gpt2_ranks), not again
+        encode, library = gpt2_encoder(cfg.gpt2_vocab_dir, ranks, cfg.gpt2_library)
         files = {p.name: sha256_file(p) for p in find_gpt2_files(cfg.gpt2_vocab_dir)}
         return encode, {"kind": "gpt2", "vocab_dir": str(cfg.gpt2_vocab_dir), "files": files, "library": library}, \
             50257, 50256

@@ -135,24 +135,43 @@ def gpt2_tiktoken(vocab_dir: Path, fix: str = GPT2_FIX, ranks: dict[bytes, int] 
                              special_tokens={EOT: len(ranks)}, explicit_n_vocab=len(ranks) + 1)
 
 
-def gpt2_encoder(vocab_dir: Path, ranks: dict[bytes, int] | None = None):
+def usable_gpt2_library(library: str = "fastest") -> str:
+    """The library gpt2_encoder encodes with for prepare's --gpt2-library `library`: "fastest" is the fastest at hand,
+    all giving the same ids (tested): gpt2_bpe (our C, ~9x tiktoken per core here), else tiktoken (~6x the
+    tokenizers library), else the tokenizers library. A library named that cannot run here is a UserError."""
+    import gpt2_bpe
+
+    if library in ("fastest", "gpt2_bpe") and gpt2_bpe.available():
+        return "gpt2_bpe"
+    if library == "gpt2_bpe":
+        raise UserError("--gpt2-library gpt2_bpe: the C library does not build here (`python -m gpt2_bpe` says why)")
+    if library in ("fastest", "tiktoken"):
+        try:
+            import tiktoken  # noqa: F401
+            return "tiktoken"
+        except ImportError:
+            if library == "tiktoken":
+                raise UserError("--gpt2-library tiktoken: needs the tiktoken package (`make setup` installs it)") \
+                    from None
+    return "tokenizers"
+
+
+def gpt2_encoder(vocab_dir: Path, ranks: dict[bytes, int] | None = None, library: str = "fastest"):
     """(encode, library): encode maps texts (a Texts, or a list of UTF-8 bytes) to their GPT-2 ids joined by
-    <|endoftext|> (one uint16 array, see join_documents). The fastest library at hand, all giving the same ids
-    (tested): gpt2_bpe (our C, ~9x tiktoken per core here), else tiktoken (~6x the tokenizers library), else the
-    tokenizers library. ranks: gpt2_ranks's result, when the caller has it already (prepare checked the files with it).
+    <|endoftext|> (one uint16 array, see join_documents), in the library usable_gpt2_library picks. ranks:
+    gpt2_ranks's result, when the caller has it already (prepare checked the files with it).
     """
     import gpt2_bpe
 
-    if gpt2_bpe.available():
+    library = usable_gpt2_library(library)
+    if library == "gpt2_bpe":
         this_thread = gpt2_bpe.thread_local_encoder(ranks or gpt2_ranks(vocab_dir), 50256)
 
         def encode(texts) -> np.ndarray:  # the spans encoded in one C call, the texts never joined
             texts = Texts.of(texts)
             return this_thread().encode_spans(texts.buffer, texts.starts, texts.ends)
         return encode, "gpt2_bpe"
-    try:
-        import tiktoken  # noqa: F401
-    except ImportError:
+    if library == "tokenizers":
         return tokenizers_encoder(gpt2_tokenizer(vocab_dir), 50256), "tokenizers"
     enc = gpt2_tiktoken(vocab_dir, ranks=ranks)
 

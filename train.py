@@ -204,8 +204,9 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None, dict]:
 
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
     raw_model = GPT(cfg.model).to(rt.device)
-    ckpt = resume_point(cfg, run_dir)
-    agree_on_resume(ckpt, rt)
+    with said_once_per_node(rt.local_rank):  # a node's ranks read the same run dir; all hear the same steps
+        ckpt = resume_point(cfg, run_dir)
+        agree_on_resume(ckpt, rt)
     if ckpt is None and cfg.init_from is not None:
         init_weights(cfg.init_from, cfg, raw_model, rt)  # before distribute: every rank loads the same full weights
     with said_once_per_node(rt.local_rank):  # a node's ranks have the same kind of device

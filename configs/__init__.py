@@ -94,6 +94,9 @@ class PrepareConfig:
     """gpt2: GPT-2's 50257-token BPE from vocab.json + merges.txt; bpe: a byte-level BPE trained on the train split."""
     gpt2_vocab_dir: Path = Path(".cache/gpt2")
     """Directory with GPT-2's vocab.json and merges.txt (fetched by `make setup`)."""
+    gpt2_library: Literal["fastest", "gpt2_bpe", "tiktoken", "tokenizers"] = "fastest"
+    """Which library encodes with GPT-2's vocabulary: all give the same ids, so the same output bytes (tested);
+    fastest = gpt2_bpe (our C) where it builds, else tiktoken, else the tokenizers library."""
     bpe_vocab_size: int = 4096
     """Vocabulary size when --tokenizer bpe (includes <|endoftext|>); must be <= 65536 for uint16 storage."""
     split: Literal["permutation", "hash"] = "permutation"

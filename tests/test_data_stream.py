@@ -132,22 +132,30 @@ def test_the_hash_coins_are_the_recorded_rule_to_the_last_bit():
     assert len(hash_fractions(1, 5, 0)) == 0
 
 
-@pytest.mark.parametrize("workers,batch_documents,batch_bytes,shard_tokens",
-                         [(1, 1, 1 << 20, 10**8), (3, 7, 1 << 20, 400), (2, 64, 900, 1)])
+@pytest.mark.parametrize("workers,batch_documents,batch_bytes,shard_tokens,library",
+                         [(1, 1, 1 << 20, 10**8, "fastest"), (3, 7, 1 << 20, 400, "tiktoken"),
+                          (2, 64, 900, 1, "tokenizers")])
 def test_threads_chunks_and_shards_do_not_change_a_token(tmp_path, workers, batch_documents, batch_bytes,
-                                                         shard_tokens):
+                                                         shard_tokens, library):
     """Each split is its documents' ids — the tokenizers library's, one document at a time — joined by
     <|endoftext|> in corpus order, and a shard ends after the first document that fills it; whatever the
-    threads, the chunk size and the shard size, and for documents that hold "<|endoftext|>" themselves."""
+    threads, the chunk size, the shard size and the library (--gpt2-library), and for documents that hold
+    "<|endoftext|>" themselves."""
+    import gpt2_bpe
+
     if not GPT2_VOCAB.is_dir():
         pytest.skip("GPT-2 vocabulary missing: run `make setup`")
+    if library == "tiktoken":
+        pytest.importorskip("tiktoken")
     texts = write_corpus(tmp_path / "src", n_docs=200, seed=1)
     for i in (0, 5, 6, 77, 199):  # the first and last document too
         texts[i] = ["<|endoftext|>", "a<|endoftext|>b<|endoftext|>", texts[i] + " <|endoftext|>"][i % 3]
     (tmp_path / "src" / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     out = tmp_path / "out"
     meta = prepare(gpt2_cfg([tmp_path / "src"], out, workers=workers, batch_documents=batch_documents,
-                            batch_bytes=batch_bytes, shard_tokens=shard_tokens))
+                            batch_bytes=batch_bytes, shard_tokens=shard_tokens, gpt2_library=library))
+    fastest = "gpt2_bpe" if gpt2_bpe.available() else "tiktoken"
+    assert meta["tokenizer"]["library"] == (fastest if library == "fastest" else library)  # the one asked for ran
     reference = gpt2_tokenizer(GPT2_VOCAB)
     for split, in_split in (("train", lambda i: not hash_says_val(1337, i, 0.2)),
                             ("val", lambda i: hash_says_val(1337, i, 0.2))):
@@ -250,6 +258,21 @@ def test_a_flag_that_cannot_work_is_refused_before_anything_is_written(tmp_path,
     (tmp_path / "a_file").write_text("")
     with pytest.raises(UserError, match="--out-dir .*a_file: exists and is not a directory"):
         prepare(gpt2_cfg([tmp_path / "src"], tmp_path / "a_file"))
+
+
+def test_a_gpt2_library_that_cannot_run_here_is_one_line_before_anything_is_written(tmp_path, monkeypatch):
+    import gpt2_bpe
+
+    write_corpus(tmp_path / "src", n_docs=20)
+    monkeypatch.setattr(gpt2_bpe, "available", lambda: False)  # as where no C compiler is
+    monkeypatch.setitem(sys.modules, "tiktoken", None)         # as where tiktoken is not installed: import fails
+    for library, message in (("gpt2_bpe", "--gpt2-library gpt2_bpe: the C library does not build here"),
+                             ("tiktoken", "--gpt2-library tiktoken: needs the tiktoken package")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            prepare(gpt2_cfg([tmp_path / "src"], tmp_path / "out", gpt2_library=library))
+        assert not (tmp_path / "out").exists()
+    if GPT2_VOCAB.is_dir():  # "fastest" falls back to the tokenizers library, as before
+        assert prepare(gpt2_cfg([tmp_path / "src"], tmp_path / "out"))["tokenizer"]["library"] == "tokenizers"
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])

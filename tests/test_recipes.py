@@ -284,6 +284,24 @@ def test_two_nodes_in_different_precisions_are_refused(tiny_data, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_two_nodes_that_would_resume_from_different_checkpoints_are_refused(tiny_data, tmp_path):
+    """A run directory that is not on a filesystem both nodes see: node 0's holds the step-5 checkpoint, node 1's
+    none. Refused before any step, one line per node (2 ranks each), and nothing written to the empty one."""
+    trained, config = tmp_path / "trained", tmp_path / "first.json"
+    config.write_text(json.dumps(to_json(tiny_run(tiny_data, trained, max_steps=5))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    subprocess.run([sys.executable, "train.py", str(config)], cwd=ROOT, env=env, check=True, capture_output=True)
+    configs = []
+    for node, out_dir in enumerate((trained, tmp_path / "empty")):
+        configs.append(tmp_path / f"node{node}.json")
+        run = tiny_run(tiny_data, out_dir, micro_batch_size=2, resume="auto")  # 4 ranks × 2 = 8
+        configs[-1].write_text(json.dumps(to_json(run)))
+    codes, output = two_nodes(tmp_path, configs, nproc=2)
+    assert codes is not None and 0 not in codes, output
+    assert output.count("ranks disagree on the checkpoint to resume (steps -1 to 5; -1 = none)") == 2, output
+    assert not (tmp_path / "empty" / "checkpoints").exists()
+
+
 def test_under_torchrun_a_refused_config_is_said_once_per_node_not_per_rank(tiny_data, tmp_path):
     """Every rank parses the same command line and checks the same config: one warning, one refusal (2 ranks)."""
     old = to_json(tiny_run(tiny_data, tmp_path / "run"))  # global batch 8 = micro 4 × 2 ranks
