@@ -60,8 +60,9 @@ def _to_lists(obj):
 
 # ----------------------------------------------------------------------------- provenance, run records
 
-def provenance(rt: Dist, cfg: TrainConfig) -> dict:
-    """Where and with what this run was made, for config.json and every checkpoint."""
+def provenance(rt: Dist, cfg: TrainConfig, attn_impl: str) -> dict:
+    """Where and with what this run was made, for every checkpoint; attn_impl: the attention path taken (config.json
+    may say "auto")."""
     import tokenizers
 
     def git(*args):
@@ -75,7 +76,8 @@ def provenance(rt: Dist, cfg: TrainConfig) -> dict:
     return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
             "torch": str(torch.__version__), "numpy": np.__version__, "tokenizers": tokenizers.__version__,
             "python": sys.version.split()[0], "device": device_name, "world_size": rt.world_size,
-            "fp16_products": fp16_products(cfg.precision, rt.device, cfg.compile)}  # which fp16 bits, see cpu_fp16
+            "fp16_products": fp16_products(cfg.precision, rt.device, cfg.compile),  # which fp16 bits, see cpu_fp16
+            "attn_impl": attn_impl}
 
 
 # ----------------------------------------------------------------------------- checkpoints in and out

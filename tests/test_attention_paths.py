@@ -109,6 +109,24 @@ def test_train_with_the_cuda_kernel_on_a_cpu_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the table picks by device: this is the CPU's row")
+@pytest.mark.parametrize("asked,taken", [("auto", "sdpa"), ("naive", "naive")])
+def test_each_checkpoint_names_the_attention_path_taken(tiny_data, tmp_path, asked, taken):
+    """config.json keeps what was asked ("auto" re-decides on another device); the checkpoint records what ran."""
+    from dataclasses import replace
+
+    import checkpoint
+    from configs import CheckpointConfig
+    from conftest import tiny_run
+    from train import train
+
+    cfg = tiny_run(tiny_data, tmp_path / "run", max_steps=2, eval_interval=2,
+                   checkpoint=CheckpointConfig(schedule="every", every=2, keep_last=0))
+    train(replace(cfg, model=replace(cfg.model, attn_impl=asked)))
+    state = checkpoint.load(checkpoint.latest_complete(tmp_path / "run"))
+    assert state["provenance"]["attn_impl"] == taken and state["config"]["model"]["attn_impl"] == asked
+
+
 def test_train_help_shows_auto_as_the_attention_default():
     out = subprocess.run([sys.executable, "train.py", "gpt2-small", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120, env={"COLUMNS": "200", "PATH": ""}).stdout
