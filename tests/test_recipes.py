@@ -273,15 +273,20 @@ def test_two_nodes_with_differently_prepared_data_are_refused(tiny_data, tmp_pat
 def test_two_nodes_in_different_precisions_are_refused(tiny_data, tmp_path):
     """--precision auto decides by each node's own device: nodes that chose differently are refused before any
     training, one line per node (here the choices are given outright: fp32 on one node, bf16 on the other)."""
-    configs = []
-    for node, precision in enumerate(("fp32", "bf16")):
-        configs.append(tmp_path / f"node{node}.json")
-        run = tiny_run(tiny_data, tmp_path / "run", precision=precision, micro_batch_size=2)  # 4 ranks × 2 = 8
-        configs[-1].write_text(json.dumps(to_json(run)))
+    runs = [tiny_run(tiny_data, tmp_path / "run", precision=precision, micro_batch_size=2)  # 4 ranks × 2 = 8
+            for precision in ("fp32", "bf16")]
+    refused_once_per_node(tmp_path, runs, "gust: error: --precision: rank 0 trains in ")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def refused_once_per_node(tmp_path, runs, message: str):
+    """Two nodes of 2 ranks each, node i given runs[i]: every rank fails, and message is said once per node."""
+    configs = [tmp_path / f"node{node}.json" for node in range(len(runs))]
+    for config, run in zip(configs, runs):
+        config.write_text(json.dumps(to_json(run)))
     codes, output = two_nodes(tmp_path, configs, nproc=2)
     assert codes is not None and 0 not in codes, output
-    assert output.count("gust: error: --precision: rank 0 trains in ") == 2, output
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert output.count(message) == 2, output
 
 
 def test_two_nodes_that_would_resume_from_different_checkpoints_are_refused(tiny_data, tmp_path):
@@ -291,14 +296,9 @@ def test_two_nodes_that_would_resume_from_different_checkpoints_are_refused(tiny
     config.write_text(json.dumps(to_json(tiny_run(tiny_data, trained, max_steps=5))))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     subprocess.run([sys.executable, "train.py", str(config)], cwd=ROOT, env=env, check=True, capture_output=True)
-    configs = []
-    for node, out_dir in enumerate((trained, tmp_path / "empty")):
-        configs.append(tmp_path / f"node{node}.json")
-        run = tiny_run(tiny_data, out_dir, micro_batch_size=2, resume="auto")  # 4 ranks × 2 = 8
-        configs[-1].write_text(json.dumps(to_json(run)))
-    codes, output = two_nodes(tmp_path, configs, nproc=2)
-    assert codes is not None and 0 not in codes, output
-    assert output.count("ranks disagree on the checkpoint to resume (steps -1 to 5; -1 = none)") == 2, output
+    runs = [tiny_run(tiny_data, out_dir, micro_batch_size=2, resume="auto")  # 4 ranks × 2 = 8
+            for out_dir in (trained, tmp_path / "empty")]
+    refused_once_per_node(tmp_path, runs, "ranks disagree on the checkpoint to resume (steps -1 to 5; -1 = none)")
     assert not (tmp_path / "empty" / "checkpoints").exists()
 
 
