@@ -22,7 +22,7 @@ import torch
 
 from configs import PRESETS, CheckpointConfig, DataConfig, PrepareConfig
 from data import prepare
-from errors import read_metrics_rows
+from errors import metrics_rows
 
 ROOT = Path(__file__).resolve().parent
 # The matrix of issue 7, most important first. Dropout is 0 throughout, so every path computes the same
@@ -84,7 +84,7 @@ def bench_config(data_dir: Path, run_dir: Path, args, attn: str, precision: str,
         result = train(cfg)
     finally:
         torch.use_deterministic_algorithms(False)  # a process-wide switch: don't leak it into the next config
-    rows = [row for _, row in read_metrics_rows(run_dir / "metrics.jsonl")[0]]
+    rows = metrics_rows(run_dir / "metrics.jsonl")
     steady = [row for row in rows if "tokens_per_sec" in row][1:]  # the first interval holds start-up
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints of a benchmark are not worth the disk
     median = lambda key: statistics.median(row[key] for row in steady) if steady and steady[0][key] is not None else None

@@ -249,8 +249,8 @@ def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str], ceil
     chunks = prepare_chunks(sample_texts(size_mb, sample_mb))
     sample_bytes, chunks = utf8_bytes(chunks), as_texts(chunks)  # as prepare holds them, whatever its tokenizer
     warm_encode, used = tokenizer.gpt2_encoder(GPT2_VOCAB, library=library)  # made once: its caches stay warm
-    if against == "bound" and used != "gpt2_bpe":
-        sys.exit("--parts bound: needs gpt2_bpe (the C library: `python -m gpt2_bpe` says why it does not build)")
+    if against == "bound":
+        need_gpt2_bpe("bound")
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -294,6 +294,23 @@ def bench_pairs(size_mb: int, sample_mb: int, pairs: int, extra: list[str], ceil
             "cpu_ratios": [round(r, 3) for r in cpu_ratios], "median_cpu_ratio": round(statistics.median(cpu_ratios), 3)}
 
 
+def need_gpt2_bpe(part: str):
+    import gpt2_bpe
+
+    if not gpt2_bpe.available():
+        sys.exit(f"--parts {part}: needs gpt2_bpe (the C library: `python -m gpt2_bpe` says why it does not build)")
+
+
+def corpus_blocks(size_mb: int):
+    """(path, block, n) of the corpus's .jsonl files, block[:n] whole lines: prepare's reader, one reused buffer."""
+    from data_sources import _line_blocks
+
+    for path in sorted(write_corpus(size_mb).glob("*.jsonl")):  # written first if it is not there yet
+        with open(path, "rb") as f:
+            for block, n, _ in _line_blocks(f, ".jsonl"):
+                yield path, block, n
+
+
 def ideal_pipeline(size_mb: int) -> tuple[float, float]:
     """(MB/s, MB per CPU-s) of text through the least a pipeline of prepare's shape must do on this machine: this
     thread reads the corpus's .jsonl files 4 MB at a time and hashes (sha256) and writes the ids (handing them to the
@@ -308,7 +325,6 @@ def ideal_pipeline(size_mb: int) -> tuple[float, float]:
     import gpt2_bpe
     import tokenizer
     from data import CHUNKS_PER_WORKER, start_writeback
-    from data_sources import _line_blocks
 
     started, cpu_before = time.time(), cpu_seconds_so_far()
     this_thread = gpt2_bpe.thread_local_encoder(tokenizer.gpt2_ranks(GPT2_VOCAB), 50256)
@@ -326,12 +342,10 @@ def ideal_pipeline(size_mb: int) -> tuple[float, float]:
             out.write(ids)
             written_back = start_writeback(out, written_back)  # as prepare's shards: the disk writes as we go
             text_bytes += n_text
-        for path in sorted(corpus_dir(size_mb).glob("*.jsonl")):
-            with open(path, "rb") as f:
-                for block, n, _ in _line_blocks(f, ".jsonl"):  # prepare's reader: whole lines, one reused buffer
-                    in_flight.append(pool.submit(decode_and_encode, bytes(block[:n])))  # a copy for the thread
-                    if len(in_flight) >= CHUNKS_PER_WORKER * os.cpu_count():  # as many in flight as prepare keeps
-                        write_oldest()
+        for _, block, n in corpus_blocks(size_mb):
+            in_flight.append(pool.submit(decode_and_encode, bytes(block[:n])))  # a copy for the thread
+            if len(in_flight) >= CHUNKS_PER_WORKER * os.cpu_count():  # as many in flight as prepare keeps
+                write_oldest()
         while in_flight:
             write_oldest()
         out.flush()
@@ -341,20 +355,22 @@ def ideal_pipeline(size_mb: int) -> tuple[float, float]:
 
 
 def bench_costs(size_mb: int) -> dict:
-    """CPU-ms per MB of text of each step prepare takes, measured apart in this one thread, block by block as
-    prepare goes: read a ~4 MB block of JSONL, decode its texts (the C scan), encode them, sha256 and write the ids.
-    Beside the encoding, the rest is what a 2-core pipeline whose cores both tokenize has no spare core to hide."""
+    """CPU-ms per MB of text of each step prepare takes, measured apart in this one thread, a ~4 MB block of JSONL
+    at a time: read it, decode its texts (the C scan, into spans of one buffer as prepare holds them), encode them
+    (all the block's documents in one call, prepare's call for a chunk), sha256 and write the ids (handed to the
+    disk as they go). Beside the encoding, the rest is what a 2-core pipeline whose cores both tokenize has no
+    spare core to hide. Not in it: prepare's per-block Python (the split, the chunk cuts, the bookkeeping)."""
     import hashlib
 
     import gpt2_bpe
     import tokenizer
-    from data_sources import _line_blocks
+    from data import start_writeback
+    from data_sources import _block_texts
 
-    if not gpt2_bpe.available():
-        sys.exit("--parts costs: needs gpt2_bpe (the C library: `python -m gpt2_bpe` says why it does not build)")
+    need_gpt2_bpe("costs")
     encoder, hasher = gpt2_bpe.Encoder(tokenizer.gpt2_ranks(GPT2_VOCAB), 50256), hashlib.sha256()
     cpu = dict.fromkeys(("read", "json", "encode", "sha256", "write"), 0.0)  # step -> CPU seconds
-    clock, text_bytes = [time.thread_time()], 0
+    clock, text_bytes, written_back = [time.thread_time()], 0, 0
 
     def lap(step: str):  # this thread's CPU since the last lap goes to step
         now = time.thread_time()
@@ -362,20 +378,18 @@ def bench_costs(size_mb: int) -> dict:
         clock[0] = now
 
     with open(BENCH_DIR / "costs.bin", "wb") as out:
-        for path in sorted(corpus_dir(size_mb).glob("*.jsonl")):
-            with open(path, "rb") as f:
-                lap("read")  # opening the file
-                for block, n, _ in _line_blocks(f, ".jsonl"):  # prepare's reader: whole lines, one reused buffer
-                    lap("read")
-                    texts = gpt2_bpe.jsonl_texts(block, n, b"text")[3]
-                    lap("json")
-                    ids = encoder.encode_utf8(texts)
-                    lap("encode")
-                    hasher.update(ids)
-                    lap("sha256")
-                    out.write(ids)
-                    lap("write")
-                    text_bytes += len(texts)
+        for path, block, n in corpus_blocks(size_mb):
+            lap("read")
+            texts = _block_texts(path, 0, block, n, "text")[0]
+            lap("json")
+            ids = encoder.encode_spans(texts.buffer, texts.starts, texts.ends)
+            lap("encode")
+            hasher.update(ids)
+            lap("sha256")
+            out.write(ids)
+            written_back = start_writeback(out, written_back)
+            lap("write")
+            text_bytes += texts.n_bytes()
         out.flush()
         os.fsync(out.fileno())
         lap("write")

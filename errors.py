@@ -94,3 +94,8 @@ def read_metrics_rows(path) -> tuple[list[tuple[str, dict]], str | None]:
             raise UserError(f"{path}:{number}: not a metrics row ({err}) — mend or remove the line") from None
         rows.append((line, row))
     return rows, None
+
+
+def metrics_rows(path) -> list[dict]:
+    """The rows of a metrics.jsonl, as read_metrics_rows reads them (a torn last line left out), without their lines."""
+    return [row for _, row in read_metrics_rows(path)[0]]

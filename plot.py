@@ -13,7 +13,7 @@ from typing import Literal
 
 import tyro
 
-from errors import UserError, read_metrics_rows, run_cli
+from errors import UserError, metrics_rows, run_cli
 
 PANELS = (  # (metrics key, title, which rows, log-scale y)
     ("loss", "train loss (nats/token)", "train", False),
@@ -50,7 +50,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: not found — is {run_dir} a run directory?")
-    rows = [row for _, row in read_metrics_rows(path)[0]]
+    rows = metrics_rows(path)
     return [r for r in rows if "val_bpb" not in r], [r for r in rows if "val_bpb" in r]
 
 

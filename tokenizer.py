@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from configs import GPT2_LIBRARIES
 from errors import UserError, read_json
 
 EOT = "<|endoftext|>"
@@ -141,6 +142,8 @@ def usable_gpt2_library(library: str = "fastest") -> str:
     tokenizers library), else the tokenizers library. A library named that cannot run here is a UserError."""
     import gpt2_bpe
 
+    if library not in GPT2_LIBRARIES:  # the command line cannot give one; a PrepareConfig made in code can
+        raise UserError(f"--gpt2-library {library}: must be one of {', '.join(GPT2_LIBRARIES)}")
     if library in ("fastest", "gpt2_bpe") and gpt2_bpe.available():
         return "gpt2_bpe"
     if library == "gpt2_bpe":

@@ -204,8 +204,8 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None, dict]:
 
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
     raw_model = GPT(cfg.model).to(rt.device)
-    with said_once_per_node(rt.local_rank):  # a node's ranks read the same run dir; all hear the same steps
-        ckpt = resume_point(cfg, run_dir)
+    ckpt = resume_point(cfg, run_dir)  # each rank's own: one may find what another, a moment before, did not
+    with said_once_per_node(rt.local_rank):  # every rank heard the same steps
         agree_on_resume(ckpt, rt)
     if ckpt is None and cfg.init_from is not None:
         init_weights(cfg.init_from, cfg, raw_model, rt)  # before distribute: every rank loads the same full weights

@@ -80,6 +80,9 @@ class DataConfig:
     """Check of each token file at start (rank 0): size; fingerprint = size + ~1 MB sampled; full = whole sha256."""
 
 
+GPT2_LIBRARIES = ("fastest", "gpt2_bpe", "tiktoken", "tokenizers")  # prepare's --gpt2-library: see tokenizer.py
+
+
 @dataclass
 class PrepareConfig:
     """How raw text becomes token shards and meta.json (used by `python data.py prepare`)."""
@@ -94,7 +97,7 @@ class PrepareConfig:
     """gpt2: GPT-2's 50257-token BPE from vocab.json + merges.txt; bpe: a byte-level BPE trained on the train split."""
     gpt2_vocab_dir: Path = Path(".cache/gpt2")
     """Directory with GPT-2's vocab.json and merges.txt (fetched by `make setup`)."""
-    gpt2_library: Literal["fastest", "gpt2_bpe", "tiktoken", "tokenizers"] = "fastest"
+    gpt2_library: Literal[GPT2_LIBRARIES] = "fastest"
     """Which library encodes with GPT-2's vocabulary: all give the same ids, so the same output bytes (tested);
     fastest = gpt2_bpe (our C) where it builds, else tiktoken, else the tokenizers library."""
     bpe_vocab_size: int = 4096

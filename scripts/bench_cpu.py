@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from configs import CheckpointConfig  # noqa: E402
 from distributed import pick_device, resolve_precision  # noqa: E402
-from errors import read_metrics_rows  # noqa: E402
+from errors import metrics_rows  # noqa: E402
 from train import parse_config, train  # noqa: E402
 
 FIRST_TIMED = 5
@@ -62,7 +62,7 @@ def step_times(cfg, iters: int) -> list[float]:
                       checkpoint=CheckpointConfig(schedule="none", keep_last=1), out_dir=Path(scratch) / "run",
                       resume="none", init_from=None, wandb_mode="disabled")
         train(run)
-        rows = [row for _, row in read_metrics_rows(run.out_dir / "metrics.jsonl")[0]]
+        rows = metrics_rows(run.out_dir / "metrics.jsonl")
     return [row["time_step"] for row in rows if "time_step" in row and row["step"] >= FIRST_TIMED]
 
 

@@ -17,14 +17,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import PRESETS, CheckpointConfig  # noqa: E402
-from errors import read_metrics_rows  # noqa: E402
+from errors import metrics_rows  # noqa: E402
 from train import train  # noqa: E402
 
 
 def tokens_per_sec(cfg) -> float:
     shutil.rmtree(cfg.out_dir, ignore_errors=True)
     train(cfg)
-    rows = [row for _, row in read_metrics_rows(cfg.out_dir / "metrics.jsonl")[0]]
+    rows = metrics_rows(cfg.out_dir / "metrics.jsonl")
     last = [row for row in rows if "tokens_per_sec" in row][-1]  # the loop's clock at its last step (no final eval)
     shutil.rmtree(cfg.out_dir, ignore_errors=True)
     return last["step"] * cfg.global_batch_size * cfg.model.block_size / last["elapsed"]

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo's modules
 
 from configs import PRESETS, CheckpointConfig, LossScaleConfig, OptimConfig  # noqa: E402
-from errors import read_metrics_rows  # noqa: E402
+from errors import metrics_rows  # noqa: E402
 from train import train  # noqa: E402
 
 ARMS = {"fixes off": dict(upcast_attn=False, scale_attn_by_layer_idx=False),
@@ -60,7 +60,7 @@ def plot(out_dir: Path, outcomes: dict, head_size: int) -> Path:
         sys.exit("the plot needs matplotlib: pip install matplotlib (the runs' metrics are written already)")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name in ARMS:
-        rows = [row for _, row in read_metrics_rows(out_dir / name.replace(" ", "-") / "metrics.jsonl")[0]]
+        rows = metrics_rows(out_dir / name.replace(" ", "-") / "metrics.jsonl")
         rows = [r for r in rows if "loss" in r]
         steps = [r["step"] for r in rows]
         axes[0].plot(steps, [r["loss"] for r in rows], label=name)

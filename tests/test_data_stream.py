@@ -1,6 +1,7 @@
 """data.py at scale: gpt2_bpe = tiktoken = tokenizers, the input formats, the hash split, shards read as one stream,
 resuming a killed prepare, and a start-up that reads only what it must (issue 14)."""
 import gzip
+import importlib.util
 import hashlib
 import json
 import os
@@ -133,7 +134,8 @@ def test_the_hash_coins_are_the_recorded_rule_to_the_last_bit():
 
 
 @pytest.mark.parametrize("workers,batch_documents,batch_bytes,shard_tokens,library",
-                         [(1, 1, 1 << 20, 10**8, "fastest"), (3, 7, 1 << 20, 400, "tiktoken"),
+                         [(1, 1, 1 << 20, 10**8, "fastest"), (3, 7, 1 << 20, 400, "fastest"),
+                          (2, 64, 900, 1, "fastest"), (3, 7, 1 << 20, 400, "tiktoken"),
                           (2, 64, 900, 1, "tokenizers")])
 def test_threads_chunks_and_shards_do_not_change_a_token(tmp_path, workers, batch_documents, batch_bytes,
                                                          shard_tokens, library):
@@ -154,7 +156,8 @@ def test_threads_chunks_and_shards_do_not_change_a_token(tmp_path, workers, batc
     out = tmp_path / "out"
     meta = prepare(gpt2_cfg([tmp_path / "src"], out, workers=workers, batch_documents=batch_documents,
                             batch_bytes=batch_bytes, shard_tokens=shard_tokens, gpt2_library=library))
-    fastest = "gpt2_bpe" if gpt2_bpe.available() else "tiktoken"
+    has_tiktoken = importlib.util.find_spec("tiktoken") is not None
+    fastest = "gpt2_bpe" if gpt2_bpe.available() else "tiktoken" if has_tiktoken else "tokenizers"
     assert meta["tokenizer"]["library"] == (fastest if library == "fastest" else library)  # the one asked for ran
     reference = gpt2_tokenizer(GPT2_VOCAB)
     for split, in_split in (("train", lambda i: not hash_says_val(1337, i, 0.2)),
@@ -271,6 +274,9 @@ def test_a_gpt2_library_that_cannot_run_here_is_one_line_before_anything_is_writ
         with pytest.raises(UserError, match=re.escape(message)):
             prepare(gpt2_cfg([tmp_path / "src"], tmp_path / "out", gpt2_library=library))
         assert not (tmp_path / "out").exists()
+    with pytest.raises(UserError, match=re.escape("--gpt2-library tiktokn: must be one of fastest, gpt2_bpe")):
+        prepare(gpt2_cfg([tmp_path / "src"], tmp_path / "out", gpt2_library="tiktokn"))  # made in code: no tyro check
+    assert not (tmp_path / "out").exists()
     if GPT2_VOCAB.is_dir():  # "fastest" falls back to the tokenizers library, as before
         assert prepare(gpt2_cfg([tmp_path / "src"], tmp_path / "out"))["tokenizer"]["library"] == "tokenizers"
 

@@ -295,7 +295,8 @@ def test_two_nodes_that_would_resume_from_different_checkpoints_are_refused(tiny
     trained, config = tmp_path / "trained", tmp_path / "first.json"
     config.write_text(json.dumps(to_json(tiny_run(tiny_data, trained, max_steps=5))))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    subprocess.run([sys.executable, "train.py", str(config)], cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "train.py", str(config)], cwd=ROOT, env=env, check=True, capture_output=True,
+                   timeout=120)
     runs = [tiny_run(tiny_data, out_dir, micro_batch_size=2, resume="auto")  # 4 ranks × 2 = 8
             for out_dir in (trained, tmp_path / "empty")]
     refused_once_per_node(tmp_path, runs, "ranks disagree on the checkpoint to resume (steps -1 to 5; -1 = none)")
