@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from configs import GPT2_LIBRARIES
+
 ROOT = Path(__file__).resolve().parent
 BENCH_DIR = ROOT / ".cache" / "bench_data"
 PLAYS = ROOT / ".cache" / "shakespeare"
@@ -538,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(1 thread, all cores) in part count")
     parser.add_argument("--ceiling", choices=["fresh", "warm"], default="fresh",
                         help="part pairs: each ceiling call from new encoders (as prepare starts) or the first's")
-    parser.add_argument("--gpt2-library", default="fastest", choices=["fastest", "gpt2_bpe", "tiktoken"],
+    parser.add_argument("--gpt2-library", default="fastest", choices=GPT2_LIBRARIES,
                         help="part pairs: the library both prepare and the ceiling encode with")
     parser.add_argument("--prepare-args", default="--split hash --no-progress", help="extra args for data.py prepare")
     return parser

@@ -182,8 +182,7 @@ class Run:
     accum_steps: int
     keep_steps: set  # checkpoints kept for good (the schedule); others roll with keep_last
     run_id: str
-    made_with: dict  # provenance, computed once: git and versions don't change mid-run
-    attn_impl: str  # the attention path taken on this device ("auto" resolved)
+    made_with: dict  # provenance, computed once: git and versions don't change mid-run; attn_impl: the path taken
     clock_start: float = 0.0  # time.perf_counter() at `elapsed` 0, earlier processes' seconds already subtracted
 
     def elapsed(self) -> float:
@@ -224,7 +223,7 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None, dict]:
     keep_steps = checkpoint.scheduled_steps(cfg.checkpoint.schedule, cfg.checkpoint.intervals, cfg.max_steps)
     run = Run(cfg, rt, run_dir, raw_model, model, optimizer, scaler, [p for p in raw_model.parameters() if p.requires_grad],
               train_split, val_split, Batches(train_split, cfg, rt, accum_steps), ctx, accum_steps, keep_steps, run_id,
-              provenance(rt, cfg, attn_impl), attn_impl)
+              provenance(rt, cfg, attn_impl))
     run.clock_start = time.perf_counter() - trained_before  # start-up (data, model, restore) is not training time
     return run, step, opt_step, ckpt, changes
 
@@ -260,9 +259,9 @@ def _train(cfg: TrainConfig) -> dict:
         record_start(run, ckpt, step, changes)
     log = MetricsLog(run.run_dir, rt.is_main, step if ckpt is not None else None, wandb_run)
     if rt.is_main:
-        print(f"gust: {cfg.preset} | {run.raw_model.num_params() / 1e6:.2f}M params | attention {run.attn_impl} | "
-              f"{cfg.precision} | {rt.world_size} × {rt.device.type} ({rt.mode}) | "
-              f"accumulation {run.accum_steps} | from step {step}")
+        print(f"gust: {cfg.preset} | {run.raw_model.num_params() / 1e6:.2f}M params | "
+              f"attention {run.made_with['attn_impl']} | {cfg.precision} | {rt.world_size} × {rt.device.type} "
+              f"({rt.mode}) | accumulation {run.accum_steps} | from step {step}")
         if warning := emulated_bf16_warning(cfg.precision, rt.device.type):
             print(warning, file=sys.stderr)
     tokens_per_step = cfg.global_batch_size * cfg.model.block_size
