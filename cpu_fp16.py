@@ -12,10 +12,15 @@ the environment keeps torch's own fp16 path (to compare, or where this one is in
 
 bf16 on a CPU without bf16 arithmetic is only warned about (emulated_bf16_warning): its slow path is torch's own,
 and `make train`'s recorded bits are bf16's.
+
+Also here, the CPU's other numerics: the facts that decide a CPU run's exact bits, for its provenance
+(cpu_numerics), and the warm-up that keeps MKL's vector math from giving a run other bits at random
+(warm_up_vector_math).
 """
 
 import os
 from contextlib import nullcontext
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -44,6 +49,53 @@ def cpu_flags() -> list[str] | None:
         return Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return None
+
+
+MATRIX_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
+"""The x86 flags that decide which matrix kernels oneDNN and torch pick, so a CPU run's exact numbers."""
+
+
+def cpu_model() -> str:
+    """The CPU's name from /proc/cpuinfo, else what the platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_numerics() -> dict:
+    """What decides a CPU run's floating-point results besides gust's own config: the CPU, the kernels torch
+    dispatches to on it, and the thread count (a sum split over threads is summed in another order)."""
+    flags = cpu_flags() or []
+    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_matrix_flags": [flag for flag in MATRIX_FLAGS if flag in flags], "threads": torch.get_num_threads()}
+
+
+VECTOR_MATH = ("exp", "log", "log2", "log10", "sqrt", "tanh", "erf", "erfc", "erfinv", "sin", "cos", "tan", "asin",
+               "acos", "atan", "trunc")
+"""The float ops torch's CPU build hands to MKL's vector math (VML; ATen/cpu/vml.h), in fp32 and fp64."""
+
+
+@lru_cache(maxsize=1)
+def warm_up_vector_math():
+    """Call each of VECTOR_MATH once, on one element and on this thread only, before any runs on two threads.
+
+    MKL (2024.2, in torch's x86 wheels) picks its vector-math kernels at the first call; when that first call is
+    made by two intra-op threads at once, one thread's half of the tensor can go through a low-accuracy kernel
+    (relative error 1.5e-4, against 6e-8) although torch asks for the accurate one (pytorch/pytorch#188792, fixed
+    from MKL 2025.0). Found here: `make train` on this 2-core Xeon ended at 2.3072 bits/byte instead of 2.2891 in 1
+    of 6 runs, and a 10-step run's step-5 grad norm differed in 3 of 11; the first exp of the first loss was the
+    one. Once the kernels are picked no call races (tests/test_cpu_fp16.py: fresh processes, against fp64).
+    """
+    for dtype in (torch.float32, torch.float64):
+        one = torch.full((1,), 0.5, dtype=dtype)  # in every op's domain; one element: never split over threads
+        for op in VECTOR_MATH:
+            getattr(torch, op)(one)
 
 
 def cpu_has_fp16_arithmetic() -> bool:

@@ -39,7 +39,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    """--device auto|cpu|cuda → this process's device (auto: its GPU when there is one)."""
+    """--device auto|cpu|cuda → this process's device (auto: its GPU when there is one). Every entry point (train,
+    eval, sample, the benchmarks) picks its device before it computes anything, so this is where MKL's vector math
+    is readied first: without it a CPU run's bits can differ from the same run's (cpu_fp16.warm_up_vector_math)."""
+    cpu_fp16.warm_up_vector_math()
     if requested == "cuda" and local_rank >= torch.cuda.device_count():  # else a traceback from deep in torch
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         raise UserError(f"--device cuda: torch {torch.__version__} ({build}) sees {torch.cuda.device_count()} GPU(s) "

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import checkpoint
 import rundir
 from configs import TrainConfig, changes_that_need_override, config_changes, to_json
-from cpu_fp16 import fp16_products
+from cpu_fp16 import cpu_numerics, fp16_products
 from data import TokenSplit, write_atomic
 from distributed import Dist, full_state, load_full_state
 from errors import UserError
@@ -73,11 +73,24 @@ def provenance(rt: Dist, cfg: TrainConfig, attn_impl: str) -> dict:
             return ""
 
     device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+    made = {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
             "torch": str(torch.__version__), "numpy": np.__version__, "tokenizers": tokenizers.__version__,
             "python": sys.version.split()[0], "device": device_name, "world_size": rt.world_size,
             "fp16_products": fp16_products(cfg.precision, rt.device, cfg.compile),  # which fp16 bits, see cpu_fp16
             "attn_impl": attn_impl}
+    return made | (cpu_numerics() if rt.device.type == "cpu" else {})
+
+
+NUMERICS = ("torch", "device", "cpu", "cpu_capability", "cpu_matrix_flags", "threads", "world_size", "fp16_products",
+            "attn_impl")
+"""The provenance that decides a run's exact floating-point results: where one changes, a resume is not bitwise."""
+
+
+def numerics_changed(before: dict, now: dict) -> list[str]:
+    """What of NUMERICS differs between a checkpoint's provenance and this run's (a key the checkpoint lacks, from an
+    older gust, is not compared)."""
+    return [f"{key} {before[key]} → {now.get(key)}" for key in NUMERICS
+            if key in before and before[key] != now.get(key)]
 
 
 # ----------------------------------------------------------------------------- checkpoints in and out
@@ -190,10 +203,11 @@ def init_weights(path: Path, cfg: TrainConfig, raw_model, rt: Dist) -> None:
         print(f"gust: weights from {ckpt} (its step {state['step']}); optimizer and step start fresh", flush=True)
 
 
-def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, train_split: TokenSplit,
-            rt: Dist) -> tuple[int, int, str, dict, float]:
+def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, train_split: TokenSplit, rt: Dist,
+            made_with: dict) -> tuple[int, int, str, dict, float]:
     """Load a checkpoint into model, optimizer, scaler and RNG; returns its step, optimizer step, wandb id, the
-    config changes (check_resume_config) and the seconds of training before it."""
+    config changes (check_resume_config) and the seconds of training before it. made_with: this run's provenance,
+    against which a change of numerics is warned of."""
     state = checkpoint.load(ckpt)
     if "optimizer" not in state:  # hf_bridge.py import writes the weights only
         raise UserError(f"{ckpt}: holds weights only (no optimizer state) — train from them with --init-from "
@@ -208,5 +222,9 @@ def restore(ckpt: Path, cfg: TrainConfig, model, optimizer, scaler, train_split:
         seed_everything(cfg.seed + rt.rank + 1_000_003 * state["step"])
     if rt.is_main:
         print(f"gust: resumed from {ckpt} (step {state['step']})", flush=True)
+        changed = numerics_changed(state.get("provenance") or {}, made_with)
+        if changed:  # a careful user compares runs bit for bit: say when this one can no longer be
+            print(f"gust: warning: {ckpt} was written with other numerics ({'; '.join(changed)}) — training goes on, "
+                  "but not bitwise as an uninterrupted run would", file=sys.stderr, flush=True)
     elapsed = state.get("elapsed", 0.0)  # seconds of training before this checkpoint (older checkpoints: 0)
     return state["step"], state["opt_step"], state["wandb_run_id"], changes, elapsed

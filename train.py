@@ -215,15 +215,17 @@ def build_run(cfg: TrainConfig) -> tuple[Run, int, int, Path | None, dict]:
     scaler = DynamicLossScaler(cfg.loss_scale, enabled=cfg.precision == "fp16")
     step, opt_step, run_id, changes = 0, 0, f"{cfg.preset}-{cfg.seed}-{int(time.time())}", {}
     trained_before = 0.0  # seconds of training in earlier processes of this run (from the checkpoint)
+    made_with = provenance(rt, cfg, attn_impl)
     if ckpt is not None:
-        step, opt_step, run_id, changes, trained_before = restore(ckpt, cfg, raw_model, optimizer, scaler, train_split, rt)
+        step, opt_step, run_id, changes, trained_before = restore(ckpt, cfg, raw_model, optimizer, scaler, train_split,
+                                                                  rt, made_with)
     else:
         seed_everything(cfg.seed + rt.rank)  # dropout differs per rank, repeatably
     ctx = autocast(cfg.precision, rt.device)
     keep_steps = checkpoint.scheduled_steps(cfg.checkpoint.schedule, cfg.checkpoint.intervals, cfg.max_steps)
     run = Run(cfg, rt, run_dir, raw_model, model, optimizer, scaler, [p for p in raw_model.parameters() if p.requires_grad],
               train_split, val_split, Batches(train_split, cfg, rt, accum_steps), ctx, accum_steps, keep_steps, run_id,
-              provenance(rt, cfg, attn_impl))
+              made_with)
     run.clock_start = time.perf_counter() - trained_before  # start-up (data, model, restore) is not training time
     return run, step, opt_step, ckpt, changes
 

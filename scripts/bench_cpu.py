@@ -25,7 +25,6 @@ and take the median of its "time ...ms" over iterations 5..40.
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,22 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from configs import CheckpointConfig  # noqa: E402
+from cpu_fp16 import cpu_model  # noqa: E402
 from distributed import pick_device, resolve_precision  # noqa: E402
 from errors import metrics_rows  # noqa: E402
 from train import parse_config, train  # noqa: E402
 
 FIRST_TIMED = 5
 """Iterations before this one are start-up (allocator warm-up, compilation) and left out of the median."""
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def step_times(cfg, iters: int) -> list[float]:

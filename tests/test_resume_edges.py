@@ -121,3 +121,23 @@ def test_a_refused_run_leaves_no_directory_it_made_nor_a_lock(tiny_data, tmp_pat
     with pytest.raises(UserError, match="data directory not found"):
         train(tiny_run(tmp_path / "no-data", tmp_path / "mine"))
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU run's provenance")
+def test_a_resume_with_other_cpu_numerics_says_it_is_not_bitwise(six_steps, capsys):
+    """A CPU run's checkpoints name its CPU, torch's kernel set and thread count; resuming with another thread count
+    (OMP_NUM_THREADS, a smaller container) is warned of, resuming as it was is not."""
+    made = checkpoint.load(checkpoint.latest_complete(six_steps.out_dir))["provenance"]
+    threads = torch.get_num_threads()
+    assert (made["threads"], made["cpu_capability"]) == (threads, torch.backends.cpu.get_cpu_capability())
+    capsys.readouterr()
+    train(replace(six_steps, resume="auto", max_steps=8))
+    assert "other numerics" not in capsys.readouterr().err
+    other = 1 if threads > 1 else 2
+    torch.set_num_threads(other)
+    try:
+        train(replace(six_steps, resume="auto", max_steps=10))
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert f"with other numerics (threads {threads} → {other})" in err and "not bitwise" in err
