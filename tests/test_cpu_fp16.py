@@ -201,8 +201,9 @@ def first_exp_is_accurate() -> bool:
     return float(np.max(np.abs(got - exact) / exact)) < 1e-6  # fp32's accurate exp: 6e-8; the race's: 1.5e-4
 
 
+assert torch.get_num_threads() >= 2, "the race needs two intra-op threads"
 bad = 0
-for _ in range(int(sys.argv[3])):  # each forked child starts with MKL's kernels unpicked (the parent used none)
+for _ in range(int(sys.argv[3])):  # each child inherits MKL's state: picked only if the parent called pick_device
     pid = os.fork()
     if pid == 0:
         os._exit(0 if first_exp_is_accurate() else 1)
@@ -216,7 +217,8 @@ def test_the_first_vector_math_call_is_accurate_once_a_device_is_picked():
     """MKL's first-call race (cpu_fp16.warm_up_vector_math): without the warm-up, 6 or 7 in 100 fresh processes here
     compute their first fp32 exp through the low-accuracy kernel on one thread (1.5e-4 relative error); after
     pick_device, none of 200 may."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}  # conftest's 1 would leave no second thread to race
     out = subprocess.run([sys.executable, "-c", VECTOR_MATH_STORM, str(ROOT), "picked", "200"], capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == 0
