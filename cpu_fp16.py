@@ -43,12 +43,19 @@ class Fp16MatmulsInFp32(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def cpu_flags() -> list[str] | None:
-    """The x86 feature flags of /proc/cpuinfo, or None where there is none (macOS)."""
+@lru_cache(maxsize=1)
+def cpuinfo() -> str | None:
+    """/proc/cpuinfo's text, read once per process, or None where there is none (macOS)."""
     try:
-        return Path("/proc/cpuinfo").read_text().split()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
+
+
+def cpu_flags() -> list[str] | None:
+    """The x86 feature flags of /proc/cpuinfo, or None where there is none (macOS)."""
+    text = cpuinfo()
+    return None if text is None else text.split()
 
 
 MATRIX_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
@@ -57,15 +64,10 @@ MATRIX_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "am
 
 def cpu_model() -> str:
     """The CPU's name from /proc/cpuinfo, else what the platform says."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     import platform
 
-    return platform.processor() or "unknown CPU"
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo() or "").splitlines() if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown CPU"
 
 
 def cpu_numerics() -> dict:
